@@ -1,0 +1,30 @@
+# capsmed: capsule networks for medical image segmentation and classification.
+#
+#   snakemake                        # the built-in demo, profile workflow/profiles/default
+#   snakemake --configfile config/examples/msd_hippocampus.yaml --config data_root=...
+#   snakemake --profile workflow/profiles/slurm   # on a SLURM cluster
+#
+# Every rule is one `capsmed <stage>` call (see `capsmed --help`); the logic lives in the package.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{RESULTS}/summary.json",
+        f"{RESULTS}/index.html",

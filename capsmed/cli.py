@@ -1,0 +1,311 @@
+"""The ``capsmed`` command: one sub-command per pipeline stage, thin over the package.
+
+Every Snakemake rule is one of these calls, so any stage can be run by hand::
+
+    capsmed validate PATH
+    capsmed prepare    -c config/config.yaml -d demo_seg3d
+    capsmed preprocess -c config/config.yaml -d demo_seg3d
+    capsmed split      -c config/config.yaml -d demo_seg3d
+    capsmed train      -c config/config.yaml -d demo_seg3d -m ucaps
+    capsmed evaluate   -c config/config.yaml -d demo_seg3d -m ucaps -s test
+    capsmed report     -c config/config.yaml -d demo_seg3d -m ucaps -s test
+    capsmed report-studies -c config/config.yaml -d demo_seg3d -m ucaps
+    capsmed report-dataset -c config/config.yaml -d demo_seg3d
+    capsmed summarize  -c config/config.yaml
+    capsmed predict --model results/demo_seg3d/models/ucaps/best.pt STUDY.nii.gz ...
+    capsmed models
+
+Bad input ends with one line per problem on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from capsmed import __version__
+from capsmed.errors import CapsmedError
+
+logger = logging.getLogger("capsmed")
+
+
+def _setup_logging(verbose: int, log_file: str | None) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("matplotlib", "PIL", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace) -> dict:
+    from capsmed.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a dataset without changing anything."""
+    from capsmed.data.validate import validate_path
+
+    problems = validate_path(Path(args.path))
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        print(f"{args.path}: {len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{args.path}: OK")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Validate a dataset source and write its case list."""
+    from capsmed.config import dataset_config
+    from capsmed.data.sources import prepare_dataset
+    from capsmed.paths import Layout
+
+    cfg = _config(args)
+    layout = Layout(Path(cfg["results"]))
+    doc = prepare_dataset(dataset_config(cfg, args.dataset), layout.data_dir(args.dataset),
+                          int(cfg["seed"]))
+    logger.info("%s: %d cases ready in %s", args.dataset, len(doc["cases"]),
+                layout.cases(args.dataset))
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """Fingerprint the dataset and write the preprocessing plan."""
+    from capsmed.config import dataset_config
+    from capsmed.data.fingerprint import compute_fingerprint, make_plan
+    from capsmed.models import MODEL_REGISTRY
+    from capsmed.paths import Layout
+    from capsmed.train.loop import read_json
+    from capsmed.train.runtime import atomic_write_json
+
+    cfg = _config(args)
+    ds_cfg = dataset_config(cfg, args.dataset)
+    layout = Layout(Path(cfg["results"]))
+    cases_doc = read_json(layout.cases(args.dataset), "case list")
+    divisible = 1
+    for name in ds_cfg["models"]:
+        if name not in MODEL_REGISTRY:
+            raise CapsmedError(f"datasets.{args.dataset}.models: unknown model {name!r}; known: "
+                               f"{', '.join(sorted(MODEL_REGISTRY))}")
+        divisible = max(divisible, int(getattr(MODEL_REGISTRY[name], "size_divisible", 1)))
+    fixed = None
+    if ds_cfg["task"] == "classification":
+        fixed = int(ds_cfg["preprocess"].get("image_size") or 28)
+    fingerprint = compute_fingerprint(cases_doc)
+    plan = make_plan(fingerprint, ds_cfg, divisible, fixed)
+    atomic_write_json(layout.fingerprint(args.dataset), fingerprint)
+    atomic_write_json(layout.plan(args.dataset), plan)
+    logger.info("%s: plan %s", args.dataset, plan)
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    """Write (once) the train / val / test split."""
+    from capsmed.config import dataset_config
+    from capsmed.data.splits import load_or_create_splits
+    from capsmed.paths import Layout
+    from capsmed.train.loop import read_json
+
+    cfg = _config(args)
+    ds_cfg = dataset_config(cfg, args.dataset)
+    layout = Layout(Path(cfg["results"]))
+    cases_doc = read_json(layout.cases(args.dataset), "case list")
+    splits = load_or_create_splits(layout.splits(args.dataset), cases_doc, ds_cfg["split"],
+                                   int(cfg["seed"]))
+    logger.info("%s: %d test cases, %d fold(s)", args.dataset, len(splits["test"]),
+                len(splits["folds"]))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) one model on one dataset."""
+    from capsmed.train.loop import train_model
+
+    cfg = _config(args)
+    train_model(cfg, args.dataset, args.model, threads=args.threads, max_epochs=args.max_epochs)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate one model on one dataset stage."""
+    from capsmed.evaluate.run import evaluate_stage
+
+    cfg = _config(args)
+    evaluate_stage(cfg, args.dataset, args.model, args.stage, threads=args.threads)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report of one model on one dataset stage."""
+    from capsmed import report
+
+    cfg = _config(args)
+    results = Path(cfg["results"])
+    report.write_stage_report(results, args.dataset, args.model, args.stage)
+    return 0
+
+
+def cmd_report_studies(args: argparse.Namespace) -> int:
+    """Write one diagnostic report per test study."""
+    from capsmed import report
+
+    cfg = _config(args)
+    pages = report.write_study_reports(Path(cfg["results"]), args.dataset, args.model, stage="test")
+    logger.info("%s/%s: %d study reports", args.dataset, args.model, len(pages))
+    return 0
+
+
+def cmd_report_dataset(args: argparse.Namespace) -> int:
+    """Write a dataset's comparison and preprocessing QC pages."""
+    from capsmed import report
+    from capsmed.config import dataset_config
+
+    cfg = _config(args)
+    results = Path(cfg["results"])
+    report.write_comparison_report(results, args.dataset,
+                                   dataset_config(cfg, args.dataset)["models"])
+    report.write_qc_report(results, args.dataset)
+    return 0
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    """Write results/summary.json and results/index.html."""
+    from capsmed import report
+    from capsmed.paths import Layout
+    from capsmed.summary import build_summary
+    from capsmed.train.runtime import atomic_write_json
+
+    cfg = _config(args)
+    layout = Layout(Path(cfg["results"]))
+    summary = build_summary(cfg)
+    atomic_write_json(layout.summary, summary)
+    report.write_index(layout.results, summary)
+    logger.info("wrote %s and %s", layout.summary, layout.index)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run a trained model on new studies: predictions and a report per study."""
+    from capsmed.predict import predict_studies
+
+    predict_studies(Path(args.model), [Path(s) for s in args.studies], Path(args.out),
+                    device=args.device, tta=args.tta)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models with their task, output and parameter counts."""
+    from capsmed.models import describe_models
+
+    rows = describe_models()
+    header = ("name", "task", "output", "params 2D", "params 3D")
+    table = [header] + [tuple(str(r.get(k, "")) for k in
+                              ("name", "task", "output_kind", "params_2d", "params_3d"))
+                        for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``capsmed``."""
+    parser = argparse.ArgumentParser(prog="capsmed", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"capsmed {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--log", help="also append log lines to this file")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser, dataset: bool = True) -> None:
+        p.add_argument("-c", "--config", default="config/config.yaml", help="config YAML")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.epochs=2 (repeatable)")
+        if dataset:
+            p.add_argument("-d", "--dataset", required=True, help="dataset name in the config")
+
+    p = sub.add_parser("validate", help="check a dataset (MSD folder or dataset.json, MedMNIST "
+                       ".npz, CSV manifest) without changing it")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_validate)
+
+    for name, func, help_ in (("prepare", cmd_prepare, "validate a source, write its case list"),
+                              ("preprocess", cmd_preprocess, "fingerprint and preprocessing plan"),
+                              ("split", cmd_split, "train / val / test split (written once)"),
+                              ("report-dataset", cmd_report_dataset,
+                               "comparison and QC pages of a dataset")):
+        p = sub.add_parser(name, help=help_)
+        with_config(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("report-studies", help="one diagnostic report per test study")
+    with_config(p)
+    p.add_argument("-m", "--model", required=True)
+    p.set_defaults(func=cmd_report_studies)
+
+    p = sub.add_parser("train", help="train (or resume) one model")
+    with_config(p)
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="stop after this epoch (training resumes on the next call)")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, help_ in (("evaluate", cmd_evaluate, "evaluate a model on a dataset stage"),
+                              ("report", cmd_report, "HTML report of a model on a stage")):
+        p = sub.add_parser(name, help=help_)
+        with_config(p)
+        p.add_argument("-m", "--model", required=True)
+        p.add_argument("-s", "--stage", required=True, choices=("train", "val", "test"))
+        if name == "evaluate":
+            p.add_argument("--threads", type=int, default=None)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("summarize", help="results/summary.json and results/index.html")
+    with_config(p, dataset=False)
+    p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("predict", help="predict new studies with a trained model")
+    p.add_argument("--model", required=True, help="checkpoint (best.pt) written by training")
+    p.add_argument("studies", nargs="+", help="NIfTI files or DICOM series folders")
+    p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tta", action="store_true", help="test-time flips and an uncertainty map")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list the models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``capsmed``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose, args.log)
+    try:
+        return int(args.func(args) or 0)
+    except CapsmedError as exc:
+        for line in str(exc).splitlines():
+            print(f"capsmed: error: {line}", file=sys.stderr)
+        logger.debug("details", exc_info=True)
+        if args.log:
+            with open(args.log, "a", encoding="utf-8") as fh:
+                fh.writelines(f"capsmed: error: {line}\n" for line in str(exc).splitlines())
+        return 2
+    except KeyboardInterrupt:
+        print("capsmed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

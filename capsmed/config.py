@@ -1,0 +1,217 @@
+"""Load and validate the pipeline configuration.
+
+The one schema is ``workflow/schemas/config.schema.yaml``: Snakemake validates ``config`` with it in
+``workflow/rules/common.smk`` and :func:`load_config` validates with the same file, filling in defaults
+the same way (JSON Schema draft 2020-12).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from capsmed.errors import CapsmedError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def _defaulting_validator():  # noqa: ANN202 - jsonschema validator class
+    """Return a Draft 2020-12 validator class that also fills in ``default`` values."""
+    from jsonschema import Draft202012Validator, validators
+
+    validate_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):  # noqa: ANN001, ANN202
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if isinstance(sub, dict) and "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(Draft202012Validator, {"properties": set_defaults})
+
+
+def load_schema() -> dict[str, Any]:
+    """Read the configuration schema.
+
+    Returns:
+        The schema as a dict.
+    """
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Validate a configuration and fill in defaults.
+
+    Args:
+        cfg: The configuration (not modified).
+        source: Name of the file it came from, for messages.
+
+    Returns:
+        A validated deep copy with every default filled in.
+
+    Raises:
+        CapsmedError: Listing every schema violation with its key path.
+    """
+    cfg = copy.deepcopy(cfg)
+    schema = load_schema()
+    validator_cls = _defaulting_validator()
+    # Two passes: the first fills defaults (which can create nested objects whose own defaults
+    # the second pass fills); errors are read from the final pass.
+    for _ in range(2):
+        errors = sorted(validator_cls(schema).iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        lines = []
+        for err in errors:
+            where = ".".join(str(p) for p in err.path) or "(top level)"
+            lines.append(f"{source}: {where}: {err.message}")
+        raise CapsmedError("\n".join(lines))
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def _check_semantics(cfg: dict[str, Any], source: str) -> None:
+    """Checks JSON Schema cannot express (sizes matching spatial_dims, sources needing a path)."""
+    problems = []
+    for name, ds in cfg["datasets"].items():
+        dims = ds["spatial_dims"]
+        if ds["source"] == "synthetic":
+            size = ds["synthetic"]["size"]
+            if len(size) != dims:
+                problems.append(
+                    f"{source}: datasets.{name}.synthetic.size has {len(size)} values but "
+                    f"spatial_dims is {dims}"
+                )
+        elif not ds.get("path"):
+            problems.append(f"{source}: datasets.{name}: source {ds['source']} needs a path")
+        elif "{data_root}" in ds["path"]:
+            if not cfg.get("data_root"):
+                problems.append(
+                    f"{source}: datasets.{name}.path uses {{data_root}} but data_root is not set "
+                    "(pass --config data_root=/path/to/data to snakemake, or --set data_root=... "
+                    "to capsmed)"
+                )
+            else:
+                ds["path"] = ds["path"].replace("{data_root}", str(cfg["data_root"]).rstrip("/"))
+        for key in ("spacing", "patch_size"):
+            val = ds["preprocess"].get(key)
+            if val is not None and len(val) != dims:
+                problems.append(
+                    f"{source}: datasets.{name}.preprocess.{key} has {len(val)} values but "
+                    f"spatial_dims is {dims}"
+                )
+        if ds["split"]["fold"] >= ds["split"]["folds"]:
+            problems.append(
+                f"{source}: datasets.{name}.split.fold is {ds['split']['fold']} but folds is "
+                f"{ds['split']['folds']}"
+            )
+    if problems:
+        raise CapsmedError("\n".join(problems))
+
+
+def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML configuration, apply ``key.sub=value`` overrides and validate it.
+
+    Args:
+        path: YAML file.
+        overrides: Items like ``"train.epochs=2"``; values are parsed as YAML.
+
+    Returns:
+        The validated configuration with defaults.
+
+    Raises:
+        CapsmedError: If the file is missing, is not YAML, or breaks the schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CapsmedError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as exc:
+        raise CapsmedError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise CapsmedError(f"{path}: top level must be a mapping of keys, got {type(cfg).__name__}")
+    for item in overrides or []:
+        if "=" not in item:
+            raise CapsmedError(f"override {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        _set_dotted(cfg, key, yaml.safe_load(value))
+    return validate_config(cfg, source=str(path))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``override`` into a copy of ``base`` recursively (override wins)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def dataset_config(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """Return one dataset's block.
+
+    Raises:
+        CapsmedError: When the dataset is not in the configuration.
+    """
+    if dataset not in cfg["datasets"]:
+        known = ", ".join(sorted(cfg["datasets"]))
+        raise CapsmedError(f"dataset {dataset!r} is not in the config (known: {known})")
+    return cfg["datasets"][dataset]
+
+
+def train_config(cfg: dict[str, Any], dataset: str, model: str) -> dict[str, Any]:
+    """Training settings for one model on one dataset: global < dataset < model."""
+    ds = dataset_config(cfg, dataset)
+    merged = deep_merge(cfg["train"], ds.get("train", {}))
+    return deep_merge(merged, cfg["models"].get(model, {}).get("train", {}))
+
+
+def inference_config(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """Inference settings for a dataset: global < dataset."""
+    return deep_merge(cfg["inference"], dataset_config(cfg, dataset).get("inference", {}))
+
+
+def model_args(cfg: dict[str, Any], model: str) -> dict[str, Any]:
+    """Constructor keyword arguments configured for a model."""
+    return copy.deepcopy(cfg["models"].get(model, {}).get("args", {}))
+
+
+def config_hash(obj: Any) -> str:
+    """A short stable hash of a JSON-serialisable object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
+    """Hash of everything that determines a trained model (data, split, preprocessing, training)."""
+    ds = dataset_config(cfg, dataset)
+    relevant = {
+        "seed": cfg["seed"],
+        "dataset": {k: v for k, v in ds.items() if k not in ("models", "inference")},
+        "model": model,
+        "args": model_args(cfg, model),
+        "train": train_config(cfg, dataset, model),
+    }
+    return config_hash(relevant)

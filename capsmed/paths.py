@@ -1,0 +1,98 @@
+"""The results layout, in one place (DESIGN section 2). Paths are under the results folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every stage of the pipeline reads and writes.
+
+    Args:
+        results: The results folder (``config['results']``).
+    """
+
+    results: Path
+
+    def dataset(self, ds: str) -> Path:
+        """``results/{ds}``."""
+        return Path(self.results) / ds
+
+    def data_dir(self, ds: str) -> Path:
+        """Materialised cases and ``cases.json``."""
+        return self.dataset(ds) / "data"
+
+    def cases(self, ds: str) -> Path:
+        """The dataset's case list."""
+        return self.data_dir(ds) / "cases.json"
+
+    def preprocessed(self, ds: str) -> Path:
+        """Fingerprint, plan and the preprocessing cache."""
+        return self.dataset(ds) / "preprocessed"
+
+    def fingerprint(self, ds: str) -> Path:
+        """Dataset fingerprint (nnU-Net style)."""
+        return self.preprocessed(ds) / "fingerprint.json"
+
+    def plan(self, ds: str) -> Path:
+        """Preprocessing plan derived from the fingerprint and config."""
+        return self.preprocessed(ds) / "plan.json"
+
+    def cache(self, ds: str) -> Path:
+        """MONAI PersistentDataset cache folder."""
+        return self.preprocessed(ds) / "cache"
+
+    def splits(self, ds: str) -> Path:
+        """Train / val / test case ids (written once)."""
+        return self.dataset(ds) / "splits.json"
+
+    def model_dir(self, ds: str, model: str) -> Path:
+        """Checkpoints, history and the training record of one model."""
+        return self.dataset(ds) / "models" / model
+
+    def eval_dir(self, ds: str, model: str, stage: str) -> Path:
+        """Evaluation tables and predictions of one model on one stage."""
+        return self.dataset(ds) / "eval" / model / stage
+
+    def reports(self, ds: str) -> Path:
+        """Reports of one dataset."""
+        return self.dataset(ds) / "reports"
+
+    def stage_report(self, ds: str, model: str, stage: str) -> Path:
+        """One stage report."""
+        return self.reports(ds) / model / f"{stage}.html"
+
+    def logs(self, ds: str) -> Path:
+        """Logs of the dataset's rules."""
+        return self.dataset(ds) / "logs"
+
+    @property
+    def summary(self) -> Path:
+        """``results/summary.json``."""
+        return Path(self.results) / "summary.json"
+
+    @property
+    def index(self) -> Path:
+        """``results/index.html``."""
+        return Path(self.results) / "index.html"
+
+
+def safe_name(case_id: str) -> str:
+    """A file-name-safe stem for a case id, unique per id.
+
+    Ids made only of letters, digits, ``.``, ``_`` and ``-`` are kept (``case_017``); other ids have
+    unsafe runs replaced by ``_`` and a short hash of the original appended, so two ids never share
+    a file.
+    """
+    import hashlib
+    import re
+
+    case_id = str(case_id)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", case_id).strip("._-")[:80] or "study"
+    if safe != case_id:
+        safe = f"{safe}-{hashlib.sha1(case_id.encode('utf-8')).hexdigest()[:8]}"
+    return safe

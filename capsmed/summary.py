@@ -1,0 +1,76 @@
+"""``results/summary.json``: every dataset, model, stage and study report (DESIGN section 2).
+
+Reads only files written by the earlier stages; imports no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from capsmed.paths import Layout, safe_name
+
+logger = logging.getLogger(__name__)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Collect the results of every dataset and model named in the config.
+
+    Args:
+        cfg: Validated configuration.
+
+    Returns:
+        ``{"datasets": {name: {"task", "models": {model: {"params", "stages": {stage: {"metrics",
+        "ci95", "report"}}, "studies": {case_id: path}}}}}}`` with paths relative to the results
+        folder; stages or models whose files are missing are left out (with a warning).
+    """
+    layout = Layout(Path(cfg["results"]))
+    out: dict[str, Any] = {"datasets": {}}
+    for ds, ds_cfg in cfg["datasets"].items():
+        entry: dict[str, Any] = {"task": ds_cfg["task"], "models": {}}
+        for model in ds_cfg["models"]:
+            train = _read_json(layout.model_dir(ds, model) / "train.json")
+            if train is None:
+                logger.warning("%s/%s: no train.json, left out of the summary", ds, model)
+                continue
+            m: dict[str, Any] = {
+                "params": train["params"], "flops": train.get("flops"),
+                "train_seconds": train.get("train_seconds"),
+                "peak_memory_mb": train.get("peak_memory_mb"),
+                "stages": {}, "studies": {},
+            }
+            for stage in cfg["evaluate"]["stages"]:
+                doc = _read_json(layout.eval_dir(ds, model, stage) / "metrics.json")
+                if doc is None:
+                    continue
+                report = layout.stage_report(ds, model, stage)
+                m["stages"][stage] = {
+                    "metrics": doc["metrics"], "ci95": doc.get("ci95", {}),
+                    "n_cases": doc.get("n_cases"),
+                    "inference_seconds_per_case": doc.get("cost", {}).get(
+                        "inference_seconds_per_case"),
+                    "report": str(report.relative_to(layout.results)),
+                }
+            cases_csv = layout.eval_dir(ds, model, "test") / "cases.csv"
+            if cases_csv.is_file():
+                with open(cases_csv, encoding="utf-8", newline="") as fh:
+                    for row in csv.DictReader(fh):
+                        study = (layout.reports(ds) / model / "studies"
+                                 / f"{safe_name(row['case_id'])}.html")
+                        m["studies"][row["case_id"]] = str(study.relative_to(layout.results))
+            entry["models"][model] = m
+        for page in ("comparison", "qc"):
+            path = layout.reports(ds) / f"{page}.html"
+            entry[page] = str(path.relative_to(layout.results))
+        out["datasets"][ds] = entry
+    return out

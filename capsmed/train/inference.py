@@ -1,0 +1,166 @@
+"""Inference: sliding-window segmentation mapped back to each study's geometry, and classification.
+
+Segmentation runs MONAI ``sliding_window_inference`` on the preprocessed image, optionally averages
+test-time flips (their spread is the per-voxel uncertainty), and maps the class probabilities back to
+the original image grid with MONAI ``Invertd`` before the argmax, so a prediction has the input's shape
+and affine.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Test-time flips: none, then each spatial axis (dims counted with batch and channel)."""
+    return [()] + [(2 + d,) for d in range(spatial_dims)]
+
+
+def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, overlap: float = 0.25,
+            sw_batch_size: int = 2, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class probabilities of one preprocessed image by sliding windows.
+
+    Args:
+        model: A capsmed segmenter (``model(x)`` gives class scores, ``model.probabilities``).
+        image: ``(1, C_in, *S)`` preprocessed image on the model's device.
+        patch: Window size.
+        overlap: Window overlap.
+        sw_batch_size: Windows per forward pass.
+        tta: Average over flips along each spatial axis.
+
+    Returns:
+        ``(probs, uncertainty)``: ``(1, C, *S)`` probabilities and, with ``tta``, the ``(1, 1, *S)``
+        standard deviation over flips of the winning class's probability (else None).
+    """
+    from monai.inferers import sliding_window_inference
+
+    def predictor(x: torch.Tensor) -> torch.Tensor:
+        return model.probabilities(model(x))
+
+    runs = []
+    flips = _flip_sets(image.ndim - 2) if tta else [()]
+    with torch.no_grad():
+        for dims in flips:
+            x = torch.flip(image, dims) if dims else image
+            p = sliding_window_inference(x, roi_size=patch, sw_batch_size=sw_batch_size,
+                                         predictor=predictor, overlap=overlap, mode="gaussian")
+            runs.append(torch.flip(p, dims) if dims else p)
+    probs = torch.stack(runs).mean(0)
+    uncertainty = None
+    if tta:
+        winner = probs.argmax(1, keepdim=True)
+        per_run = torch.stack([r.gather(1, winner) for r in runs])
+        uncertainty = per_run.std(0, unbiased=False)
+    return probs.float(), uncertainty
+
+
+def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -> torch.Tensor:
+    """Map a ``(C, *S)`` tensor in preprocessed space back to the original image grid.
+
+    Args:
+        data: The preprocessed sample dict (its ``image`` MetaTensor carries the transform trace).
+        key: Name to give the tensor in the dict.
+        tensor: ``(C, *S)`` values aligned with ``data['image']``.
+        preprocess: The deterministic, invertible transform that produced ``data``.
+
+    Returns:
+        ``(C, *S_orig)`` MetaTensor with the original affine.
+    """
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    img = data["image"]
+    data = dict(data)
+    data[key] = MetaTensor(tensor.detach().cpu(), meta=dict(img.meta),
+                           applied_operations=list(img.applied_operations))
+    inv = Invertd(keys=key, transform=preprocess, orig_keys="image", nearest_interp=False)
+    return inv(data)[key]
+
+
+def original_affine(path: str) -> np.ndarray:
+    """Affine of the original study (NIfTI header, or the DICOM geometry MONAI reads)."""
+    p = Path(path)
+    if p.is_file() and p.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        return np.asarray(nib.load(str(p)).affine, dtype=np.float64)
+    from monai.transforms import LoadImage
+
+    img = LoadImage(image_only=True)(str(p))
+    return np.asarray(img.affine, dtype=np.float64)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype=np.uint8) -> None:
+    """Write a NIfTI file atomically."""
+    import nibabel as nib
+
+    from capsmed.train.runtime import atomic_write_bytes
+
+    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
+    img.header.set_xyzt_units("mm")
+    atomic_write_bytes(Path(path), img.to_bytes() if not str(path).endswith(".gz")
+                       else _gz(img.to_bytes()))
+
+
+def _gz(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=6, mtime=0)
+
+
+def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device: torch.device,
+                              inference: dict[str, Any]) -> dict[str, Any]:
+    """Segment one study and map the result back to its original geometry.
+
+    Args:
+        model: Trained segmenter in eval mode on ``device``.
+        item: ``{"image": path, ...}``.
+        plan: Preprocessing plan (``patch_size`` used as the window).
+        preprocess: Deterministic preprocessing transform.
+        device: Device of the model.
+        inference: ``overlap``, ``sw_batch_size``, ``tta``.
+
+    Returns:
+        ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 or None,
+        "affine": (4, 4)}``.
+    """
+    data = preprocess({k: v for k, v in item.items() if k in ("image",)})
+    image = data["image"].unsqueeze(0).to(device)
+    probs, unc = segment(model, image, plan["patch_size"], overlap=inference["overlap"],
+                         sw_batch_size=inference["sw_batch_size"], tta=inference["tta"])
+    probs_orig = invert_to_original(data, "pred", probs[0], preprocess)
+    pred = probs_orig.argmax(0).cpu().numpy().astype(np.uint8)
+    unc_orig = None
+    if unc is not None:
+        unc_orig = invert_to_original(data, "unc", unc[0], preprocess)[0].cpu().numpy()
+    affine = original_affine(item["image"])
+    return {"pred": pred, "uncertainty": unc_orig, "affine": affine}
+
+
+def predict_classification_case(model, item: dict, preprocess,
+                                device: torch.device) -> dict[str, Any]:
+    """Classify one study.
+
+    Returns:
+        ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None}``.
+    """
+    data = preprocess({"image": item["image"]})
+    image = data["image"].unsqueeze(0).to(device)
+    with torch.no_grad():
+        scores = model(image)
+        probs = model.probabilities(scores)[0].float().cpu().numpy()
+        extra = model.extra_outputs(image) if hasattr(model, "extra_outputs") else {}
+    lengths = extra.get("lengths")
+    recon = extra.get("reconstruction")
+    return {
+        "probs": probs,
+        "lengths": None if lengths is None else lengths[0].float().cpu().numpy(),
+        "reconstruction": None if recon is None else recon[0].float().cpu().numpy(),
+    }

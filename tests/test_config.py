@@ -1,0 +1,128 @@
+import pytest
+import yaml
+
+from capsmed.config import (
+    deep_merge,
+    load_config,
+    model_config_hash,
+    train_config,
+    validate_config,
+)
+from capsmed.errors import CapsmedError
+
+
+def _ds(**kw):
+    base = {"source": "synthetic", "task": "segmentation", "spatial_dims": 3,
+            "synthetic": {"size": [16, 16, 16]}}
+    base.update(kw)
+    return base
+
+
+def test_default_config_validates_with_defaults(repo_root):
+    cfg = load_config(repo_root / "config" / "config.yaml")
+    assert set(cfg["datasets"]) == {"demo_seg3d", "demo_cls2d"}
+    assert cfg["train"]["optimizer"] == "adam"
+    assert cfg["datasets"]["demo_seg3d"]["split"]["folds"] == 1
+
+
+@pytest.mark.parametrize("name", ["msd_hippocampus", "breastmnist", "adrenalmnist3d",
+                                  "csv_manifest"])
+def test_example_configs_validate(repo_root, name):
+    cfg = load_config(repo_root / "config" / "examples" / f"{name}.yaml", ["data_root=/data"])
+    for ds in cfg["datasets"].values():
+        assert ds["path"].startswith("/data")
+
+
+def test_example_without_data_root_is_a_clear_error(repo_root):
+    with pytest.raises(CapsmedError, match=r"uses \{data_root\} but data_root is not set"):
+        load_config(repo_root / "config" / "examples" / "breastmnist.yaml")
+
+
+def test_train_overrides_merge_global_dataset_model():
+    cfg = validate_config({"train": {"epochs": 5, "batch_size": 3},
+                           "datasets": {"d": _ds(train={"epochs": 7})},
+                           "models": {"unet": {"train": {"learning_rate": 0.01}}}})
+    merged = train_config(cfg, "d", "unet")
+    assert merged["epochs"] == 7 and merged["batch_size"] == 3 and merged["learning_rate"] == 0.01
+    assert train_config(cfg, "d", "segcaps")["learning_rate"] == 0.001
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(CapsmedError, match="datasets.d: Additional properties are not allowed"):
+        validate_config({"datasets": {"d": _ds(colour="red")}})
+
+
+def test_wrong_enum_is_named():
+    with pytest.raises(CapsmedError, match="datasets.d.task: 'regression' is not one of"):
+        validate_config({"datasets": {"d": _ds(task="regression")}})
+
+
+def test_size_must_match_spatial_dims():
+    with pytest.raises(CapsmedError, match="synthetic.size has 2 values but spatial_dims is 3"):
+        validate_config({"datasets": {"d": _ds(synthetic={"size": [16, 16]})}})
+
+
+def test_file_source_needs_path():
+    with pytest.raises(CapsmedError, match="source msd needs a path"):
+        validate_config({"datasets": {"d": _ds(source="msd")}})
+
+
+def test_patch_size_must_match_spatial_dims():
+    with pytest.raises(CapsmedError, match="preprocess.patch_size has 2 values"):
+        validate_config({"datasets": {"d": _ds(preprocess={"patch_size": [16, 16]})}})
+
+
+def test_fold_must_be_below_folds():
+    with pytest.raises(CapsmedError, match="split.fold is 3 but folds is 2"):
+        validate_config({"datasets": {"d": _ds(split={"folds": 2, "fold": 3})}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(CapsmedError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets: [unclosed\n")
+    with pytest.raises(CapsmedError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(CapsmedError, match="top level must be a mapping"):
+        load_config(lst)
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"datasets": {"d": _ds()}}))
+    cfg = load_config(path, ["train.epochs=2", "datasets.d.models=[segcaps]"])
+    assert cfg["train"]["epochs"] == 2 and cfg["datasets"]["d"]["models"] == ["segcaps"]
+    with pytest.raises(CapsmedError, match="expected KEY=VALUE"):
+        load_config(path, ["train.epochs"])
+
+
+def test_model_hash_changes_with_training_settings():
+    cfg = validate_config({"datasets": {"d": _ds()}})
+    other = deep_merge(cfg, {"train": {"epochs": 99}})
+    assert model_config_hash(cfg, "d", "unet") != model_config_hash(other, "d", "unet")
+    inference_only = deep_merge(cfg, {"inference": {"overlap": 0.5}})
+    assert model_config_hash(cfg, "d", "unet") == model_config_hash(inference_only, "d", "unet")
+
+
+def test_config_readme_documents_every_schema_key(repo_root):
+    import re
+
+    text = (repo_root / "config" / "README.md").read_text()
+    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    names = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            for key, value in node.get("properties", {}).items():
+                names.add(key)
+                collect(value)
+            for value in node.values():
+                if isinstance(value, dict):
+                    collect(value)
+
+    collect(schema)
+    documented = set(re.findall(r"\| `(?:[A-Za-z_.]+\.)?([a-z_0-9]+)` \|", text))
+    assert names <= documented, sorted(names - documented)

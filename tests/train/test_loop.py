@@ -1,0 +1,128 @@
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from capsmed.errors import CapsmedError
+from capsmed.train.checkpoint import build_model, load_checkpoint
+from capsmed.train.loop import train_model
+from tests.pipeline_helpers import prepare_all, tiny_config, write_config
+
+
+def _history(model_dir):
+    with open(model_dir / "history.csv") as fh:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 3, "batch_size": 8})
+    path = write_config(cfg, tmp_path / "config.yaml")
+    prepare_all(path)
+    return cfg, path
+
+
+def test_train_writes_checkpoints_history_and_record(prepared):
+    cfg, _ = prepared
+    record = train_model(cfg, "ds", "seed_cnn")
+    model_dir = cfg_dir = __import__("pathlib").Path(cfg["results"]) / "ds" / "models" / "seed_cnn"
+    assert (cfg_dir / "last.pt").is_file() and (model_dir / "best.pt").is_file()
+    assert len(_history(model_dir)) == 3
+    saved = json.loads((model_dir / "train.json").read_text())
+    assert saved == record
+    assert record["params"] == sum(p.numel() for p in build_model(
+        load_checkpoint(model_dir / "best.pt")).parameters())
+    assert record["flops"] > 0 and len(record["checkpoint_sha256"]) == 64
+    assert 1 <= record["best_epoch"] <= 3
+
+
+def test_two_runs_give_identical_numbers(tmp_path):
+    histories = []
+    for name in ("a", "b"):
+        cfg = tiny_config(tmp_path / name / "results", train={"epochs": 2, "batch_size": 8})
+        prepare_all(write_config(cfg, tmp_path / name / "config.yaml"))
+        train_model(cfg, "ds", "seed_cnn")
+        histories.append(_history(tmp_path / name / "results" / "ds" / "models" / "seed_cnn"))
+    assert histories[0] == histories[1]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    """Kill a training subprocess with SIGKILL after its first epoch, rerun, compare."""
+    ref_cfg = tiny_config(tmp_path / "ref" / "results", train={"epochs": 3, "batch_size": 8})
+    prepare_all(write_config(ref_cfg, tmp_path / "ref.yaml"))
+    train_model(ref_cfg, "ds", "seed_cnn")
+    reference = _history(tmp_path / "ref" / "results" / "ds" / "models" / "seed_cnn")
+
+    cfg = tiny_config(tmp_path / "run" / "results", train={"epochs": 3, "batch_size": 8})
+    path = write_config(cfg, tmp_path / "run.yaml")
+    prepare_all(path)
+    model_dir = tmp_path / "run" / "results" / "ds" / "models" / "seed_cnn"
+    cmd = [sys.executable, "-m", "capsmed", "-q", "train", "-c", str(path), "-d", "ds",
+           "-m", "seed_cnn", "--threads", "1"]
+    env = {**os.environ, "CAPSMED_TEST_EPOCH_SLEEP": "3"}
+    proc = subprocess.Popen(cmd, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (model_dir / "history.csv").is_file():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _history(model_dir)
+    assert 1 <= len(partial) < 3, "the kill should land mid-training"
+    assert not (model_dir / "train.json").exists()
+    subprocess.run(cmd, check=True, timeout=300)
+    assert _history(model_dir) == reference
+    ref_ckpt = load_checkpoint(tmp_path / "ref" / "results" / "ds" / "models" / "seed_cnn" / "best.pt")
+    ckpt = load_checkpoint(model_dir / "best.pt")
+    for key, value in ref_ckpt["state_dict"].items():
+        assert torch.equal(value, ckpt["state_dict"][key]), key
+
+
+def test_non_finite_loss_stops_with_epoch_and_batch(prepared, monkeypatch):
+    cfg, _ = prepared
+    import capsmed.losses
+
+    real = capsmed.losses.build_loss
+
+    def nan_after_first_epoch(model, **weights):
+        inner = real(model, **weights)
+        calls = {"n": 0}
+
+        def loss(outputs, target, image):
+            calls["n"] += 1
+            value = inner(outputs, target, image)
+            return value * math.nan if calls["n"] > 2 else value  # 2 batches per epoch
+
+        return loss
+
+    monkeypatch.setattr(capsmed.losses, "build_loss", nan_after_first_epoch)
+    model_dir = __import__("pathlib").Path(cfg["results"]) / "ds" / "models" / "seed_cnn"
+    with pytest.raises(CapsmedError, match=r"loss is nan at epoch 2, batch 1; .*last good checkpoint"):
+        train_model(cfg, "ds", "seed_cnn")
+    assert load_checkpoint(model_dir / "last.pt")["epoch"] == 1
+    assert not (model_dir / "train.json").exists()
+
+
+def test_model_task_mismatch_is_a_clear_error(prepared):
+    cfg, _ = prepared
+    cfg["datasets"]["ds"]["models"] = ["unet"]
+    with pytest.raises(CapsmedError, match="segmentation model but dataset ds is a classification"):
+        train_model(cfg, "ds", "unet")
+
+
+def test_unknown_model_is_a_clear_error(prepared):
+    cfg, _ = prepared
+    with pytest.raises(CapsmedError, match="model 'nope' .* is unknown"):
+        train_model(cfg, "ds", "nope")
+
+
+def test_missing_plan_names_the_file(tmp_path):
+    cfg = tiny_config(tmp_path / "results")
+    with pytest.raises(CapsmedError, match=r"cases.json: case list not found"):
+        train_model(cfg, "ds", "seed_cnn")

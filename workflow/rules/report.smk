@@ -1,0 +1,106 @@
+# HTML reports: one per model and dataset stage, one per test study, a comparison and a QC page per
+# dataset, and the index with results/summary.json. Reports read evaluation files only (no torch).
+
+
+rule report_stage:
+    input:
+        metrics=rules.evaluate.output.metrics,
+        train=rules.train.output,
+    output:
+        report(
+            f"{RESULTS}/{{dataset}}/reports/{{model}}/{{stage}}.html",
+            caption="../report/stage.rst",
+            category="{dataset}",
+            subcategory="{model}",
+            labels={"dataset": "{dataset}", "model": "{model}", "stage": "{stage}"},
+        ),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/report_{{model}}_{{stage}}.log",
+    params:
+        config=CONFIG_FILE,
+    conda:
+        "../../environment.yml"
+    shell:
+        "{CAPSMED} --log {log} report -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model} -s {wildcards.stage}"
+
+
+rule report_studies:
+    input:
+        metrics=f"{RESULTS}/{{dataset}}/eval/{{model}}/test/metrics.json",
+        train=rules.train.output,
+    output:
+        directory(f"{RESULTS}/{{dataset}}/reports/{{model}}/studies"),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/report_{{model}}_studies.log",
+    params:
+        config=CONFIG_FILE,
+    conda:
+        "../../environment.yml"
+    shell:
+        "{CAPSMED} --log {log} report-studies -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model}"
+
+
+rule report_dataset:
+    input:
+        fingerprint=rules.preprocess.output.fingerprint,
+        metrics=lambda w: expand(
+            f"{RESULTS}/{w.dataset}/eval/{{model}}/{{stage}}/metrics.json",
+            model=models_of(w),
+            stage=STAGES,
+        ),
+    output:
+        comparison=report(
+            f"{RESULTS}/{{dataset}}/reports/comparison.html",
+            caption="../report/comparison.rst",
+            category="{dataset}",
+            labels={"dataset": "{dataset}", "page": "comparison"},
+        ),
+        qc=report(
+            f"{RESULTS}/{{dataset}}/reports/qc.html",
+            caption="../report/qc.rst",
+            category="{dataset}",
+            labels={"dataset": "{dataset}", "page": "preprocessing QC"},
+        ),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/report_dataset.log",
+    params:
+        config=CONFIG_FILE,
+    conda:
+        "../../environment.yml"
+    shell:
+        "{CAPSMED} --log {log} report-dataset -c {params.config} -d {wildcards.dataset}"
+
+
+rule summarize:
+    input:
+        stage_reports=[
+            f"{RESULTS}/{ds}/reports/{model}/{stage}.html"
+            for ds in DATASETS
+            for model in config["datasets"][ds]["models"]
+            for stage in STAGES
+        ],
+        studies=[
+            f"{RESULTS}/{ds}/reports/{model}/studies"
+            for ds in DATASETS
+            for model in config["datasets"][ds]["models"]
+            if "test" in STAGES
+        ],
+        dataset_reports=expand(f"{RESULTS}/{{dataset}}/reports/comparison.html", dataset=DATASETS),
+    output:
+        summary=f"{RESULTS}/summary.json",
+        index=report(
+            f"{RESULTS}/index.html",
+            caption="../report/index.rst",
+            category="Overview",
+            labels={"page": "index"},
+        ),
+    log:
+        f"{RESULTS}/logs/summarize.log",
+    params:
+        config=CONFIG_FILE,
+    conda:
+        "../../environment.yml"
+    shell:
+        "{CAPSMED} --log {log} summarize -c {params.config}"

@@ -1,0 +1,28 @@
+# Train one model on one dataset. Checkpoints (last.pt, best.pt) are not declared outputs, so that
+# Snakemake never deletes them: a killed run resumes from last.pt when the rule runs again.
+
+
+rule train:
+    input:
+        plan=rules.preprocess.output.plan,
+        splits=rules.split.output,
+    output:
+        f"{RESULTS}/{{dataset}}/models/{{model}}/train.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/train_{{model}}.log",
+    params:
+        config=CONFIG_FILE,
+        digest=train_digest,
+    conda:
+        "../../environment.yml"
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/train_{{model}}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        cpus_per_task=config["threads"],
+        gpu=config["gpus"],
+    shell:
+        "{CAPSMED} --log {log} train -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model} --threads {threads}"
