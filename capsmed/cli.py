@@ -39,8 +39,8 @@ def _setup_logging(verbose: int, log_file: str | None) -> None:
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
     logging.basicConfig(level=level, handlers=handlers, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("matplotlib", "PIL", "numba"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("matplotlib", "PIL", "numba", "monai.data.nvimgcodec_pydicom_plugin"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -83,8 +83,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from capsmed.config import dataset_config
     from capsmed.data.fingerprint import compute_fingerprint, make_plan
     from capsmed.models import MODEL_REGISTRY
-    from capsmed.paths import Layout
-    from capsmed.train.loop import read_json
+    from capsmed.paths import Layout, read_json
     from capsmed.train.runtime import atomic_write_json
 
     cfg = _config(args)
@@ -112,8 +111,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     """Write (once) the train / val / test split."""
     from capsmed.config import dataset_config
     from capsmed.data.splits import load_or_create_splits
-    from capsmed.paths import Layout
-    from capsmed.train.loop import read_json
+    from capsmed.paths import Layout, read_json
 
     cfg = _config(args)
     ds_cfg = dataset_config(cfg, args.dataset)
@@ -209,7 +207,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = describe_models()
     header = ("name", "task", "output", "params 2D", "params 3D")
     table = [header] + [tuple(str(r.get(k, "")) for k in
-                              ("name", "task", "output_kind", "params_2d", "params_3d"))
+                              ("name", "task", "kind", "params_2d", "params_3d"))
                         for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from capsmed.errors import CapsmedError
 
 STAGES = ("train", "val", "test")
 
@@ -96,3 +100,12 @@ def safe_name(case_id: str) -> str:
     if safe != case_id:
         safe = f"{safe}-{hashlib.sha1(case_id.encode('utf-8')).hexdigest()[:8]}"
     return safe
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Read a JSON file written by an earlier stage, with a clear error when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapsmedError(f"{path}: {what} not found; run the earlier pipeline stage first")
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

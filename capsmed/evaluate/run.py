@@ -71,13 +71,14 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
 
     from capsmed.data.transforms import build_preprocess_transforms
     from capsmed.evaluate import metrics as M
+    from capsmed.paths import read_json
     from capsmed.train.checkpoint import build_model, load_checkpoint
     from capsmed.train.inference import (
         predict_classification_case,
         predict_segmentation_case,
         save_nifti,
     )
-    from capsmed.train.loop import read_json, stage_cases
+    from capsmed.train.loop import stage_cases
     from capsmed.train.runtime import (
         atomic_write_json,
         atomic_write_text,

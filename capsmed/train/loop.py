@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ import torch
 
 from capsmed.config import config_hash, dataset_config, model_args, model_config_hash, train_config
 from capsmed.errors import CapsmedError
-from capsmed.paths import Layout
+from capsmed.paths import Layout, read_json
 from capsmed.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from capsmed.train.runtime import (
     atomic_torch_save,
@@ -44,15 +43,6 @@ logger = logging.getLogger(__name__)
 _EPOCH_SLEEP = float(os.environ.get("CAPSMED_TEST_EPOCH_SLEEP", "0") or 0)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_metric", "lr", "seconds")
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file written by an earlier stage, with a clear error when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise CapsmedError(f"{path}: {what} not found; run the earlier pipeline stage first")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -46,6 +46,7 @@ def test_train_writes_checkpoints_history_and_record(prepared):
 def test_two_runs_give_identical_numbers(tmp_path):
     histories = []
     for name in ("a", "b"):
+        (tmp_path / name).mkdir()
         cfg = tiny_config(tmp_path / name / "results", train={"epochs": 2, "batch_size": 8})
         prepare_all(write_config(cfg, tmp_path / name / "config.yaml"))
         train_model(cfg, "ds", "seed_cnn")

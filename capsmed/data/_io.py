@@ -1,0 +1,311 @@
+"""Small file helpers shared by the data modules: paths, NIfTI and DICOM reading, JSON, hashing.
+
+Nothing here imports torch or MONAI at module import time, so ``capsmed validate`` stays quick for
+NIfTI and MedMNIST data; DICOM series are read through MONAI's ``PydicomReader`` (imported lazily)
+so that validation sees exactly the geometry that ``LoadImaged`` will produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+MRI_NAMES = {"mri", "mr", "t1", "t1w", "t1gd", "t2", "t2w", "flair", "adc", "dwi", "pd", "pdw",
+             "t1c", "t2f", "swi", "mri-t1", "mri-t2"}
+
+
+def resolve(path: str | os.PathLike, base: Path | None = None) -> Path:
+    """Resolve ``path`` against ``base`` (default: the working directory) to an absolute path.
+
+    Args:
+        path: a path, absolute or relative; ``~`` is expanded.
+        base: the folder relative paths start from.
+
+    Returns:
+        The absolute, normalised path (symbolic links resolved).
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_absolute():
+        p = (base if base is not None else Path.cwd()) / p
+    return p.resolve()
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """Whether ``path`` (resolved) lies inside the folder ``root`` (resolved)."""
+    try:
+        path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def is_nifti(path: Path) -> bool:
+    """Whether the file name ends in ``.nii`` or ``.nii.gz``."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def strip_nifti_suffix(name: str) -> str:
+    """``hippocampus_001.nii.gz`` -> ``hippocampus_001``."""
+    low = name.lower()
+    for suffix in (".nii.gz", ".nii"):
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def modality_name(value: Any) -> str:
+    """Map a modality (dataset.json, DICOM tag, config) to ``"MRI"``, ``"CT"`` or ``"other"``.
+
+    Args:
+        value: a string such as ``"MRI"``, ``"MR"``, ``"T2w"``, ``"CT"``; a dict of channel index to
+            name (MSD ``modality``) is reduced to one name when all channels agree.
+
+    Returns:
+        ``"MRI"``, ``"CT"`` or ``"other"``.
+    """
+    if isinstance(value, dict):
+        names = {modality_name(v) for v in value.values()}
+        return names.pop() if len(names) == 1 else "other"
+    text = str(value or "").strip().lower()
+    if text in ("ct", "cta", "pet-ct", "ct scan"):
+        return "CT"
+    if text in MRI_NAMES or text.startswith("mri") or text.startswith("mr "):
+        return "MRI"
+    return "other"
+
+
+def json_dumps(obj: Any) -> str:
+    """Stable, readable JSON text (sorted keys are not used: key order is part of the contract)."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+
+def write_text_if_changed(path: Path, text: str) -> bool:
+    """Atomically write ``text`` to ``path`` unless the file already holds exactly that text.
+
+    Args:
+        path: destination file; its folder is created.
+        text: the new content.
+
+    Returns:
+        True when the file was (re)written.
+    """
+    if path.is_file():
+        try:
+            if path.read_text() == text:
+                return False
+        except (OSError, UnicodeDecodeError):
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def stable_hash(obj: Any) -> str:
+    """SHA-256 (hex, first 16 characters) of the canonical JSON form of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None) -> None:
+    """Write ``array`` as a NIfTI file atomically (temporary file + rename).
+
+    Args:
+        array: the voxel array, spatial axes first (2D arrays are written as 2D NIfTI).
+        path: destination ``.nii.gz`` path; its folder is created.
+        affine: 4x4 voxel-to-world matrix; identity when None.
+    """
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Volume:
+    """What a reader found in one image: header facts and, when loaded, the voxels.
+
+    Attributes:
+        shape: the full array shape (spatial axes first, channels last for NIfTI, as stored).
+        affine: 4x4 voxel-to-world matrix (RAS, as nibabel and MONAI report it).
+        dtype: the stored data type.
+        data: the voxel array when loaded, else None.
+        modality: DICOM ``Modality`` tag (DICOM series only).
+        patient_id: DICOM ``PatientID`` tag (DICOM series only).
+    """
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    dtype: np.dtype
+    data: np.ndarray | None = None
+    modality: str | None = None
+    patient_id: str | None = None
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size along each of the first three array axes (from the affine)."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+
+def read_nifti(path: Path, load: bool) -> Volume:
+    """Read a NIfTI header and, when ``load``, all its voxels.
+
+    Args:
+        path: the ``.nii``/``.nii.gz`` file.
+        load: read the voxel data too (detects truncated files; needed for NaN/label checks).
+
+    Returns:
+        The :class:`Volume`.
+
+    Raises:
+        OSError, ValueError, EOFError, zlib.error, nibabel errors: the file is unreadable.
+    """
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj) if load else None
+    return Volume(shape=tuple(int(s) for s in img.shape), affine=np.asarray(img.affine, float),
+                  dtype=img.get_data_dtype(), data=data)
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files directly inside ``folder`` (by the ``DICM`` preamble; no recursion)."""
+    from pydicom.misc import is_dicom
+
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != "DICOMDIR":
+            try:
+                if is_dicom(p):
+                    out.append(p)
+            except OSError:
+                continue
+    return out
+
+
+def find_dicom_series(root: Path) -> list[Path]:
+    """Folders under ``root`` (itself included) that directly hold DICOM files, sorted.
+
+    Args:
+        root: the dataset folder.
+
+    Returns:
+        Absolute folder paths, one per DICOM series folder.
+    """
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames.sort()
+        d = Path(dirpath)
+        if dicom_files(d):
+            found.append(d.resolve())
+    return sorted(found)
+
+
+def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str]]:
+    """Check a DICOM series folder file by file, then read it as MONAI's ``PydicomReader`` does.
+
+    Args:
+        folder: a folder directly holding the slices of one series.
+        load: decode the voxel data (always needed to find truncated pixel data).
+
+    Returns:
+        The :class:`Volume` (affine in RAS, array axes as ``LoadImaged`` yields them) or None in its
+        place when the series cannot be assembled, and a list of problems (each naming a file).
+    """
+    import pydicom
+
+    problems: list[str] = []
+    files = dicom_files(folder)
+    if not files:
+        return None, [f"{folder}: holds no DICOM files"]
+    series, shapes, modality, patient = set(), set(), None, None
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f)
+            if "PixelData" not in ds:
+                problems.append(f"{f}: has no pixel data (not an image slice)")
+                continue
+            arr = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
+            problems.append(f"{f}: unreadable or truncated DICOM ({type(exc).__name__}: {exc})")
+            continue
+        series.add(str(ds.get("SeriesInstanceUID", "")))
+        shapes.add(tuple(arr.shape))
+        modality = modality or ds.get("Modality")
+        patient = patient or (str(ds.get("PatientID")) if ds.get("PatientID") else None)
+        if len(files) > 1 and ("ImagePositionPatient" not in ds or "InstanceNumber" not in ds):
+            problems.append(f"{f}: slice lacks ImagePositionPatient or InstanceNumber, so the "
+                            "series geometry cannot be assembled")
+    if len(series) > 1:
+        problems.append(f"{folder}: holds {len(series)} DICOM series; put one series per folder")
+    if len(shapes) > 1:
+        problems.append(f"{folder}: slices have different sizes {sorted(shapes)}")
+    if problems:
+        return None, problems
+    import warnings
+
+    from monai.data import PydicomReader
+
+    reader = PydicomReader()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr, meta = reader.get_data(reader.read(str(folder)))
+    except Exception as exc:  # noqa: BLE001
+        return None, [f"{folder}: the DICOM series cannot be read ({type(exc).__name__}: {exc})"]
+    arr = np.asarray(arr)
+    vol = Volume(shape=tuple(int(s) for s in arr.shape), affine=np.asarray(meta["affine"], float),
+                 dtype=arr.dtype, data=arr if load else None, modality=modality, patient_id=patient)
+    return vol, []
+
+
+def read_volume(path: Path, load: bool) -> tuple[Volume | None, list[str]]:
+    """Read a NIfTI file or a DICOM series folder; never raises for bad files.
+
+    Args:
+        path: NIfTI file or DICOM series folder.
+        load: read the voxels too.
+
+    Returns:
+        (volume or None, problems naming the file).
+    """
+    if path.is_dir():
+        return read_dicom_series(path, load)
+    if not path.exists():
+        return None, [f"{path}: file is missing"]
+    if not is_nifti(path):
+        return None, [f"{path}: not a NIfTI file (.nii/.nii.gz) or a DICOM series folder"]
+    try:
+        vol = read_nifti(path, load=False)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken headers
+        return None, [f"{path}: unreadable NIfTI header ({type(exc).__name__}: {exc})"]
+    if load:
+        try:
+            vol = read_nifti(path, load=True)
+        except Exception as exc:  # noqa: BLE001 - EOFError, zlib.error, OSError, ValueError
+            return None, [f"{path}: truncated or corrupt image data ({type(exc).__name__}: {exc})"]
+    return vol, []

@@ -1,0 +1,220 @@
+"""Train / validation / test splits grouped by patient, deterministic by seed, written once.
+
+Order of decisions (:func:`make_splits`):
+
+1. Official split: when ``use_official`` (default true) and cases carry ``"split"`` (MedMNIST), the
+   cases marked ``test`` are the test set; the rest is the development pool. With ``folds == 1`` the
+   official ``train``/``val`` cases form the one fold (a validation part is carved out of ``train``
+   when there is no ``val``).
+2. Otherwise a held-out test set of about ``test_fraction`` of the patients: classification uses the
+   first fold of a shuffled ``StratifiedGroupKFold`` with ``round(1 / test_fraction)`` folds (class
+   balance kept), segmentation a ``GroupShuffleSplit``.
+3. The development pool is then split into ``folds`` cross-validation folds
+   (``StratifiedGroupKFold`` for classification, shuffled ``GroupKFold`` for segmentation) or, with
+   ``folds == 1``, one train/validation split with ``val_fraction`` (same method as step 2).
+
+Cases are grouped by ``patient_id``: no patient is ever on both sides of a split. The split file
+records a hash of the split config, the seed and the cases; :func:`load_or_create_splits` refuses to
+reuse a file made from different inputs rather than silently rewriting it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsmed.data._io import json_dumps, stable_hash, write_text_if_changed
+from capsmed.errors import CapsmedError
+
+logger = logging.getLogger(__name__)
+
+SPLIT_DEFAULTS = {"test_fraction": 0.2, "folds": 1, "val_fraction": 0.2, "use_official": True}
+
+
+def _normalise_cfg(split_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    cfg = dict(SPLIT_DEFAULTS)
+    # only the keys that change the split; e.g. the pipeline's ``fold`` (which fold to train) not
+    cfg.update({k: v for k, v in (split_cfg or {}).items()
+                if v is not None and k in SPLIT_DEFAULTS})
+    if not isinstance(cfg["folds"], int) or isinstance(cfg["folds"], bool) or cfg["folds"] < 1:
+        raise CapsmedError(f"dataset config: split.folds must be an integer >= 1, got "
+                           f"{cfg['folds']!r}")
+    if not 0 <= float(cfg["test_fraction"]) < 1:
+        raise CapsmedError(f"dataset config: split.test_fraction must be in [0, 1), got "
+                           f"{cfg['test_fraction']!r}")
+    if not 0 < float(cfg["val_fraction"]) < 1:
+        raise CapsmedError(f"dataset config: split.val_fraction must be in (0, 1), got "
+                           f"{cfg['val_fraction']!r}")
+    return cfg
+
+
+def split_config_hash(cases_doc: Mapping[str, Any], split_cfg: Mapping[str, Any] | None,
+                      seed: int) -> str:
+    """Hash of everything a split depends on: split config (defaults filled), seed and cases."""
+    cfg = _normalise_cfg(split_cfg)
+    cases = [[c["case_id"], c.get("patient_id", c["case_id"]), c.get("class"), c.get("split")]
+             for c in cases_doc["cases"]]
+    return stable_hash({"split": cfg, "seed": int(seed), "task": cases_doc.get("task"),
+                        "cases": cases})
+
+
+def _holdout(idx: np.ndarray, groups: np.ndarray, y: np.ndarray | None, fraction: float,
+             seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split positions ``idx`` into (keep, held out) with about ``fraction`` of the groups held out.
+
+    Stratified by ``y`` (classification) with ``StratifiedGroupKFold``; else ``GroupShuffleSplit``.
+    """
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups[idx]))
+    if n_groups < 2:
+        raise CapsmedError(f"dataset config: split.{what} needs at least 2 patients to split, "
+                           f"the dataset has {n_groups}")
+    if y is not None:
+        n_splits = min(max(2, round(1 / fraction)), n_groups)
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*least populated class.*")
+            keep, held = next(sgkf.split(idx, y[idx], groups[idx]))
+    else:
+        gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        keep, held = next(gss.split(idx, groups=groups[idx]))
+    return idx[keep], idx[held]
+
+
+def _kfold(idx: np.ndarray, groups: np.ndarray, y: np.ndarray | None, folds: int,
+           seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    n_groups = len(np.unique(groups[idx]))
+    if n_groups < folds:
+        raise CapsmedError(f"dataset config: split.folds is {folds} but only {n_groups} "
+                           "patients remain after the test split")
+    if y is not None:
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*least populated class.*")
+            parts = list(splitter.split(idx, y[idx], groups[idx]))
+    else:
+        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        parts = list(splitter.split(idx, groups=groups[idx]))
+    return [(idx[tr], idx[va]) for tr, va in parts]
+
+
+def make_splits(cases_doc: Mapping[str, Any], split_cfg: Mapping[str, Any] | None,
+                seed: int) -> dict:
+    """Make the test set and the train/validation folds of a dataset.
+
+    Args:
+        cases_doc: the ``cases.json`` document (cases with ``case_id``, ``patient_id``, and
+            ``class`` for classification, ``split`` for official splits).
+        split_cfg: ``{"test_fraction": 0.2, "folds": 1, "val_fraction": 0.2,
+            "use_official": true}`` (missing keys take these defaults).
+        seed: random seed (scikit-learn ``random_state``).
+
+    Returns:
+        ``{"seed", "config_hash", "test": [case ids], "folds": [{"train": [...], "val": [...]},
+        ...]}``; ids are sorted; one fold when ``folds == 1``.
+
+    Raises:
+        CapsmedError: too few patients for the requested split, or bad split values.
+    """
+    cfg = _normalise_cfg(split_cfg)
+    cases = list(cases_doc["cases"])
+    if not cases:
+        raise CapsmedError("cases.json: empty dataset: nothing to split")
+    ids = np.array([c["case_id"] for c in cases])
+    groups = np.array([str(c.get("patient_id") or c["case_id"]) for c in cases])
+    y = np.array([int(c["class"]) for c in cases]) if cases_doc.get("task") == "classification" \
+        and all("class" in c for c in cases) else None
+    folds = int(cfg["folds"])
+    all_idx = np.arange(len(cases))
+    official = bool(cfg["use_official"]) and any("split" in c for c in cases)
+    fold_parts: list[tuple[np.ndarray, np.ndarray]]
+    if official:
+        tags = np.array([c.get("split", "train") for c in cases])
+        test_idx = all_idx[tags == "test"]
+        pool = all_idx[tags != "test"]
+        if folds == 1 and (tags[pool] == "val").any():
+            fold_parts = [(pool[tags[pool] != "val"], pool[tags[pool] == "val"])]
+        elif folds == 1:
+            fold_parts = [_holdout(pool, groups, y, float(cfg["val_fraction"]), seed,
+                                   "val_fraction")]
+        else:
+            fold_parts = _kfold(pool, groups, y, folds, seed)
+    else:
+        if float(cfg["test_fraction"]) > 0:
+            pool, test_idx = _holdout(all_idx, groups, y, float(cfg["test_fraction"]), seed,
+                                      "test_fraction")
+        else:
+            pool, test_idx = all_idx, all_idx[:0]
+        if folds == 1:
+            fold_parts = [_holdout(pool, groups, y, float(cfg["val_fraction"]), seed + 1,
+                                   "val_fraction")]
+        else:
+            fold_parts = _kfold(pool, groups, y, folds, seed)
+    out = {"seed": int(seed), "config_hash": split_config_hash(cases_doc, split_cfg, seed),
+           "test": sorted(ids[test_idx].tolist()),
+           "folds": [{"train": sorted(ids[tr].tolist()), "val": sorted(ids[va].tolist())}
+                     for tr, va in fold_parts]}
+    logger.info("splits: %d test, %s", len(out["test"]),
+                ", ".join(f"fold {i}: {len(f['train'])} train / {len(f['val'])} val"
+                          for i, f in enumerate(out["folds"])))
+    return out
+
+
+def load_or_create_splits(path: str | os.PathLike, cases_doc: Mapping[str, Any],
+                          split_cfg: Mapping[str, Any] | None, seed: int) -> dict:
+    """Read the split file, or make and write it when absent (write-once).
+
+    Args:
+        path: the splits file (``results/{ds}/splits.json``).
+        cases_doc: the ``cases.json`` document.
+        split_cfg: the dataset config's ``split`` mapping.
+        seed: random seed.
+
+    Returns:
+        The splits document.
+
+    Raises:
+        CapsmedError: the file exists but was made from a different split config, seed or case
+            list (it is never rewritten silently), or it is malformed.
+    """
+    p = Path(path)
+    expected = split_config_hash(cases_doc, split_cfg, seed)
+    if p.exists():
+        try:
+            doc = json.loads(p.read_text())
+            found = doc["config_hash"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CapsmedError(f"{p}: malformed splits file ({exc}); delete it to make new "
+                               "splits") from exc
+        if found != expected:
+            raise CapsmedError(
+                f"{p}: was made from a different split config, seed or case list (config_hash "
+                f"{found}, now {expected}); delete the file to make new splits (earlier results "
+                "then no longer match) or change the results folder")
+        return doc
+    doc = make_splits(cases_doc, split_cfg, seed)
+    write_text_if_changed(p, json_dumps(doc))
+    return doc
+
+
+def fold_cases(cases_doc: Mapping[str, Any], ids: Sequence[str]) -> list[dict]:
+    """The case dicts of ``ids`` (e.g. ``splits["folds"][0]["train"]``), in ``ids`` order.
+
+    Raises:
+        CapsmedError: an id is not in the cases document (splits and cases.json disagree).
+    """
+    by_id = {c["case_id"]: c for c in cases_doc["cases"]}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise CapsmedError(f"splits name cases missing from cases.json: {missing[:5]}")
+    return [by_id[i] for i in ids]

@@ -1,0 +1,216 @@
+"""MONAI dictionary transform pipelines built from a preprocessing plan.
+
+Dictionaries carry ``"image"`` and ``"label"`` (segmentation) or ``"image"`` and ``"class"``
+(classification); ``"image"``/``"label"`` start as file paths (NIfTI file or DICOM series folder).
+
+Deterministic part (:func:`build_preprocess_transforms`), in order:
+
+1. ``LoadImaged`` (MetaTensors; NIfTI through nibabel, DICOM folders through ``PydicomReader``),
+   ``EnsureChannelFirstd``;
+2. 3D: ``Orientationd("RAS")``; ``Spacingd`` when the plan sets a spacing (bilinear image,
+   nearest label);
+3. segmentation with ``crop_foreground``: ``CropForegroundd`` to the non-zero box of the image
+   (``allow_smaller=True``, invertible);
+4. normalisation of the image: ``zscore`` (``NormalizeIntensityd``, non-zero voxels, per channel),
+   ``ct`` (``ScaleIntensityRanged`` over ``ct_window`` to [0, 1], clipped), ``percentile``
+   (``ScaleIntensityRangePercentilesd`` 0.5 / 99.5 to [0, 1], clipped) or ``minmax``
+   (``ScaleIntensityd`` to [0, 1]);
+5. segmentation: ``SpatialPadd`` to ``patch_size`` and ``DivisiblePadd`` to ``size_divisible``;
+   the label becomes int64. Classification: ``Resized`` to ``image_size`` per axis; ``"class"``
+   becomes an int64 tensor (a batch of them collates to ``(B,)``).
+
+Every spatial step is invertible, so ``monai.transforms.Invertd(keys="pred",
+transform=build_preprocess_transforms(plan), orig_keys="image", nearest_interp=True)`` maps a
+prediction back to the geometry of the original file.
+
+Random part (:func:`build_augment_transforms`), only through MONAI randomizable transforms
+(seed with ``monai.utils.set_determinism`` or ``Compose.set_random_state``): segmentation
+``RandCropByPosNegLabeld`` to ``patch_size`` (``samples_per_case`` patches, half centred on
+foreground: the output is a list of dicts, so use ``monai.data.DataLoader``/``list_data_collate``),
+then ``RandFlipd`` on each axis, ``RandRotate90d`` in a plane whose two patch axes are equal,
+``RandScaleIntensityd`` and ``RandShiftIntensityd``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    DivisiblePadd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+
+logger = logging.getLogger(__name__)
+
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def nonzero(x: torch.Tensor) -> torch.Tensor:
+    """Foreground selector for ``CropForegroundd``: voxels different from 0 (any channel).
+
+    A module-level function (not a lambda) so the pipeline pickles for worker processes.
+    """
+    return x != 0
+
+
+def _check_plan(plan: Mapping[str, Any]) -> None:
+    for key in ("task", "spatial_dims", "patch_size", "normalization"):
+        if key not in plan:
+            raise ValueError(f"plan lacks {key!r} (make plans with "
+                             "capsmed.data.fingerprint.make_plan)")
+    if plan["task"] not in ("segmentation", "classification"):
+        raise ValueError(f"plan task must be segmentation or classification, got {plan['task']!r}")
+    if plan["spatial_dims"] not in (2, 3):
+        raise ValueError(f"plan spatial_dims must be 2 or 3, got {plan['spatial_dims']!r}")
+    if len(plan["patch_size"]) != plan["spatial_dims"]:
+        raise ValueError(f"plan patch_size {plan['patch_size']} must have spatial_dims "
+                         f"({plan['spatial_dims']}) entries")
+
+
+def _normalise(plan: Mapping[str, Any]) -> Any:
+    norm = plan["normalization"]
+    if norm == "zscore":
+        return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
+    if norm == "ct":
+        lo, hi = plan.get("ct_window") or (-1000.0, 1000.0)
+        return ScaleIntensityRanged(keys="image", a_min=float(lo), a_max=float(hi), b_min=0.0,
+                                    b_max=1.0, clip=True)
+    if norm == "percentile":
+        return ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=0.0,
+                                               b_max=1.0, clip=True, channel_wise=True)
+    if norm == "minmax":
+        return ScaleIntensityd(keys="image", minv=0.0, maxv=1.0, channel_wise=True)
+    raise ValueError(f"plan normalization must be zscore, ct, percentile or minmax, got {norm!r}")
+
+
+def build_preprocess_transforms(plan: Mapping[str, Any]) -> Compose:
+    """Deterministic, invertible preprocessing (training, validation and inference).
+
+    Args:
+        plan: from :func:`capsmed.data.fingerprint.make_plan`.
+
+    Returns:
+        A ``Compose`` mapping ``{"image": path, "label": path}`` (segmentation; ``"label"`` may be
+        absent at inference) to ``{"image": (C, *S) float32, "label": (1, *S) int64}`` MetaTensors,
+        or ``{"image": path, "class": int}`` to ``{"image": (C, *image_size) float32,
+        "class": () int64}``. ``S`` is the cropped, padded shape (each axis >= ``patch_size`` and a
+        multiple of ``size_divisible``).
+
+    Raises:
+        ValueError: the plan is incomplete or inconsistent.
+    """
+    _check_plan(plan)
+    seg = plan["task"] == "segmentation"
+    dims = int(plan["spatial_dims"])
+    keys = ["image", "label"] if seg else ["image"]
+    with warnings.catch_warnings():
+        # LoadImage registers every reader; the optional nvImageCodec one warns when absent
+        warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+        load = LoadImaged(keys=keys, image_only=True, allow_missing_keys=True)
+    t: list[Any] = [load, EnsureChannelFirstd(keys=keys, allow_missing_keys=True)]
+    if dims == 3:
+        t.append(Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS,
+                              allow_missing_keys=True))
+    if plan.get("spacing"):
+        t.append(Spacingd(keys=keys, pixdim=[float(v) for v in plan["spacing"]],
+                          mode=("bilinear", "nearest")[: len(keys)], allow_missing_keys=True))
+    if seg and plan.get("crop_foreground", True):
+        t.append(CropForegroundd(keys=keys, source_key="image", select_fn=nonzero,
+                                 allow_smaller=True, allow_missing_keys=True))
+    t.append(_normalise(plan))
+    if seg:
+        t.append(SpatialPadd(keys=keys, spatial_size=[int(v) for v in plan["patch_size"]],
+                             allow_missing_keys=True))
+        t.append(DivisiblePadd(keys=keys, k=int(plan.get("size_divisible", 1)),
+                               allow_missing_keys=True))
+        t.append(EnsureTyped(keys="label", dtype=torch.int64, allow_missing_keys=True))
+    else:
+        size = int(plan.get("image_size") or plan["patch_size"][0])
+        t.append(Resized(keys="image", spatial_size=[size] * dims, mode="area"))
+        t.append(EnsureTyped(keys="class", dtype=torch.int64, track_meta=False,
+                             allow_missing_keys=True))
+    return Compose(t)
+
+
+def _rotation_axes(patch: list[int]) -> tuple[int, int] | None:
+    """A pair of spatial axes whose patch sizes are equal (90 degree turns keep the shape)."""
+    for a, b in itertools.combinations(range(len(patch)), 2):
+        if patch[a] == patch[b]:
+            return a, b
+    return None
+
+
+def build_augment_transforms(plan: Mapping[str, Any]) -> Compose:
+    """Random augmentation applied after :func:`build_preprocess_transforms` during training.
+
+    Args:
+        plan: from :func:`capsmed.data.fingerprint.make_plan`.
+
+    Returns:
+        A ``Compose`` of MONAI randomizable transforms. Segmentation: input ``{"image": (C, *S),
+        "label": (1, *S)}`` -> a list of ``samples_per_case`` dicts with ``(C, *patch_size)`` /
+        ``(1, *patch_size)``. Classification: shapes unchanged.
+
+    Raises:
+        ValueError: the plan is incomplete or inconsistent.
+    """
+    _check_plan(plan)
+    seg = plan["task"] == "segmentation"
+    dims = int(plan["spatial_dims"])
+    patch = [int(v) for v in plan["patch_size"]]
+    keys = ["image", "label"] if seg else ["image"]
+    t: list[Any] = []
+    if seg:
+        t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=1,
+                                        neg=1, num_samples=int(plan.get("samples_per_case", 1)),
+                                        allow_smaller=True))
+    for axis in range(dims):
+        t.append(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
+    axes = _rotation_axes(patch)
+    if axes is not None:
+        t.append(RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=axes))
+    t.append(RandScaleIntensityd(keys="image", factors=0.1, prob=0.5))
+    t.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
+    return Compose(t)
+
+
+def build_transforms(plan: Mapping[str, Any], train: bool) -> Compose:
+    """The full pipeline: preprocessing, then augmentation when ``train``.
+
+    ``CacheDataset``/``PersistentDataset`` cache everything up to the first random transform,
+    i.e. the whole deterministic part.
+
+    Args:
+        plan: from :func:`capsmed.data.fingerprint.make_plan`.
+        train: add the random augmentation.
+
+    Returns:
+        A flat ``Compose`` (see :func:`build_preprocess_transforms` and
+        :func:`build_augment_transforms` for shapes).
+    """
+    steps = list(build_preprocess_transforms(plan).transforms)
+    if train:
+        steps += list(build_augment_transforms(plan).transforms)
+    return Compose(steps)

@@ -1,0 +1,1 @@
+"""capsmed.evaluate."""

@@ -1,0 +1,151 @@
+"""``capsmed predict``: run a trained model on new, unlabeled studies.
+
+The checkpoint carries everything inference needs (model name and arguments, preprocessing plan, label
+or class names), so a user passes only the checkpoint and the studies. For each study it writes the
+segmentation (NIfTI with the input's shape and affine; with ``--tta`` an uncertainty map too) or the
+class probabilities (one CSV row per study), and a diagnostic report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from capsmed.errors import CapsmedError
+from capsmed.paths import safe_name
+
+logger = logging.getLogger(__name__)
+
+
+def study_id(path: Path) -> str:
+    """Study id from a file or folder name (``case_7.nii.gz`` -> ``case_7``)."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_study(path: Path, spatial_dims: int) -> None:
+    """Fail early, naming the file, when a study is missing or has the wrong dimensionality."""
+    if not path.exists():
+        raise CapsmedError(f"{path}: study not found")
+    if path.is_file() and path.name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))
+            shape = img.shape
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+            raise CapsmedError(f"{path}: not a readable NIfTI file ({exc})") from None
+        dims = len([s for s in shape[:3] if s > 1]) if len(shape) >= 3 else len(shape)
+        if len(shape) < spatial_dims or (spatial_dims == 2 and dims == 3):
+            raise CapsmedError(
+                f"{path}: image has shape {tuple(shape)} but the model expects "
+                f"{spatial_dims}D images"
+            )
+
+
+def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, device: str = "auto",
+                    tta: bool = False) -> list[dict]:
+    """Predict each study and write outputs and reports under ``out_dir``.
+
+    Args:
+        checkpoint: ``best.pt`` written by ``capsmed train``.
+        studies: NIfTI files or DICOM series folders.
+        out_dir: Output folder (created).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        tta: Test-time flips and an uncertainty map (segmentation).
+
+    Returns:
+        One dict per study: ``case_id``, ``report`` and ``prediction`` path or ``probabilities``.
+
+    Raises:
+        CapsmedError: Missing or unreadable studies or checkpoint, naming the file.
+    """
+    from capsmed.data.transforms import build_preprocess_transforms
+    from capsmed.report import write_study_report
+    from capsmed.train.checkpoint import build_model, load_checkpoint
+    from capsmed.train.inference import (
+        predict_classification_case,
+        predict_segmentation_case,
+        save_nifti,
+    )
+    from capsmed.train.runtime import atomic_write_text, select_device, sha256_file
+
+    ckpt = load_checkpoint(checkpoint)
+    plan, task, names = ckpt["plan"], ckpt["task"], ckpt["names"]
+    for study in studies:
+        _check_study(Path(study), int(plan["spatial_dims"]))
+    dev = select_device(device)
+    model = build_model(ckpt).to(dev)
+    preprocess = build_preprocess_transforms(plan)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    provenance = {"model": ckpt["model"]["name"], "checkpoint": str(checkpoint),
+                  "checkpoint_sha256": sha256_file(Path(checkpoint)),
+                  "config_hash": ckpt.get("config_hash"), "seed": ckpt.get("seed"),
+                  "params": sum(p.numel() for p in model.parameters()),
+                  "versions": ckpt.get("versions", {}), "trained_on": ckpt.get("dataset")}
+    results, rows = [], []
+    seen: set[str] = set()
+    for study in studies:
+        study = Path(study)
+        cid = study_id(study)
+        if cid in seen:
+            raise CapsmedError(f"{study}: a second study with id {cid!r}; rename one of them")
+        seen.add(cid)
+        stem = safe_name(cid)
+        item = {"image": str(study.resolve()), "case_id": cid}
+        try:
+            if task == "segmentation":
+                icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta}
+                out = predict_segmentation_case(model, item, plan, preprocess, dev, icfg)
+            else:
+                out = predict_classification_case(model, item, preprocess, dev)
+        except CapsmedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - report unreadable studies without a traceback
+            raise CapsmedError(f"{study}: cannot be read or predicted ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        report_info = {"case_id": cid, "task": task, "model": ckpt["model"]["name"],
+                       "dataset": ckpt.get("dataset"), "image": item["image"],
+                       "provenance": provenance}
+        result = {"case_id": cid}
+        if task == "segmentation":
+            pred_path = out_dir / f"{stem}_seg.nii.gz"
+            save_nifti(out["pred"], out["affine"], pred_path)
+            report_info.update(prediction=str(pred_path), labels=names)
+            if out["uncertainty"] is not None:
+                unc_path = out_dir / f"{stem}_uncertainty.nii.gz"
+                save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
+                report_info["uncertainty"] = str(unc_path)
+            result["prediction"] = str(pred_path)
+        else:
+            probs = [float(p) for p in out["probs"]]
+            report_info.update(probabilities=probs, classes=names)
+            if out["lengths"] is not None:
+                report_info["lengths"] = [float(v) for v in out["lengths"]]
+            if out["reconstruction"] is not None:
+                rpath = out_dir / f"{stem}_recon.npy"
+                np.save(rpath, out["reconstruction"].astype(np.float32))
+                report_info["reconstruction"] = str(rpath)
+            result["probabilities"] = probs
+            rows.append({"case_id": cid, "image": item["image"],
+                         "predicted": int(np.argmax(probs)),
+                         **{f"prob_{k}": p for k, p in enumerate(probs)}})
+        report = write_study_report(out_dir / f"{stem}.html", report_info)
+        result["report"] = str(report)
+        results.append(result)
+        logger.info("%s: %s", cid, result.get("prediction") or result.get("probabilities"))
+    if rows:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out_dir / "probabilities.csv", buf.getvalue())
+    return results

@@ -1,0 +1,286 @@
+"""The model comparison page of a dataset: capsule networks and CNN baselines side by side."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsmed.errors import CapsmedError
+from capsmed.report import blocks as b
+from capsmed.report import figures as fig
+from capsmed.report.files import STAGES, Layout, read_json, to_float
+from capsmed.report.render import (
+    fmt_ci,
+    fmt_flops,
+    fmt_mb,
+    fmt_metric,
+    fmt_params,
+    fmt_seconds,
+    is_number,
+    lower_is_better,
+    metric_label,
+    metric_sort_key,
+    rel_href,
+    render_page,
+)
+from capsmed.report.stage import PRIMARY_METRICS, headline_text, primary_metric
+
+logger = logging.getLogger(__name__)
+
+#: Capsule models of the registry; any other model whose name contains "caps" counts too.
+CAPSULE_MODELS = frozenset({"capsnet", "efficient_capsnet", "segcaps", "ucaps"})
+_COST_KEYS = ("params", "flops", "train_seconds", "inference_seconds_per_case", "peak_memory_mb")
+
+
+def is_capsule(model: str, train: Mapping[str, Any] | None = None) -> bool:
+    """Whether a model is a capsule network.
+
+    ``train.json`` decides when it says so (``"family": "capsule"|"cnn"``, ``"is_capsule"``, or
+    ``"output_kind": "lengths"``); otherwise the registry names (:data:`CAPSULE_MODELS`) and any
+    name containing ``caps``.
+    """
+    train = train or {}
+    family = str(train.get("family", "")).lower()
+    if family:
+        return family.startswith("caps")
+    if isinstance(train.get("is_capsule"), bool):
+        return bool(train["is_capsule"])
+    if train.get("output_kind") == "lengths":
+        return True
+    return model.lower() in CAPSULE_MODELS or "caps" in model.lower()
+
+
+_RATIO_WORDS = {"params": ("fewer parameters", "more parameters"),
+                "flops": ("fewer FLOPs", "more FLOPs"),
+                "train_seconds": ("faster training", "slower training"),
+                "inference_seconds_per_case": ("faster inference per case",
+                                               "slower inference per case"),
+                "peak_memory_mb": ("less peak training memory", "more peak training memory")}
+
+
+def _ratio_text(key: str, a: float | None, b_: float | None) -> str | None:
+    """``5.9x fewer parameters`` for the cost ``key`` of model a against model b."""
+    if a is None or b_ is None or a <= 0 or b_ <= 0 or key not in _RATIO_WORDS:
+        return None
+    less, more = _RATIO_WORDS[key]
+    if a == b_:
+        return f"the same {less.split(' ', 1)[1]}"
+    return f"{b_ / a:.1f}x {less}" if a < b_ else f"{a / b_:.1f}x {more}"
+
+
+def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list[str]:
+    """Plain sentences: which model is best, by how much, and what the capsules cost."""
+    scored = [e for e in entries if is_number(e["metrics"].get(stage, {}).get(metric))]
+    if not scored:
+        return [f"No {stage} metrics are available yet for these models."]
+    low = lower_is_better(metric)
+
+    def value(e: dict[str, Any]) -> float:
+        return float(e["metrics"][stage][metric])
+
+    def ci(e: dict[str, Any]) -> tuple[float, float] | None:
+        c = e["ci95"].get(stage, {}).get(metric)
+        if isinstance(c, list | tuple) and len(c) == 2 and all(is_number(x) for x in c):
+            return float(c[0]), float(c[1])
+        return None
+
+    scored.sort(key=value, reverse=not low)
+    best = scored[0]
+    out = [f"Best on the {stage} stage by {metric_label(metric)}: {best['model']} "
+           f"({'capsule network' if best['capsule'] else 'CNN baseline'}), "
+           + headline_text(metric, best["metrics"][stage], best["ci95"].get(stage, {})) + "."]
+    if len(scored) > 1:
+        second = scored[1]
+        diff = value(best) - value(second)
+        c1, c2 = ci(best), ci(second)
+        overlap = c1 is not None and c2 is not None and c1[0] <= c2[1] and c2[0] <= c1[1]
+        label = metric_label(metric).replace(" (mm)", "")
+        sentence = (f"Runner-up: {second['model']}, {label} {fmt_metric(value(second), metric)}; "
+                    f"difference {fmt_metric(abs(diff), metric)}")
+        if c1 is not None and c2 is not None:
+            sentence += (" and the 95% intervals overlap, so this test set does not separate them"
+                         if overlap else " and the 95% intervals do not overlap")
+        out.append(sentence + ".")
+    caps = [e for e in scored if e["capsule"]]
+    cnns = [e for e in scored if not e["capsule"]]
+    if caps and cnns:
+        c, n = caps[0], cnns[0]
+        diff = value(c) - value(n)
+        better = (diff < 0) if low else (diff > 0)
+        word = "better" if better else ("worse" if diff != 0 else "equal")
+        out.append(f"Best capsule network {c['model']} against best CNN {n['model']}: "
+                   f"{metric_label(metric)} {fmt_metric(value(c), metric)} against "
+                   f"{fmt_metric(value(n), metric)} ({fmt_metric(abs(diff), metric)} {word}).")
+        costs = [t for t in (_ratio_text(k, to_float(c["costs"].get(k)), to_float(n["costs"].get(k)))
+                             for k in _RATIO_WORDS) if t]
+        if costs:
+            out.append(f"Cost of {c['model']} relative to {n['model']}: " + ", ".join(costs) + ".")
+        fewer_params = _less(c, n, "params")
+        fewer_flops = _less(c, n, "flops")
+        if fewer_params is not None or fewer_flops is not None:
+            answer = []
+            if fewer_params is not None:
+                answer.append("fewer parameters" if fewer_params else "more parameters")
+            if fewer_flops is not None:
+                answer.append("less computation" if fewer_flops else "more computation")
+            out.append("Do capsule networks need fewer parameters and less computation here? "
+                       f"Measured: {c['model']} needs " + " and ".join(answer) + f" than "
+                       f"{n['model']}.")
+    elif caps or cnns:
+        out.append("Only " + ("capsule networks" if caps else "CNN baselines") + " were evaluated; "
+                   "add the other family to answer whether capsules are cheaper.")
+    return out
+
+
+def _less(a: dict[str, Any], b_: dict[str, Any], key: str) -> bool | None:
+    x, y = to_float(a["costs"].get(key)), to_float(b_["costs"].get(key))
+    if x is None or y is None:
+        return None
+    return x < y
+
+
+def write_comparison_report(results_dir: Path, dataset: str, models: list[str]) -> Path:
+    """Write ``results/{ds}/reports/comparison.html``.
+
+    Puts every model's metrics with 95% CIs per stage next to its cost (parameters, FLOPs,
+    training time, inference time per case, peak memory), says which model is best and by how much,
+    and compares the best capsule network with the best CNN baseline.
+
+    Args:
+        results_dir: The results folder.
+        dataset: Dataset name.
+        models: Models to compare (those without any ``metrics.json`` are listed as missing).
+
+    Returns:
+        The written report path.
+
+    Raises:
+        CapsmedError: ``models`` is empty.
+    """
+    if not models:
+        raise CapsmedError(f"comparison report for {dataset}: no models given")
+    results_dir = Path(results_dir)
+    lay = Layout(results_dir, dataset)
+    out = lay.reports_dir / "comparison.html"
+    entries: list[dict[str, Any]] = []
+    missing = []
+    task = ""
+    for model in models:
+        train = read_json(lay.model_dir(model) / "train.json")
+        metrics, ci95, costs = {}, {}, {k: train.get(k) for k in _COST_KEYS}
+        stage_cost: dict[str, Any] = {}
+        for stage in STAGES:
+            doc = read_json(lay.eval_dir(model, stage) / "metrics.json")
+            if not doc:
+                continue
+            task = task or str(doc.get("task") or "")
+            metrics[stage] = doc.get("metrics") or {}
+            ci95[stage] = doc.get("ci95") or {}
+            stage_cost[stage] = doc.get("cost") or {}
+        # Inference cost: from the test stage where present.
+        for stage in ("test", "val", "train"):
+            c = stage_cost.get(stage) or {}
+            if is_number(c.get("inference_seconds_per_case")):
+                costs["inference_seconds_per_case"] = c["inference_seconds_per_case"]
+                costs["inference_peak_memory_mb"] = c.get("peak_memory_mb")
+                break
+        if not metrics and not train:
+            missing.append(model)
+        entries.append({"model": model, "train": train, "metrics": metrics, "ci95": ci95,
+                        "costs": costs, "capsule": is_capsule(model, train)})
+    task = task or str(read_json(lay.dataset_dir / "data" / "cases.json").get("task") or "")
+    judged = next((s for s in ("test", "val", "train")
+                   if any(s in e["metrics"] for e in entries)), "test")
+    metric = None
+    for e in entries:
+        metric = metric or primary_metric(task, e["metrics"].get(judged, {}))
+    metric = metric or (PRIMARY_METRICS.get(task, ("dice",))[0])
+
+    lead = _verdict(judged, entries, metric)
+    sections = []
+    # Metrics per stage.
+    for stage in STAGES:
+        names = sorted({m for e in entries for m, v in e["metrics"].get(stage, {}).items()
+                        if not isinstance(v, Mapping | list)}, key=metric_sort_key)
+        if not names:
+            continue
+        best: dict[str, float] = {}
+        for m in names:
+            vals = [float(e["metrics"][stage][m]) for e in entries
+                    if is_number(e["metrics"].get(stage, {}).get(m))]
+            if vals:
+                best[m] = min(vals) if lower_is_better(m) else max(vals)
+        rows = []
+        for e in entries:
+            if stage not in e["metrics"]:
+                continue
+            # Every stage with a metrics.json gets a stage report (written before or after this).
+            href = rel_href(lay.stage_report(e["model"], stage), out.parent)
+            cells = [b.cell(e["model"], href=href),
+                     "capsule" if e["capsule"] else "CNN"]
+            for m in names:
+                v = e["metrics"][stage].get(m)
+                ci = fmt_ci(e["ci95"][stage].get(m), m)
+                text = fmt_metric(v, m) + (f" {ci}" if ci else "")
+                is_best = is_number(v) and m in best and float(v) == best[m]
+                cells.append(b.num_cell(text, cls="good" if is_best else ""))
+            rows.append(b.row(cells))
+        sections.append(b.section(
+            f"metrics-{stage}", f"Metrics, {stage} stage",
+            tables=[b.table(["Model", "Family"] + [metric_label(m) for m in names], rows,
+                            note="Value [95% CI]; the best value per metric is in green.")]))
+    # Cost.
+    rows = []
+    for e in entries:
+        c, t = e["costs"], e["train"]
+        rows.append(b.row([
+            e["model"], "capsule" if e["capsule"] else "CNN",
+            b.num_cell(fmt_params(c.get("params"))), b.num_cell(fmt_flops(c.get("flops"))),
+            b.num_cell(fmt_seconds(c.get("train_seconds"))),
+            b.num_cell(f"{t.get('epochs', 'n/a')}"),
+            b.num_cell(fmt_seconds(c.get("inference_seconds_per_case"))),
+            b.num_cell(fmt_mb(c.get("peak_memory_mb"))),
+            b.num_cell(fmt_mb(c.get("inference_peak_memory_mb")))]))
+    points = [fig.ModelPoint(
+        name=e["model"], capsule=e["capsule"],
+        metric=float(e["metrics"].get(judged, {}).get(metric, np.nan))
+        if is_number(e["metrics"].get(judged, {}).get(metric)) else float("nan"),
+        ci=tuple(e["ci95"].get(judged, {}).get(metric)) if fmt_ci(
+            e["ci95"].get(judged, {}).get(metric)) else None,
+        costs={k: float(c) if is_number(c) else float("nan") for k, c in e["costs"].items()})
+        for e in entries]
+    sections.append(b.section(
+        "cost", "Cost", paragraphs=[
+            "Parameters and FLOPs per forward pass as measured by `capsmed train`; training time "
+            "and training peak memory from train.json; inference time per case and inference peak "
+            "memory from the evaluation of the test stage."],
+        tables=[b.table(["Model", "Family", "Parameters", "FLOPs", "Training time", "Epochs",
+                         "Inference per case", "Peak memory (train)",
+                         "Peak memory (inference)"], rows)],
+        figs=[b.figure(fig.tradeoff_figure(points, f"{metric_label(metric)}, {judged}"),
+                       f"{metric_label(metric)} against parameters, FLOPs and inference time for "
+                       "each model",
+                       f"{metric_label(metric)} on the {judged} stage (bars: 95% CI) against cost; "
+                       "circles are capsule networks, squares CNN baselines. Up and to the left is "
+                       "better."),
+              b.figure(fig.cost_bars(points), "Bar charts of each model's cost",
+                       "Cost per model; orange: capsule networks, green: CNN baselines.")]))
+    if missing:
+        sections.append(b.section("missing", "Missing results", paragraphs=[
+            "No train.json or metrics.json was found for: " + ", ".join(missing) + "."]))
+    report_links = [b.link(f"{e['model']} {s}", rel_href(lay.stage_report(e["model"], s),
+                                                         out.parent))
+                    for e in entries for s in STAGES if s in e["metrics"]]
+    if report_links:
+        sections.append(b.section("reports", "Stage reports", details=b.details(
+            "All stage reports", links=report_links)))
+    nav = [b.link("All results", rel_href(results_dir / "index.html", out.parent))]
+    if (lay.reports_dir / "qc.html").exists():
+        nav.append(b.link("Preprocessing QC", "qc.html"))
+    return render_page(out, "page.html", title=f"{dataset}: model comparison",
+                       subtitle=f"{task} \u00b7 {len(models)} models", nav=nav, lead=lead,
+                       note=None, top_cards=[], sections=sections)

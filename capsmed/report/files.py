@@ -1,0 +1,318 @@
+"""Readers for the evaluation files that reports are built from (no torch, tolerant of gaps).
+
+The layout is PLAN.md's "Evaluation files": everything lives under a results folder, per dataset
+``{ds}``, model ``{model}`` and stage ``{stage}``. Optional files that are missing give empty values;
+a required file that is missing or unreadable raises :class:`capsmed.errors.CapsmedError` naming it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from capsmed.errors import CapsmedError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+
+# Columns of cases.csv that hold numbers (prefix match); everything else stays text.
+_NUMERIC_PREFIXES = ("dice", "hd95", "assd", "volume_", "confidence", "prob_", "length_", "class",
+                     "predicted", "entropy", "uncertainty_mean")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths of one dataset's files under a results folder.
+
+    Attributes:
+        results_dir: The results folder (``results/``).
+        dataset: Dataset name.
+    """
+
+    results_dir: Path
+    dataset: str
+
+    @property
+    def dataset_dir(self) -> Path:
+        """``results/{ds}``."""
+        return Path(self.results_dir) / self.dataset
+
+    @property
+    def reports_dir(self) -> Path:
+        """``results/{ds}/reports``."""
+        return self.dataset_dir / "reports"
+
+    def model_dir(self, model: str) -> Path:
+        """``results/{ds}/models/{model}`` (checkpoints, history.csv, train.json)."""
+        return self.dataset_dir / "models" / model
+
+    def eval_dir(self, model: str, stage: str) -> Path:
+        """``results/{ds}/eval/{model}/{stage}`` (metrics.json, cases.csv, predictions/)."""
+        return self.dataset_dir / "eval" / model / stage
+
+    def stage_report(self, model: str, stage: str) -> Path:
+        """``results/{ds}/reports/{model}/{stage}.html``."""
+        return self.reports_dir / model / f"{stage}.html"
+
+    def studies_dir(self, model: str) -> Path:
+        """``results/{ds}/reports/{model}/studies``."""
+        return self.reports_dir / model / "studies"
+
+
+# ----------------------------------------------------------------------------- JSON and CSV
+
+
+def read_json(path: Path, required: bool = False) -> dict[str, Any]:
+    """Read a JSON object; ``{}`` when an optional file is absent.
+
+    Args:
+        path: The file.
+        required: Raise when the file is missing instead of returning ``{}``.
+
+    Returns:
+        The parsed object.
+
+    Raises:
+        CapsmedError: The file is required and missing, is not valid JSON, or is not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise CapsmedError(f"{path}: file not found (run `capsmed evaluate` first)")
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CapsmedError(f"{path}: not readable as JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise CapsmedError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+def read_table(path: Path, required: bool = False) -> pd.DataFrame:
+    """Read a CSV file keeping ids as text; numeric columns of cases/history files become floats.
+
+    ``case_id`` values such as ``001`` or ``NA`` stay strings; empty cells become ``""`` in text
+    columns and NaN in numeric ones.
+
+    Args:
+        path: The CSV file.
+        required: Raise when the file is missing instead of returning an empty frame.
+
+    Returns:
+        The table (empty when an optional file is absent).
+
+    Raises:
+        CapsmedError: The file is required and missing, or cannot be parsed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise CapsmedError(f"{path}: file not found (run `capsmed evaluate` first)")
+        return pd.DataFrame()
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise CapsmedError(f"{path}: not readable as CSV ({exc})") from exc
+    for col in df.columns:
+        if col == "case_id":
+            continue
+        if col.startswith(_NUMERIC_PREFIXES) or path.name == "history.csv":
+            converted = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
+            # keep a text column (e.g. 'class' holding names) when nothing parses as a number
+            if converted.notna().any() or (df[col] == "").all():
+                df[col] = converted.astype(float)
+    return df
+
+
+def file_date(path: Path) -> str:
+    """The modification time of a file as ``YYYY-MM-DD HH:MM`` (empty when absent)."""
+    try:
+        stamp = Path(path).stat().st_mtime
+    except OSError:
+        return ""
+    return _dt.datetime.fromtimestamp(stamp).astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
+
+
+def name_map(doc: Mapping[str, Any], key: str) -> dict[int, str]:
+    """``{"0": "background", ...}`` (or a list of names) under ``key`` as ``{0: "background"}``."""
+    raw = doc.get(key)
+    out: dict[int, str] = {}
+    if isinstance(raw, Mapping):
+        for k, v in raw.items():
+            try:
+                out[int(k)] = str(v)
+            except (TypeError, ValueError):
+                continue
+    elif isinstance(raw, list):
+        out = {i: str(v) for i, v in enumerate(raw)}
+    return dict(sorted(out.items()))
+
+
+def class_column(columns: Collection[str], prefix: str, index: int, name: str) -> str | None:
+    """The column ``{prefix}_{name}`` or ``{prefix}_{index}`` among ``columns``, whichever exists."""
+    for candidate in (f"{prefix}_{name}", f"{prefix}_{index}", f"{prefix}_{name.lower()}"):
+        if candidate in columns:
+            return candidate
+    return None
+
+
+def finite(values: Any) -> np.ndarray:
+    """The finite entries of ``values`` as a 1-D float array."""
+    arr = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+def to_float(value: Any) -> float | None:
+    """``value`` as a float, or None when missing or not a number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def resolve_path(value: Any, *bases: Path) -> Path | None:
+    """Find a file named in an evaluation table.
+
+    Absolute paths are used when they exist; relative ones are tried against each folder in ``bases``
+    in turn; finally the bare file name is looked up in each base (results folders that were moved).
+
+    Args:
+        value: The path text (empty, NaN or None mean "no file").
+        *bases: Folders to try relative paths against.
+
+    Returns:
+        An existing path, or None.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    if not text or text.lower() == "nan":
+        return None
+    path = Path(text)
+    if path.is_absolute() and path.exists():
+        return path
+    for base in bases:
+        if base is None:
+            continue
+        candidate = Path(base) / text
+        if not path.is_absolute() and candidate.exists():
+            return candidate
+    for base in bases:
+        if base is None:
+            continue
+        candidate = Path(base) / path.name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass
+class Volume:
+    """An image reoriented to RAS for display, with its original geometry.
+
+    Attributes:
+        data: Array ``(X, Y, Z)`` in closest-canonical (RAS) orientation; 2-D images get ``Z = 1``.
+            Multichannel images keep their first channel.
+        spacing: Voxel size in mm along the three display axes.
+        shape: The shape stored in the file (before reorientation, all channels).
+        zooms: The voxel sizes stored in the file header.
+        axcodes: Orientation of the stored image, e.g. ``("R", "A", "S")``.
+        channels: Number of channels in the file (1 for single-channel images).
+        path: The file.
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, float, float]
+    shape: tuple[int, ...]
+    zooms: tuple[float, ...]
+    axcodes: tuple[str, ...]
+    channels: int
+    path: Path
+
+    @property
+    def voxel_ml(self) -> float:
+        """Volume of one voxel in mL."""
+        return float(np.prod(self.spacing)) / 1000.0
+
+
+def load_volume(path: Path | None) -> Volume | None:
+    """Load a NIfTI (or other nibabel-readable) image for display; None when not readable.
+
+    Args:
+        path: The image file. Folders (DICOM series) and unreadable files give None with a log
+            message; reports then say the image is not shown.
+
+    Returns:
+        The volume, reoriented to RAS, or None.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        logger.info("%s: not a file; image not shown", path)
+        return None
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+        if len(shape) >= 4:
+            data = np.asarray(img.dataobj[..., 0], dtype=np.float32)
+            channels = int(np.prod(shape[3:]))
+        else:
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            channels = 1
+        while data.ndim < 3:
+            data = data[..., None]
+        affine = img.affine
+        three_d = nib.Nifti1Image(data, affine)
+        axcodes = tuple(nib.aff2axcodes(affine))
+        canonical = nib.as_closest_canonical(three_d)
+        data = np.asarray(canonical.dataobj, dtype=np.float32)
+        spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+    except Exception as exc:  # nibabel raises many types for broken files
+        logger.warning("%s: cannot read image (%s); image not shown", path, exc)
+        return None
+    spacing = tuple(s if s > 0 and math.isfinite(s) else 1.0 for s in spacing)
+    while len(spacing) < 3:
+        spacing = (*spacing, 1.0)
+    return Volume(data=data, spacing=spacing, shape=shape, zooms=zooms, axcodes=axcodes,
+                  channels=channels, path=path)
+
+
+def load_array(path: Path | None) -> np.ndarray | None:
+    """Load a ``.npy`` array (a capsule reconstruction); None when absent or unreadable."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: cannot read array (%s)", path, exc)
+        return None
+    return np.asarray(arr, dtype=np.float32)
+
+
+def label_volumes_ml(labels: np.ndarray, voxel_ml: float, label_ids: list[int]) -> dict[int, float]:
+    """Volume of each label in mL: voxel count times the voxel volume."""
+    rounded = np.rint(labels).astype(np.int64)
+    return {k: float(np.count_nonzero(rounded == k)) * voxel_ml for k in label_ids}

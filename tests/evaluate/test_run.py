@@ -1,0 +1,127 @@
+"""Evaluation and prediction keep each study's geometry; metrics files have the contract's keys."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from capsmed.evaluate.run import evaluate_stage
+from capsmed.train.loop import train_model
+from tests.pipeline_helpers import prepare_all, run_cli, tiny_config, write_config
+
+SHAPES = [(23, 27, 19), (25, 21, 22), (24, 26, 20), (21, 25, 23), (26, 22, 21), (22, 24, 25)]
+
+
+def _affine(k: int) -> np.ndarray:
+    """An oblique, flipped, anisotropic affine (not the identity)."""
+    theta = 0.2 + 0.1 * k
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0],
+                    [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([-1.1, 0.9, 1.7])
+    aff[:3, 3] = [10.0 * k, -5.0, 3.5]
+    return aff
+
+
+def _make_csv_dataset(root):
+    rng = np.random.default_rng(0)
+    rows = []
+    for k, shape in enumerate(SHAPES):
+        label = np.zeros(shape, np.uint8)
+        c = np.array(shape) // 2
+        label[c[0] - 4:c[0] + 3, c[1] - 5:c[1] + 2, c[2] - 3:c[2] + 4] = 1
+        label[c[0] + 3:c[0] + 7, c[1] + 2:c[1] + 6, c[2] - 3:c[2] + 2] = 2
+        image = label * 1.0 + rng.normal(0, 0.2, shape)
+        nib.save(nib.Nifti1Image(image.astype(np.float32), _affine(k)), root / f"img{k}.nii.gz")
+        nib.save(nib.Nifti1Image(label, _affine(k)), root / f"lab{k}.nii.gz")
+        rows.append({"case_id": f"c{k}", "image": f"img{k}.nii.gz", "label": f"lab{k}.nii.gz"})
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["case_id", "image", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def trained_seg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    data = root / "data"
+    data.mkdir()
+    manifest = _make_csv_dataset(data)
+    cfg = tiny_config(root / "results", task="segmentation", source="csv", path=str(manifest),
+                      synthetic={"size": [16, 16, 16]},
+                      preprocess={"patch_size": [16, 16, 16], "cache": "none"})
+    path = write_config(cfg, root / "config.yaml")
+    prepare_all(path)
+    train_model(cfg, "ds", "unet")
+    return cfg, path, data
+
+
+def test_segmentation_predictions_keep_shape_and_affine(trained_seg):
+    cfg, _, data = trained_seg
+    doc = evaluate_stage(cfg, "ds", "unet", "test")
+    assert doc["task"] == "segmentation" and doc["n_cases"] >= 1
+    for key in ("dice", "dice_a", "dice_b", "hd95", "assd"):
+        assert key in doc["metrics"]
+    out = cfg["results"] + "/ds/eval/unet/test"
+    with open(out + "/cases.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == doc["n_cases"]
+    for row in rows:
+        src = nib.load(row["image"])
+        pred = nib.load(cfg["results"] + "/" + row["prediction"])
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2}
+        assert 0.0 <= float(row["dice"]) <= 1.0
+    saved = json.loads(open(out + "/metrics.json").read())
+    assert saved["metrics"] == doc["metrics"]
+
+
+def test_predict_new_study_round_trip(trained_seg, tmp_path):
+    cfg, _, data = trained_seg
+    ckpt = cfg["results"] + "/ds/models/unet/best.pt"
+    status = run_cli("-q", "predict", "--model", ckpt, str(data / "img3.nii.gz"), "--out",
+                     str(tmp_path / "pred"), "--tta")
+    assert status == 0
+    src = nib.load(data / "img3.nii.gz")
+    seg = nib.load(tmp_path / "pred" / "img3_seg.nii.gz")
+    unc = nib.load(tmp_path / "pred" / "img3_uncertainty.nii.gz")
+    assert seg.shape == src.shape == unc.shape
+    np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
+    assert (tmp_path / "pred" / "img3.html").is_file()
+
+
+def test_predict_missing_study_names_the_file(trained_seg, tmp_path, capsys):
+    cfg, _, _ = trained_seg
+    ckpt = cfg["results"] + "/ds/models/unet/best.pt"
+    status = run_cli("predict", "--model", ckpt, str(tmp_path / "nope.nii.gz"), "--out",
+                     str(tmp_path / "o"))
+    assert status == 2
+    assert "nope.nii.gz: study not found" in capsys.readouterr().err
+
+
+def test_predict_unreadable_checkpoint_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    study = tmp_path / "s.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), study)
+    assert run_cli("predict", "--model", str(bad), str(study)) == 2
+    assert "model.pt: not a readable capsmed checkpoint" in capsys.readouterr().err
+
+
+def test_classification_metrics_and_probabilities(tmp_path):
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 1, "batch_size": 8})
+    prepare_all(write_config(cfg, tmp_path / "c.yaml"))
+    train_model(cfg, "ds", "seed_cnn")
+    doc = evaluate_stage(cfg, "ds", "seed_cnn", "val")
+    for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece"):
+        assert key in doc["metrics"]
+    assert np.array(doc["confusion_matrix"]).sum() == doc["n_cases"]
+    with open(tmp_path / "results/ds/eval/seed_cnn/val/cases.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        assert abs(float(row["prob_0"]) + float(row["prob_1"]) - 1) < 1e-5
+        assert int(row["predicted"]) == int(float(row["prob_1"]) > float(row["prob_0"]))

@@ -1,0 +1,176 @@
+"""Every generated page parses, is self-contained, and shows the numbers it was built from."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from reporthtml import parse
+
+from capsmed.report import study_filename
+
+EXTERNAL = re.compile(r"^\s*(https?:)?//", re.IGNORECASE)
+
+
+def _all_pages(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.html"))
+
+
+def test_every_page_parses_and_is_self_contained(rendered):
+    pages = _all_pages(rendered["root"])
+    # 2 datasets x (qc + comparison) + 4 models x 3 stages + studies + index
+    n_studies = sum(len(v) for v in rendered["studies"].values())
+    assert len(pages) == 4 + 12 + n_studies + 1
+    for path in pages:
+        page = parse(path)
+        assert not page.errors, (path, page.errors)
+        assert page.title.strip(), path
+        for tag, attrs in page.tags:
+            assert tag not in ("script", "link", "iframe", "object", "embed", "base"), (path, tag)
+            for name in attrs:
+                assert not name.lower().startswith("on"), (path, tag, name)
+        for url in page.srcs + page.hrefs:
+            assert not EXTERNAL.match(url), (path, url)
+            assert not urlsplit(url).scheme or url.startswith("data:image/png;base64,"), (path, url)
+        for img in page.images:
+            assert (img.get("alt") or "").strip(), (path, "image without alt text")
+            assert (img.get("src") or "").startswith("data:image/png;base64,"), path
+        html = path.read_text(encoding="utf-8")
+        assert "@media print" in html
+        assert "Content-Security-Policy" in html
+        assert "For research use only" in page.text
+
+
+def test_relative_links_resolve(rendered):
+    for path in _all_pages(rendered["root"]):
+        for href in parse(path).hrefs:
+            target = (path.parent / unquote(urlsplit(href).path)).resolve()
+            assert target.is_file(), f"{path}: broken link {href}"
+
+
+def test_segmentation_stage_report(rendered, facts):
+    page = parse(rendered["stage"][(facts.SEG, "ucaps", "test")])
+    text = page.text
+    m, ci = facts.SEG_METRICS["ucaps"], facts.SEG_CI["ucaps"]
+    assert f"Dice {m['dice']:.3f} (95% CI {ci['dice'][0]:.3f} to {ci['dice'][1]:.3f})" in text
+    assert f"[{ci['dice'][0]:.3f}, {ci['dice'][1]:.3f}]" in text
+    assert f"[{ci['hd95'][0]:.2f}, {ci['hd95'][1]:.2f}]" in text
+    assert "HD95 (mm)" in text and "Dice (anterior)" in text
+    assert "812.3 K" in text and "3.20 GFLOPs" in text and "1 h 02 min" in text
+    for rank in ("Best case", "Median case", "Worst case"):
+        assert rank in text
+    alts = " ".join(img["alt"] for img in page.images)
+    assert "Learning curves" in alts
+    assert "Box plots of Dice and HD95" in alts
+    assert "predicted against true volumes" in alts.lower()
+    assert "1 HD95 values are infinite" in text
+    # every case is listed and linked to its study report
+    links = {unquote(h) for h in page.hrefs}
+    for cid in ("case_005", "case_006", *facts.HOSTILE_IDS):
+        assert f"studies/{study_filename(cid)}" in links
+
+
+def test_classification_stage_report(rendered, facts):
+    page = parse(rendered["stage"][(facts.CLS, "capsnet", "test")])
+    text = page.text
+    m, ci = facts.CLS_METRICS["capsnet"], facts.CLS_CI["capsnet"]
+    assert f"AUC {m['auc']:.3f} (95% CI {ci['auc'][0]:.3f} to {ci['auc'][1]:.3f})" in text
+    assert f"{m['ece']:.3f}" in text and "lower is better" in text
+    alts = [img["alt"] for img in page.images]
+    for expected in ("ROC curves", "Precision-recall curves",
+                     "Confusion matrix of true against predicted classes",
+                     "Reliability diagram of accuracy against confidence"):
+        assert expected in alts
+    assert "Wrong predictions first" in text
+    assert "161.0 K" in text
+
+
+@pytest.mark.parametrize("stage", ["train", "val"])
+def test_other_stages_render(rendered, facts, stage):
+    page = parse(rendered["stage"][(facts.SEG, "unet", stage)])
+    assert f"{stage} stage" in page.text
+    assert "Dice" in page.text
+
+
+def test_segmentation_study_report(rendered, facts):
+    path = rendered["studies"][(facts.SEG, "ucaps")]["case_005"]
+    assert path.name == "case_005.html"
+    page = parse(path)
+    text = page.text
+    assert "Study case_005" in page.title
+    assert "16 x 20 x 12" in text and "1.5 x 1 x 2" in text and "RAS" in text
+    assert "anterior" in text and "posterior" in text and "mL" in text
+    assert "training cases" in text.lower()
+    assert "Test-time-augmentation uncertainty inside the predicted structure" in text
+    assert "Ground truth" in " ".join(img["alt"] for img in page.images) or "ground truth" in \
+        " ".join(img["alt"] for img in page.images)
+    assert "ab" * 32 in text and "c0ffeeucaps" in text and "2026-01-02 03:04" in text
+    assert "torch" in text and "2.13.0" in text
+    assert "not a medical device" in text
+
+
+def test_segmentation_study_without_uncertainty(rendered, facts):
+    page = parse(rendered["studies"][(facts.SEG, "unet")]["case_005"])
+    assert "test-time augmentation did not run" in page.text
+
+
+def test_classification_study_reports(rendered, facts):
+    caps = parse(rendered["studies"][(facts.CLS, "capsnet")]["img_008"])
+    assert "Predicted class:" in caps.text and "Class probabilities" in caps.text
+    assert "Capsule evidence" in caps.text and "Class-capsule lengths" in caps.text
+    alts = " ".join(img["alt"] for img in caps.images)
+    assert "reconstruction" in alts and "28 x 28" in caps.text
+    cnn = parse(rendered["studies"][(facts.CLS, "seed_cnn")]["img_008"])
+    assert "Capsule evidence" not in cnn.text
+    assert "normalised entropy" in cnn.text
+
+
+def test_comparison_report(rendered, facts):
+    page = parse(rendered["comparison"][facts.SEG])
+    text = page.text
+    assert "Best on the test stage by Dice: unet (CNN baseline)" in text
+    assert "0.834 [0.801, 0.866]" in text and "0.812 [0.780, 0.850]" in text
+    assert "5.9x fewer parameters" in text
+    assert "Do capsule networks need fewer parameters and less computation here?" in text
+    assert "ucaps needs fewer parameters and less computation than unet" in text
+    assert "intervals overlap" in text
+    for col in ("Parameters", "FLOPs", "Training time", "Inference per case",
+                "Peak memory (train)"):
+        assert col in text
+    cls = parse(rendered["comparison"][facts.CLS]).text
+    assert "Best on the test stage by AUC: capsnet (capsule network)" in cls
+    assert "more FLOPs" in cls  # capsnet: 21 MFLOPs against 15 MFLOPs
+
+
+def test_qc_report(rendered, facts):
+    text = parse(rendered["qc"][facts.SEG]).text
+    assert "1 rejected" in text and "case_bad" in text
+    assert "label shape 16x20x11 differs from image shape 16x20x12" in text
+    assert "Median spacing 1.5 x 1 x 2 mm" in text
+    assert "case_002" in text and "spacing 4 x 1 x 2" in text  # geometry outlier
+    assert "background 79.4%" in text
+    assert "zscore" in text  # plan.json
+    cls = parse(rendered["qc"][facts.CLS]).text
+    assert "none rejected" in cls and "No case was rejected." in cls
+    assert "benign 50.0%" in cls
+
+
+def test_index_links_everything(rendered, facts):
+    root = rendered["root"]
+    page = parse(rendered["index"])
+    hrefs = {unquote(h) for h in page.hrefs}
+    for ds_doc in rendered["summary"]["datasets"].values():
+        for m_doc in ds_doc["models"].values():
+            for stage_doc in m_doc["stages"].values():
+                assert stage_doc["report"] in hrefs
+            for path in m_doc["studies"].values():
+                assert path in hrefs
+    for ds in (facts.SEG, facts.CLS):
+        assert f"{ds}/reports/comparison.html" in hrefs
+        assert f"{ds}/reports/qc.html" in hrefs
+    assert "best on test is unet (Dice 0.834)" in page.text
+    assert "Dice 0.812 [0.780, 0.850]" in page.text and "11.00 GFLOPs" in page.text
+    assert all(not Path(h).is_absolute() for h in hrefs)
+    assert (root / "index.html") == rendered["index"]

@@ -1,0 +1,156 @@
+"""Small pieces: numpy curves, formatting, tolerant readers, image loading."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from capsmed.errors import CapsmedError
+from capsmed.report import is_capsule, stats
+from capsmed.report.files import load_volume, read_json, read_table, resolve_path
+from capsmed.report.render import (
+    fmt_ci,
+    fmt_flops,
+    fmt_mb,
+    fmt_params,
+    fmt_seconds,
+    lower_is_better,
+    metric_label,
+)
+
+
+def test_roc_and_auc_match_a_hand_computed_example():
+    y = np.array([0, 0, 1, 1])
+    s = np.array([0.1, 0.4, 0.35, 0.8])
+    fpr, tpr = stats.roc_curve(y, s)
+    np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+    assert stats.area(fpr, tpr) == pytest.approx(0.75)
+    perfect = stats.roc_curve([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    assert stats.area(*perfect) == pytest.approx(1.0)
+
+
+def test_roc_ties_and_single_class():
+    fpr, tpr = stats.roc_curve([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5])
+    assert stats.area(fpr, tpr) == pytest.approx(0.5)
+    fpr, tpr = stats.roc_curve([1, 1], [0.2, 0.9])
+    assert np.all(fpr == 0)
+
+
+def test_pr_curve_and_average_precision():
+    rec, prec = stats.pr_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    np.testing.assert_allclose(rec, [0, 0.5, 0.5, 1, 1])
+    np.testing.assert_allclose(prec, [1, 1, 0.5, 2 / 3, 0.5])
+    assert stats.average_precision(rec, prec) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+def test_confusion_reliability_and_ece():
+    cm = stats.confusion_matrix([0, 1, 2, 2, np.nan], [0, 2, 2, 2, 1], 3)
+    np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 0, 1], [0, 0, 2]])
+    bins = stats.reliability_bins([0.95, 0.95, 0.55, 0.55], [1, 1, 1, 0], n_bins=10)
+    assert bins["bin_count"][9] == 2 and bins["bin_count"][5] == 2
+    assert bins["bin_accuracy"][5] == pytest.approx(0.5)
+    assert math.isnan(bins["bin_accuracy"][0])
+    # ECE = (2 * |1 - 0.95| + 2 * |0.5 - 0.55|) / 4
+    assert stats.expected_calibration_error(bins) == pytest.approx(0.05)
+
+
+def test_normalised_entropy():
+    assert stats.normalised_entropy([1.0, 0.0]) == pytest.approx(0.0)
+    assert stats.normalised_entropy([0.25] * 4) == pytest.approx(1.0)
+    assert math.isnan(stats.normalised_entropy([1.0]))
+
+
+def test_formatting():
+    assert fmt_params(812345) == "812.3 K" and fmt_params(4_808_917) == "4.81 M"
+    assert fmt_params(None) == "n/a" and fmt_params(512) == "512"
+    assert fmt_flops(3.2e9) == "3.20 GFLOPs"
+    assert fmt_seconds(0.0123) == "12.3 ms" and fmt_seconds(3725) == "1 h 02 min"
+    assert fmt_seconds(75) == "75.0 s" and fmt_seconds(float("nan")) == "n/a"
+    assert fmt_mb(1536) == "1.50 GB" and fmt_mb(900) == "900 MB"
+    assert fmt_ci([0.78, 0.85], "dice") == "[0.780, 0.850]"
+    assert fmt_ci([2.4, 3.9], "hd95") == "[2.40, 3.90]"
+    assert fmt_ci(None) == "" and fmt_ci([1]) == "" and fmt_ci([float("nan"), 1]) == ""
+    assert metric_label("dice_anterior") == "Dice (anterior)"
+    assert metric_label("hd95") == "HD95 (mm)" and metric_label("balanced_accuracy") == \
+        "Balanced accuracy"
+    assert lower_is_better("hd95_posterior") and lower_is_better("ece")
+    assert not lower_is_better("dice") and not lower_is_better("auc")
+
+
+def test_is_capsule():
+    assert is_capsule("ucaps") and is_capsule("efficient_capsnet") and is_capsule("my_caps_v2")
+    assert not is_capsule("unet") and not is_capsule("seed_cnn") and not is_capsule("densenet")
+    assert is_capsule("custom", {"family": "capsule"})
+    assert not is_capsule("capsnet", {"family": "cnn"})
+    assert is_capsule("x", {"output_kind": "lengths"})
+
+
+def test_read_table_keeps_ids_as_text(tmp_path):
+    path = tmp_path / "cases.csv"
+    path.write_text("case_id,dice,hd95,uncertainty,class\n001,0.5,inf,,1\nNA,,3.0,/x.nii.gz,0\n")
+    df = read_table(path)
+    assert list(df["case_id"]) == ["001", "NA"]
+    assert math.isinf(df["hd95"][0]) and math.isnan(df["dice"][1])
+    assert list(df["uncertainty"]) == ["", "/x.nii.gz"]
+    assert list(df["class"]) == [1.0, 0.0]
+    assert read_table(tmp_path / "missing.csv").empty
+    with pytest.raises(CapsmedError, match="missing.csv"):
+        read_table(tmp_path / "missing.csv", required=True)
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    bad = tmp_path / "metrics.json"
+    bad.write_text("{not json")
+    with pytest.raises(CapsmedError, match="metrics.json"):
+        read_json(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(CapsmedError, match="JSON object"):
+        read_json(bad)
+    assert read_json(tmp_path / "absent.json") == {}
+
+
+def test_resolve_path(tmp_path):
+    (tmp_path / "predictions").mkdir()
+    target = tmp_path / "predictions" / "a.nii.gz"
+    target.write_bytes(b"x")
+    assert resolve_path("predictions/a.nii.gz", tmp_path) == target
+    assert resolve_path(str(target)) == target
+    # a results folder that moved: the bare file name is found in a base folder
+    assert resolve_path("/old/place/a.nii.gz", tmp_path / "predictions") == target
+    assert resolve_path("", tmp_path) is None and resolve_path(float("nan")) is None
+
+
+def test_load_volume_2d_4d_and_reorientation(tmp_path):
+    two_d = tmp_path / "2d.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(12, dtype=np.float32).reshape(3, 4), np.eye(4)), two_d)
+    v = load_volume(two_d)
+    assert v.data.shape == (3, 4, 1) and v.shape == (3, 4)
+    four_d = tmp_path / "4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.diag([2, 1, 3, 1])), four_d)
+    v = load_volume(four_d)
+    assert v.data.shape == (4, 5, 6) and v.channels == 2 and v.spacing == (2.0, 1.0, 3.0)
+    assert v.voxel_ml == pytest.approx(0.006)
+    # an LPS image is flipped to RAS for display
+    lps = tmp_path / "lps.nii.gz"
+    data = np.zeros((4, 5, 6), np.float32)
+    data[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(data, np.diag([-1, -1, 1, 1])), lps)
+    v = load_volume(lps)
+    assert v.axcodes == ("L", "P", "S") and v.data[3, 4, 0] == 1
+    assert load_volume(tmp_path) is None and load_volume(tmp_path / "absent.nii.gz") is None
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    assert load_volume(broken) is None
+
+
+def test_study_file_names_match_the_prediction_file_names():
+    """Reports and prediction files name a case the same way (capsmed.paths.safe_name)."""
+    paths = pytest.importorskip("capsmed.paths")
+    from capsmed.report import study_filename
+
+    for cid in ("case_017", "<script>alert(1)</script>", "a b", "../x", "ü"):
+        assert study_filename(cid) == paths.safe_name(cid) + ".html"

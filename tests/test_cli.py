@@ -1,0 +1,64 @@
+"""The capsmed command: every stage reachable, clear one-line errors, no tracebacks."""
+
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.pipeline_helpers import run_cli
+
+
+def test_help_lists_every_stage(capsys):
+    try:
+        run_cli("--help")
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("validate", "prepare", "preprocess", "split", "train", "evaluate", "report",
+                "report-studies", "report-dataset", "summarize", "predict", "models"):
+        assert cmd in out
+
+
+def test_models_lists_capsule_models_and_baselines(capsys):
+    assert run_cli("models") == 0
+    out = capsys.readouterr().out
+    for name in ("capsnet", "efficient_capsnet", "segcaps", "ucaps", "seed_cnn", "unet",
+                 "densenet"):
+        assert name in out
+
+
+def test_bad_config_is_one_line_per_problem_without_traceback(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("datasets:\n  d:\n    source: synthetic\n    task: typo\n")
+    res = subprocess.run([sys.executable, "-m", "capsmed", "prepare", "-c", str(cfg), "-d", "d"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "datasets.d.task: 'typo' is not one of" in res.stderr
+
+
+def test_unknown_dataset_is_named(tmp_path, repo_root, capsys):
+    status = run_cli("prepare", "-c", repo_root / "config/config.yaml", "-d", "nope",
+                     "--set", f"results={tmp_path}")
+    assert status == 2
+    assert "dataset 'nope' is not in the config" in capsys.readouterr().err
+
+
+def test_validate_reports_problems_and_exit_code(tmp_path, capsys):
+    npz = tmp_path / "bad.npz"
+    np.savez(npz, train_images=np.zeros((3, 28, 28), np.uint8))
+    assert run_cli("validate", str(npz)) == 1
+    err = capsys.readouterr().err
+    assert "bad.npz" in err and "problem" in err
+
+
+def test_validate_ok_exit_zero(tmp_path, capsys):
+    npz = tmp_path / "ok.npz"
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 6), ("val", 2), ("test", 2)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = np.arange(n, dtype=np.uint8) % 2
+    np.savez(npz, **arrays)
+    assert run_cli("validate", str(npz)) == 0
+    assert "OK" in capsys.readouterr().out
