@@ -49,6 +49,16 @@ def _rows_to_csv(rows: list[dict], fields: list[str]) -> str:
     return buf.getvalue()
 
 
+def metric_label(name: str) -> str:
+    """Label name as used in metric keys: lower case, runs of other characters as ``_``.
+
+    ``"Anterior"`` -> ``anterior`` (metric ``dice_anterior``), ``"left kidney"`` -> ``left_kidney``.
+    """
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", str(name).lower()).strip("_") or "label"
+
+
 def _finite(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
@@ -113,7 +123,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     rows: list[dict] = []
     seconds: list[float] = []
     if task == "segmentation":
-        fg = {int(k): v for k, v in names.items() if int(k) != 0}
+        fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
         for case in cases:
             t0 = time.perf_counter()
             out = predict_segmentation_case(model, case, plan, preprocess, device, icfg)

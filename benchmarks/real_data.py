@@ -1,0 +1,98 @@
+"""Real-data benchmark rows (issue 6): the pipeline itself, on ../shared/data, over several seeds.
+
+Each row is one plain Snakemake command (printed), run once per seed into its own results folder;
+this script then reads every ``summary.json`` and ``train.json`` and prints a markdown table of mean
+and standard deviation over seeds (test stage).
+
+    python benchmarks/real_data.py breastmnist --seeds 0 1 2
+    python benchmarks/real_data.py msd_hippocampus --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = (ROOT / ".." / "shared" / "data").resolve()
+ROWS = {
+    "breastmnist": ("config/examples/breastmnist.yaml", DATA / "medmnist",
+                    ["accuracy", "auc", "balanced_accuracy", "f1"]),
+    "adrenalmnist3d": ("config/examples/adrenalmnist3d.yaml", DATA / "medmnist",
+                       ["accuracy", "auc", "balanced_accuracy", "f1"]),
+    "msd_hippocampus": ("config/examples/msd_hippocampus.yaml", DATA / "msd_hippocampus_subset",
+                        ["dice_anterior", "dice_posterior", "dice", "hd95"]),
+}
+
+
+def command(row: str, seed: int, results: Path, extra: list[str]) -> list[str]:
+    cfg, data_root, _ = ROWS[row]
+    return [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", cfg, "--config",
+            f"data_root={data_root}", f"seed={seed}", f"results={results}", *extra]
+
+
+def table(row: str, results_dirs: list[Path]) -> str:
+    metrics = ROWS[row][2]
+    per_model: dict[str, dict[str, list[float]]] = {}
+    for res in results_dirs:
+        summary = json.loads((res / "summary.json").read_text())
+        for ds, d in summary["datasets"].items():
+            for model, m in d["models"].items():
+                rec = json.loads((res / ds / "models" / model / "train.json").read_text())
+                slot = per_model.setdefault(model, {})
+                for k in metrics:
+                    v = m["stages"]["test"]["metrics"].get(k)
+                    if v is not None:
+                        slot.setdefault(k, []).append(float(v))
+                slot.setdefault("params", []).append(rec["params"])
+                slot.setdefault("train_min", []).append(rec["train_seconds"] / 60)
+                slot.setdefault("peak_gb", []).append(rec["peak_memory_mb"] / 1024)
+                slot.setdefault("epochs", []).append(rec["epochs"])
+
+    def fmt(vals: list[float], digits: int = 3) -> str:
+        if not vals:
+            return "n/a"
+        if len(vals) == 1:
+            return f"{vals[0]:.{digits}f}"
+        return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+    head = ["model", *metrics, "params", "train min", "epochs", "peak GB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for model, slot in per_model.items():
+        cells = [model] + [fmt(slot.get(k, [])) for k in metrics]
+        cells += [f"{int(slot['params'][0]):,}", fmt(slot["train_min"], 1), fmt(slot["epochs"], 1),
+                  fmt(slot["peak_gb"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("row", choices=sorted(ROWS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
+    ap.add_argument("--report-only", action="store_true", help="only tabulate existing results")
+    ap.add_argument("extra", nargs="*", help="more snakemake arguments (after --)")
+    args = ap.parse_args()
+    dirs = []
+    for seed in args.seeds:
+        results = args.out / f"{args.row}_seed{seed}"
+        dirs.append(results)
+        cmd = command(args.row, seed, results, args.extra)
+        print("$", shlex.join(cmd), flush=True)
+        if not args.report_only:
+            t0 = time.time()
+            subprocess.run(cmd, cwd=ROOT, check=True)
+            print(f"  seed {seed}: {time.time() - t0:.0f} s", flush=True)
+    print(table(args.row, dirs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

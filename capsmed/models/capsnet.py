@@ -1,0 +1,402 @@
+"""CapsNet (Sabour, Frosst and Hinton 2017) and Efficient-CapsNet (Mazzia et al. 2021), 2D and 3D."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from monai.networks.layers.factories import Act, Conv
+from torch import nn
+
+from capsmed.layers import DenseCapsule, PrimaryCapsule, squash_efficient
+from capsmed.models.base import CapsmedModel, capsule_lengths, plain_tensor
+from capsmed.models.registry import register_model
+
+__all__ = ["CapsNet", "CapsuleDecoder", "EfficientCapsNet"]
+
+logger = logging.getLogger(__name__)
+
+#: CapsNet defaults per spatial_dims: the paper's widths in 2D, narrower in 3D so that 28^3 inputs
+#: train on a laptop CPU (9^3 kernels with 256 channels would cost 48M parameters in one layer).
+_CAPSNET_DEFAULTS: dict[int, dict[str, int]] = {
+    2: {"conv_channels": 256, "primary_capsules": 32},
+    3: {"conv_channels": 32, "primary_capsules": 8},
+}
+
+#: Sabour et al.'s reconstruction weight on the summed squared error of a 28 x 28 image.
+_PAPER_RECON_WEIGHT = 0.0005
+_PAPER_PIXELS = 28 * 28
+
+
+def _paper_reconstruction_weight(image_size: int, spatial_dims: int) -> float:
+    """Return 0.0005 scaled to keep the paper's share of the loss at other input sizes.
+
+    The summed squared error grows with the number of voxels, so 0.0005 (chosen for 784 pixels)
+    is rescaled by ``784 / image_size ** spatial_dims``: exactly 0.0005 for 28 x 28, 1.8e-5 for
+    28^3.
+    """
+    return _PAPER_RECON_WEIGHT * _PAPER_PIXELS / float(image_size**spatial_dims)
+
+
+class CapsuleDecoder(nn.Module):
+    """CapsNet reconstruction MLP: masked class capsules -> the input image.
+
+    ``Linear(C * D, h1) -> ReLU -> Linear(h1, h2) -> ReLU -> Linear(h2, prod(image)) -> act``.
+
+    Args:
+        num_classes: class capsules ``C``.
+        capsule_dim: pose size ``D``.
+        output_shape: ``(in_channels, *S)`` of the reconstruction.
+        hidden: hidden widths (512, 1024 in the paper).
+        activation: ``"sigmoid"`` (paper; images scaled to [0, 1]) or ``None`` (linear output, for
+            z-scored images).
+
+    Raises:
+        ValueError: for an unknown activation or an empty hidden list.
+
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        capsule_dim: int,
+        output_shape: Sequence[int],
+        hidden: Sequence[int] = (512, 1024),
+        activation: str | None = "sigmoid",
+    ) -> None:
+        super().__init__()
+        if activation not in ("sigmoid", None):
+            raise ValueError(f"reconstruction activation must be 'sigmoid' or None; got {activation!r}")
+        if len(hidden) < 1:
+            raise ValueError("decoder hidden widths must list at least one layer")
+        self.output_shape = tuple(int(s) for s in output_shape)
+        widths = [num_classes * capsule_dim, *[int(h) for h in hidden]]
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(w_in, w_out), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(widths[-1], math.prod(self.output_shape)))
+        if activation == "sigmoid":
+            layers.append(nn.Sigmoid())
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, poses: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Reconstruct from the capsule of class ``index`` (the others are masked to zero).
+
+        Args:
+            poses: class capsules ``(B, C, D)``.
+            index: class per sample ``(B,)``.
+
+        Returns:
+            Reconstruction ``(B, *output_shape)``.
+
+        """
+        mask = F.one_hot(index.long(), poses.shape[1]).to(poses.dtype)  # (B, C)
+        masked = (poses * mask.unsqueeze(-1)).flatten(1)  # (B, C * D)
+        return self.mlp(masked).view(poses.shape[0], *self.output_shape)
+
+
+def _target_index(target: torch.Tensor | None, lengths: torch.Tensor) -> torch.Tensor:
+    """Class per sample ``(B,)`` from a target (indices / one-hot) or, without one, the longest."""
+    if target is None:
+        return lengths.argmax(dim=1)
+    target = plain_tensor(target)
+    batch, classes = lengths.shape
+    if target.dim() == 2 and target.shape == (batch, classes) and classes > 1:
+        target = target.argmax(dim=1)
+    elif target.dim() == 2 and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.shape != (batch,):
+        raise ValueError(
+            f"target must be class indices ({batch},) or one-hot ({batch}, {classes}); "
+            f"got shape {tuple(target.shape)}"
+        )
+    index = target.long().to(lengths.device)
+    if index.numel() and (index.min() < 0 or index.max() >= classes):
+        raise ValueError(f"target class indices must lie in [0, {classes})")
+    return index
+
+
+class _CapsuleClassifier(CapsmedModel):
+    """Shared behaviour of capsule classifiers: lengths as scores, a masked decoder."""
+
+    task = "classification"
+    output_kind = "lengths"
+    fixed_size = True
+    has_decoder = True
+    decoder: CapsuleDecoder
+
+    def class_capsules(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Return the class capsules ``(B, C, D)``."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return class-capsule lengths.
+
+        Args:
+            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
+
+        Returns:
+            Lengths ``(B, out_channels)`` in [0, 1).
+
+        """
+        return capsule_lengths(self.class_capsules(x))
+
+    def forward_train(
+        self, x: torch.Tensor, target: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Return scores, poses and the reconstruction from the true (or longest) capsule.
+
+        Args:
+            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
+            target: class indices ``(B,)`` (or one-hot ``(B, C)``); None feeds the decoder the
+                longest capsule.
+
+        Returns:
+            ``{"scores": lengths (B, C), "lengths": (B, C), "poses": (B, C, D),
+            "reconstruction": (B, in_channels, *S)}``.
+
+        Raises:
+            ValueError: when the target shape or values do not fit.
+
+        """
+        poses = self.class_capsules(x)
+        lengths = capsule_lengths(poses)
+        recon = self.decoder(poses, _target_index(target, lengths))
+        return {"scores": lengths, "lengths": lengths, "poses": poses, "reconstruction": recon}
+
+    def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return ``{"lengths": (B, C), "reconstruction": (B, in_channels, *S)}`` (winning capsule).
+
+        Args:
+            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
+
+        Returns:
+            The lengths and the reconstruction from the longest capsule.
+
+        """
+        out = self.forward_train(x, None)
+        return {"lengths": out["lengths"], "reconstruction": out["reconstruction"]}
+
+
+@register_model("capsnet")
+class CapsNet(_CapsuleClassifier):
+    """CapsNet with dynamic routing (Sabour et al. 2017) for small fixed-size images, 2D and 3D.
+
+    ``Conv(k, stride 1) + ReLU -> PrimaryCapsule(k, stride 2, squash) -> flatten capsules ->
+    DenseCapsule(class capsules, dynamic routing) -> lengths``; a decoder MLP reconstructs the input
+    from the class capsules with all but one masked (the true class in training, the longest
+    otherwise). With the 2D defaults on 28 x 28 inputs this is the paper's network: 256 9x9 filters,
+    32 x 6 x 6 primary capsules of 8D, 16D class capsules, 3 routing iterations, decoder
+    (512, 1024, 784) with a sigmoid. In 3D the defaults are narrower (32 filters, 8 primary capsule
+    types) to stay trainable on a CPU.
+
+    Scores are capsule lengths ``(B, C)`` in [0, 1), not logits.
+
+    Shapes: ``(B, in_channels, *[image_size] * spatial_dims) -> (B, out_channels)``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: number of classes.
+        image_size: input size in every axis; at least ``2 * kernel_size - 1``.
+        conv_channels: filters of the first convolution (default 256 in 2D, 32 in 3D).
+        kernel_size: kernel of the convolution and of the primary capsules (9).
+        primary_capsules: primary capsule types (default 32 in 2D, 8 in 3D).
+        primary_dim: primary capsule size (8).
+        class_dim: class capsule size (16).
+        routing_iterations: dynamic routing iterations (3).
+        decoder_hidden: hidden widths of the decoder MLP ((512, 1024)).
+        reconstruction_activation: ``"sigmoid"`` (inputs in [0, 1]) or None (linear).
+
+    Raises:
+        ValueError: when a size or width is out of range.
+
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        image_size: int = 28,
+        conv_channels: int | None = None,
+        kernel_size: int = 9,
+        primary_capsules: int | None = None,
+        primary_dim: int = 8,
+        class_dim: int = 16,
+        routing_iterations: int = 3,
+        decoder_hidden: Sequence[int] = (512, 1024),
+        reconstruction_activation: str | None = "sigmoid",
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels)
+        defaults = _CAPSNET_DEFAULTS[spatial_dims]
+        conv_channels = defaults["conv_channels"] if conv_channels is None else conv_channels
+        primary_capsules = (
+            defaults["primary_capsules"] if primary_capsules is None else primary_capsules
+        )
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1; got {kernel_size}")
+        if image_size < 2 * kernel_size - 1:
+            raise ValueError(
+                f"image_size must be >= 2 * kernel_size - 1 = {2 * kernel_size - 1} for the "
+                f"convolution and the primary capsules; got {image_size}"
+            )
+        for key, value in (
+            ("conv_channels", conv_channels),
+            ("primary_capsules", primary_capsules),
+            ("primary_dim", primary_dim),
+            ("class_dim", class_dim),
+            ("routing_iterations", routing_iterations),
+        ):
+            if value < 1:
+                raise ValueError(f"{key} must be >= 1; got {value}")
+        self.image_size = int(image_size)
+        self.loss_defaults = {
+            "reconstruction_weight": _paper_reconstruction_weight(self.image_size, spatial_dims)
+        }
+        conv_size = self.image_size - kernel_size + 1
+        primary_size = (conv_size - kernel_size) // 2 + 1
+        self.num_primary = primary_capsules * primary_size**spatial_dims
+        self.conv = Conv[Conv.CONV, spatial_dims](in_channels, conv_channels, kernel_size)
+        self.act = Act[Act.RELU](inplace=True)
+        self.primary = PrimaryCapsule(
+            spatial_dims, conv_channels, primary_capsules, primary_dim, kernel_size=kernel_size,
+            stride=2,
+        )
+        self.digits = DenseCapsule(
+            self.num_primary, primary_dim, out_channels, class_dim,
+            routing_iterations=routing_iterations,
+        )
+        self.decoder = CapsuleDecoder(
+            out_channels, class_dim, (in_channels,) + (self.image_size,) * spatial_dims,
+            decoder_hidden, reconstruction_activation,
+        )
+
+    def class_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the class capsules.
+
+        Args:
+            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
+
+        Returns:
+            Class capsule poses ``(B, out_channels, class_dim)``.
+
+        """
+        self.check_input(x)
+        x = plain_tensor(x)  # class scores carry no image metadata
+        primary = self.primary(self.act(self.conv(x)))  # (B, P, Dp, *S')
+        batch, types, dim = primary.shape[:3]
+        primary = primary.reshape(batch, types, dim, -1).transpose(2, 3).reshape(batch, -1, dim)
+        return self.digits(primary)
+
+
+@register_model("efficient_capsnet")
+class EfficientCapsNet(_CapsuleClassifier):
+    """Efficient-CapsNet (Mazzia, Salvetti and Chiaberge 2021): self-attention routing, 2D and 3D.
+
+    Four convolutions with batch norm and ReLU (5, 3, 3, 3 / stride 2, no padding; 32, 64, 64, 128
+    filters) -> depthwise convolution spanning the remaining grid -> reshape into 16 primary
+    capsules of 8D -> ``squash_efficient`` -> class capsules by one-pass self-attention routing
+    (``DenseCapsule(routing="attention", bias=True)``) -> lengths. On 28 x 28 MNIST with 10 classes
+    the network without decoder has about 161K parameters, as in the paper. The decoder MLP
+    (512, 1024, prod(input), sigmoid) reconstructs the input from the masked class capsules.
+
+    Scores are capsule lengths ``(B, C)`` in [0, 1), not logits.
+
+    Shapes: ``(B, in_channels, *[image_size] * spatial_dims) -> (B, out_channels)``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: number of classes.
+        image_size: input size in every axis, >= 11.
+        conv_channels: filters of the four convolutions; the last must equal
+            ``primary_capsules * primary_dim``.
+        primary_capsules: primary capsules (16).
+        primary_dim: primary capsule size (8).
+        class_dim: class capsule size (16).
+        decoder_hidden: hidden widths of the decoder MLP ((512, 1024)).
+        reconstruction_activation: ``"sigmoid"`` (inputs in [0, 1]) or None (linear).
+
+    Raises:
+        ValueError: when a size or width is out of range or the widths do not fit together.
+
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        image_size: int = 28,
+        conv_channels: Sequence[int] = (32, 64, 64, 128),
+        primary_capsules: int = 16,
+        primary_dim: int = 8,
+        class_dim: int = 16,
+        decoder_hidden: Sequence[int] = (512, 1024),
+        reconstruction_activation: str | None = "sigmoid",
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels)
+        if len(conv_channels) != 4:
+            raise ValueError(f"conv_channels must list 4 widths; got {tuple(conv_channels)}")
+        if primary_capsules < 1 or primary_dim < 1 or class_dim < 1:
+            raise ValueError("primary_capsules, primary_dim and class_dim must be >= 1")
+        if conv_channels[-1] != primary_capsules * primary_dim:
+            raise ValueError(
+                f"the last conv_channels entry must equal primary_capsules * primary_dim = "
+                f"{primary_capsules * primary_dim}; got {conv_channels[-1]}"
+            )
+        if image_size < 11:
+            raise ValueError(f"image_size must be >= 11; got {image_size}")
+        self.image_size = int(image_size)
+        self.loss_defaults = {
+            "reconstruction_weight": _paper_reconstruction_weight(self.image_size, spatial_dims)
+        }
+        kernels, strides = (5, 3, 3, 3), (1, 1, 1, 2)
+        blocks: list[nn.Module] = []
+        size, c_in = self.image_size, in_channels
+        for c_out, k, s in zip(conv_channels, kernels, strides, strict=True):
+            blocks.append(
+                Convolution(
+                    spatial_dims, c_in, int(c_out), strides=s, kernel_size=k, padding=0,
+                    act="RELU", norm="BATCH",
+                )
+            )
+            size, c_in = (size - k) // s + 1, int(c_out)
+        self.features = nn.Sequential(*blocks)
+        self.grid_size = size
+        # Depthwise convolution over the whole remaining grid: one value per channel.
+        self.primary = Conv[Conv.CONV, spatial_dims](c_in, c_in, kernel_size=size, groups=c_in)
+        self.primary_capsules = primary_capsules
+        self.primary_dim = primary_dim
+        self.digits = DenseCapsule(
+            primary_capsules, primary_dim, out_channels, class_dim, routing="attention", bias=True
+        )
+        self.decoder = CapsuleDecoder(
+            out_channels, class_dim, (in_channels,) + (self.image_size,) * spatial_dims,
+            decoder_hidden, reconstruction_activation,
+        )
+
+    def class_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the class capsules.
+
+        Args:
+            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
+
+        Returns:
+            Class capsule poses ``(B, out_channels, class_dim)``.
+
+        """
+        self.check_input(x)
+        x = plain_tensor(x)  # class scores carry no image metadata
+        primary = self.primary(self.features(x))  # (B, P * Dp, 1, ...)
+        primary = primary.reshape(x.shape[0], self.primary_capsules, self.primary_dim)
+        return self.digits(squash_efficient(primary, dim=-1))
+
+    def backbone_parameters(self) -> int:
+        """Return the parameters without the decoder (the paper's 161K on MNIST)."""
+        return self.num_parameters() - sum(p.numel() for p in self.decoder.parameters())
