@@ -10,6 +10,7 @@ rule evaluate:
     log:
         f"{RESULTS}/{{dataset}}/logs/evaluate_{{model}}_{{stage}}.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
         digest=eval_digest,
     conda:
@@ -22,5 +23,5 @@ rule evaluate:
         runtime=120,
         cpus_per_task=config["threads"],
     shell:
-        "{CAPSMED} --log {log} evaluate -c {params.config} -d {wildcards.dataset} "
+        "{params.capsmed} --log {log} evaluate -c {params.config} -d {wildcards.dataset} "
         "-m {wildcards.model} -s {wildcards.stage} --threads {threads}"

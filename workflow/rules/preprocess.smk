@@ -7,6 +7,7 @@ rule prepare:
     log:
         f"{RESULTS}/{{dataset}}/logs/prepare.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
         digest=dataset_digest,
     conda:
@@ -15,7 +16,7 @@ rule prepare:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{CAPSMED} --log {log} prepare -c {params.config} -d {wildcards.dataset}"
+        "{params.capsmed} --log {log} prepare -c {params.config} -d {wildcards.dataset}"
 
 
 rule preprocess:
@@ -27,6 +28,7 @@ rule preprocess:
     log:
         f"{RESULTS}/{{dataset}}/logs/preprocess.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
         digest=lambda w: dataset_digest(w) + "-" + ",".join(models_of(w)),
     conda:
@@ -37,7 +39,7 @@ rule preprocess:
         mem_mb=8000,
         runtime=60,
     shell:
-        "{CAPSMED} --log {log} preprocess -c {params.config} -d {wildcards.dataset}"
+        "{params.capsmed} --log {log} preprocess -c {params.config} -d {wildcards.dataset}"
 
 
 rule split:
@@ -48,9 +50,10 @@ rule split:
     log:
         f"{RESULTS}/{{dataset}}/logs/split.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
         digest=dataset_digest,
     conda:
         "../../environment.yml"
     shell:
-        "{CAPSMED} --log {log} split -c {params.config} -d {wildcards.dataset}"
+        "{params.capsmed} --log {log} split -c {params.config} -d {wildcards.dataset}"

@@ -17,11 +17,12 @@ rule report_stage:
     log:
         f"{RESULTS}/{{dataset}}/logs/report_{{model}}_{{stage}}.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
     conda:
         "../../environment.yml"
     shell:
-        "{CAPSMED} --log {log} report -c {params.config} -d {wildcards.dataset} "
+        "{params.capsmed} --log {log} report -c {params.config} -d {wildcards.dataset} "
         "-m {wildcards.model} -s {wildcards.stage}"
 
 
@@ -34,11 +35,12 @@ rule report_studies:
     log:
         f"{RESULTS}/{{dataset}}/logs/report_{{model}}_studies.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
     conda:
         "../../environment.yml"
     shell:
-        "{CAPSMED} --log {log} report-studies -c {params.config} -d {wildcards.dataset} "
+        "{params.capsmed} --log {log} report-studies -c {params.config} -d {wildcards.dataset} "
         "-m {wildcards.model}"
 
 
@@ -66,11 +68,12 @@ rule report_dataset:
     log:
         f"{RESULTS}/{{dataset}}/logs/report_dataset.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
     conda:
         "../../environment.yml"
     shell:
-        "{CAPSMED} --log {log} report-dataset -c {params.config} -d {wildcards.dataset}"
+        "{params.capsmed} --log {log} report-dataset -c {params.config} -d {wildcards.dataset}"
 
 
 rule summarize:
@@ -99,8 +102,9 @@ rule summarize:
     log:
         f"{RESULTS}/logs/summarize.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
     conda:
         "../../environment.yml"
     shell:
-        "{CAPSMED} --log {log} summarize -c {params.config}"
+        "{params.capsmed} --log {log} summarize -c {params.config}"

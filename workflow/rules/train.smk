@@ -11,6 +11,7 @@ rule train:
     log:
         f"{RESULTS}/{{dataset}}/logs/train_{{model}}.log",
     params:
+        capsmed=CAPSMED,
         config=CONFIG_FILE,
         digest=train_digest,
     conda:
@@ -24,5 +25,5 @@ rule train:
         cpus_per_task=config["threads"],
         gpu=config["gpus"],
     shell:
-        "{CAPSMED} --log {log} train -c {params.config} -d {wildcards.dataset} "
+        "{params.capsmed} --log {log} train -c {params.config} -d {wildcards.dataset} "
         "-m {wildcards.model} --threads {threads}"
