@@ -1,0 +1,20 @@
+"""Capsule layers: squashing, routing, and primary / dense / convolutional / transposed capsules.
+
+Tensor layout: capsules ``(B, capsules, dim, *spatial)``; dense capsules ``(B, capsules, dim)``;
+votes ``(B, I, J, D, *spatial)``.
+"""
+
+from capsmed.layers.capsules import ConvCapsule, ConvTransposeCapsule, DenseCapsule, PrimaryCapsule
+from capsmed.layers.routing import attention_routing, dynamic_routing
+from capsmed.layers.squash import squash, squash_efficient
+
+__all__ = [
+    "ConvCapsule",
+    "ConvTransposeCapsule",
+    "DenseCapsule",
+    "PrimaryCapsule",
+    "attention_routing",
+    "dynamic_routing",
+    "squash",
+    "squash_efficient",
+]
