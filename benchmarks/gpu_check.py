@@ -48,7 +48,7 @@ def run_case(name, dims, cin, cout, size, batch, task, steps, device):
             loss = loss_fn(out, y, x)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     for _ in range(3):
         losses.append(step())

@@ -126,3 +126,24 @@ def test_config_readme_documents_every_schema_key(repo_root):
     collect(schema)
     documented = set(re.findall(r"\| `(?:[A-Za-z_.]+\.)?([a-z_0-9]+)` \|", text))
     assert names <= documented, sorted(names - documented)
+
+
+def test_schema_properties_are_well_formed(repo_root):
+    """Every property has a description and only JSON Schema keywords (a YAML flow mapping with
+    an unquoted comma would silently add junk keywords)."""
+    schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    keywords = {"type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum",
+                "exclusiveMaximum", "items", "minItems", "maxItems", "properties", "required",
+                "additionalProperties", "$ref", "propertyNames", "minProperties", "pattern"}
+
+    def check(props, where, overlay=False):
+        for name, sub in props.items():
+            assert set(sub) <= keywords, f"{where}.{name}: {set(sub) - keywords}"
+            if not overlay:  # default-only overlays of a $ref'd block carry no description
+                assert "description" in sub, f"{where}.{name} has no description"
+            if "properties" in sub:
+                check(sub["properties"], f"{where}.{name}", overlay="$ref" in sub)
+
+    check(schema["properties"], "top")
+    for name, sub in schema["$defs"].items():
+        check(sub.get("properties", {}), name)

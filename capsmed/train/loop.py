@@ -411,6 +411,10 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
                     val_metric, best_metric, best_epoch, seconds)
         if _EPOCH_SLEEP:  # test hook: widen the window in which a test kills training
             time.sleep(_EPOCH_SLEEP)
+        if tcfg.get("max_minutes") and train_seconds >= 60 * tcfg["max_minutes"]:
+            logger.info("%s/%s: time budget of %s min used after %d epochs", dataset,
+                        model_name, tcfg["max_minutes"], epoch)
+            break
         if tcfg["patience"] and bad_epochs >= tcfg["patience"]:
             logger.info("%s/%s: early stop after %d epochs without improvement",
                         dataset, model_name, bad_epochs)
