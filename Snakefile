@@ -1,6 +1,6 @@
 # capsmed: capsule networks for medical image segmentation and classification.
 #
-#   snakemake                        # the built-in demo, profile workflow/profiles/default
+#   snakemake --profile workflow/profiles/default   # the built-in demo (what `make demo` runs)
 #   snakemake --configfile config/examples/msd_hippocampus.yaml --config data_root=...
 #   snakemake --profile workflow/profiles/slurm   # on a SLURM cluster
 #

@@ -19,8 +19,8 @@ rule evaluate:
         f"{RESULTS}/{{dataset}}/benchmarks/evaluate_{{model}}_{{stage}}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=config["resources"]["evaluate_mem_mb"],
+        runtime=config["resources"]["evaluate_runtime"],
         cpus_per_task=config["threads"],
     shell:
         "{params.capsmed} --log {log} evaluate -c {params.config} -d {wildcards.dataset} "

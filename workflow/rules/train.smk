@@ -20,8 +20,8 @@ rule train:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{model}}.tsv"
     threads: config["threads"]
     resources:
-        mem_mb=16000,
-        runtime=240,
+        mem_mb=config["resources"]["train_mem_mb"],
+        runtime=config["resources"]["train_runtime"],
         cpus_per_task=config["threads"],
         gpu=config["gpus"],
     shell:
