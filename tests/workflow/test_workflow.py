@@ -87,6 +87,13 @@ def test_tiny_demo_end_to_end(repo_root, tmp_path):
     for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece"):
         assert key in cls["models"]["capsnet"]["stages"]["test"]["metrics"]
     assert (results / "index.html").is_file()
+    # snakemake --report bundles the reports into one offline HTML file
+    rep = _run(["--snakefile", str(repo_root / "Snakefile"), "--directory", str(tmp_path),
+                "--configfile", str(repo_root / "tests/workflow/tiny_config.yaml"),
+                "--config", "results=results", "--report", str(tmp_path / "report.html")],
+               cwd=tmp_path, timeout=300)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    assert (tmp_path / "report.html").stat().st_size > 10_000
     # a second run has nothing to do
     again = _run(["--snakefile", str(repo_root / "Snakefile"), "--directory", str(tmp_path),
                   "--configfile", str(repo_root / "tests/workflow/tiny_config.yaml"),
