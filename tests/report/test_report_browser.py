@@ -7,6 +7,7 @@ Needs the Debian packages ``chromium`` (and ``chromium-driver`` for other tools)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
+if CHROMIUM is None and os.environ.get("CAPSMED_REQUIRE_BROWSER") == "1":  # CI: never skip
+    raise RuntimeError("CAPSMED_REQUIRE_BROWSER=1 but Chromium is not installed")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium is not installed (run .ci/install_browser.sh)")
 
