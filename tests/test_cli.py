@@ -62,3 +62,23 @@ def test_validate_ok_exit_zero(tmp_path, capsys):
     np.savez(npz, **arrays)
     assert run_cli("validate", str(npz)) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_bad_dataset_stops_prepare_with_message_on_console_and_in_log(tmp_path, capsys):
+    """The workflow's first rule: one line per problem, on stderr and in the rule's log."""
+    import yaml
+
+    (tmp_path / "data").mkdir()
+    manifest = tmp_path / "data" / "manifest.csv"
+    manifest.write_text("case_id,image,label\nc1,missing_image.nii.gz,missing_label.nii.gz\n")
+    cfg = {"results": str(tmp_path / "results"),
+           "datasets": {"bad": {"source": "csv", "task": "segmentation", "path": str(manifest),
+                                "labels": {"0": "background", "1": "lesion"}}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "prepare.log"
+    assert run_cli("--log", str(log), "prepare", "-c", str(path), "-d", "bad") == 2
+    err = capsys.readouterr().err
+    assert "missing_image.nii.gz" in err and "Traceback" not in err
+    assert "missing_image.nii.gz" in log.read_text()
+    assert not (tmp_path / "results" / "bad" / "data" / "cases.json").exists()

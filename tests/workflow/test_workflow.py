@@ -100,3 +100,40 @@ def test_tiny_demo_end_to_end(repo_root, tmp_path):
                   "--cores", "2", "--config", "results=results"], cwd=tmp_path, timeout=300)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_same_command(repo_root, tmp_path):
+    """SIGKILL the whole Snakemake run during training; `make demo`'s commands finish it."""
+    import signal
+    import time
+
+    import yaml
+
+    cfg = yaml.safe_load((repo_root / "tests/workflow/tiny_config.yaml").read_text())
+    cfg["datasets"] = {"demo_cls2d": cfg["datasets"]["demo_cls2d"]}
+    cfg["datasets"]["demo_cls2d"]["models"] = ["seed_cnn"]
+    cfg["datasets"]["demo_cls2d"]["train"]["epochs"] = 3
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    args = ["--snakefile", str(repo_root / "Snakefile"), "--directory", str(tmp_path),
+            "--configfile", str(config), "--profile", str(repo_root / "workflow/profiles/default"),
+            "--config", "results=results"]
+    env = {**os.environ, "CAPSMED_TEST_EPOCH_SLEEP": "4"}
+    proc = subprocess.Popen(SNAKEMAKE + args, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history = tmp_path / "results/demo_cls2d/models/seed_cnn/history.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and not history.is_file():
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert history.is_file() and not (history.parent / "train.json").exists()
+    # what `make demo` runs: unlock a stale lock, then the same command
+    _run(["--unlock"] + args, cwd=tmp_path, timeout=120)
+    res = _run(args, cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = tmp_path / "results/demo_cls2d/logs/train_seed_cnn.log"
+    assert "resuming after epoch" in log.read_text()
+    summary = json.loads((tmp_path / "results/summary.json").read_text())
+    assert "test" in summary["datasets"]["demo_cls2d"]["models"]["seed_cnn"]["stages"]
