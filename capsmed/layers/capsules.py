@@ -39,6 +39,20 @@ def _check_input(x: torch.Tensor, capsules: int, dim: int, spatial_dims: int | N
         )
 
 
+def _check_window(
+    spatial_dims: int,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Return ``(kernel_size, stride, padding)`` as per-dim tuples; kernel, stride >= 1, padding >= 0."""
+    return (
+        check_size("kernel_size", kernel_size, spatial_dims, 1),
+        check_size("stride", stride, spatial_dims, 1),
+        check_size("padding", padding, spatial_dims, 0),
+    )
+
+
 class PrimaryCapsule(nn.Module):
     """Primary capsules: one convolution whose channels are grouped into capsules (Sabour et al.).
 
@@ -77,9 +91,7 @@ class PrimaryCapsule(nn.Module):
         self.in_channels = check_int("in_channels", in_channels, 1)
         self.capsules = check_int("capsules", capsules, 1)
         self.capsule_dim = check_int("capsule_dim", capsule_dim, 1)
-        kernel_size = check_size("kernel_size", kernel_size, self.spatial_dims, 1)
-        stride = check_size("stride", stride, self.spatial_dims, 1)
-        padding = check_size("padding", padding, self.spatial_dims, 0)
+        kernel_size, stride, padding = _check_window(self.spatial_dims, kernel_size, stride, padding)
         if squash is not True and squash is not False and squash != "efficient":
             raise ValueError(f"squash must be True, False or 'efficient', got {squash!r}")
         self.squash = squash
@@ -250,9 +262,7 @@ class _ConvCapsuleBase(nn.Module):
         self.in_dim = check_int("in_dim", in_dim, 1)
         self.out_capsules = check_int("out_capsules", out_capsules, 1)
         self.out_dim = check_int("out_dim", out_dim, 1)
-        kernel_size = check_size("kernel_size", kernel_size, self.spatial_dims, 1)
-        stride = check_size("stride", stride, self.spatial_dims, 1)
-        padding = check_size("padding", padding, self.spatial_dims, 0)
+        kernel_size, stride, padding = _check_window(self.spatial_dims, kernel_size, stride, padding)
         self.routing_iterations = check_int("routing_iterations", routing_iterations, 1)
         self.agreement = check_choice("agreement", agreement, AGREEMENTS)
         self.shared_votes = check_bool("shared_votes", shared_votes)

@@ -82,6 +82,35 @@ class _TermsLoss(nn.Module):
             raise RuntimeError("loss has no terms")
         return total
 
+    def _set_capsule_weights(self, margin_weight: float, reconstruction: nn.Module | None) -> None:
+        """Keep the margin-loss scale and the (already weighted) reconstruction loss or None."""
+        self.margin_weight = margin_weight
+        self.reconstruction = reconstruction
+
+    def _add_reconstruction(
+        self,
+        terms: dict[str, torch.Tensor],
+        outputs: dict[str, torch.Tensor],
+        image: torch.Tensor,
+        *label: torch.Tensor,
+    ) -> None:
+        """Add ``terms["reconstruction"]`` when the loss has a reconstruction term.
+
+        Args:
+            terms: the weighted terms so far, updated in place.
+            outputs: model outputs with ``"reconstruction"`` ``(B, C_in, *S)``.
+            image: input batch ``(B, C_in, *S)``, the reconstruction target.
+            *label: label map ``(B, 1, *S)`` for masked reconstruction losses; none otherwise.
+
+        Raises:
+            ValueError: when the outputs lack ``"reconstruction"``.
+
+        """
+        if self.reconstruction is not None:
+            terms["reconstruction"] = self.reconstruction(
+                _require(outputs, "reconstruction"), _plain(image), *label
+            )
+
 
 def _scores(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     if "scores" not in outputs:
@@ -174,8 +203,7 @@ class CapsuleClassificationLoss(_TermsLoss):
     ) -> None:
         super().__init__()
         self.margin = margin
-        self.margin_weight = margin_weight
-        self.reconstruction = reconstruction
+        self._set_capsule_weights(margin_weight, reconstruction)
 
     def forward(
         self, outputs: dict[str, torch.Tensor], target: torch.Tensor, image: torch.Tensor
@@ -196,9 +224,7 @@ class CapsuleClassificationLoss(_TermsLoss):
         if target.dim() == 2 and target.shape[1] == 1 and lengths.shape[1] != 1:
             target = target[:, 0]
         terms = {"margin": self.margin_weight * self.margin(lengths, target)}
-        if self.reconstruction is not None:
-            recon = _require(outputs, "reconstruction")
-            terms["reconstruction"] = self.reconstruction(recon, _plain(image))
+        self._add_reconstruction(terms, outputs, image)
         return self._total(terms)
 
 
@@ -228,8 +254,7 @@ class SegmentationLoss(_TermsLoss):
             to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight
         )
         self.coarse_margin = coarse_margin
-        self.margin_weight = margin_weight
-        self.reconstruction = reconstruction
+        self._set_capsule_weights(margin_weight, reconstruction)
 
     def forward(
         self, outputs: dict[str, torch.Tensor], target: torch.Tensor, image: torch.Tensor
@@ -254,10 +279,7 @@ class SegmentationLoss(_TermsLoss):
             one_hot = as_one_hot(label, logits)
             coarse_target = F.interpolate(one_hot, size=tuple(coarse.shape[2:]), mode="area")
             terms["margin"] = self.margin_weight * self.coarse_margin(coarse, coarse_target)
-        if self.reconstruction is not None:
-            terms["reconstruction"] = self.reconstruction(
-                _require(outputs, "reconstruction"), _plain(image), label
-            )
+        self._add_reconstruction(terms, outputs, image, label)
         return self._total(terms)
 
 
@@ -285,8 +307,7 @@ class CapsuleSegmentationLoss(_TermsLoss):
         self.dice_weight = dice_weight
         self.dice = DiceLoss(to_onehot_y=True)
         self.margin = margin
-        self.margin_weight = margin_weight
-        self.reconstruction = reconstruction
+        self._set_capsule_weights(margin_weight, reconstruction)
 
     def forward(
         self, outputs: dict[str, torch.Tensor], target: torch.Tensor, image: torch.Tensor
@@ -309,10 +330,7 @@ class CapsuleSegmentationLoss(_TermsLoss):
             terms["dice"] = self.dice_weight * self.dice(lengths, label)
         if self.margin_weight > 0:
             terms["margin"] = self.margin_weight * self.margin(lengths, label)
-        if self.reconstruction is not None:
-            terms["reconstruction"] = self.reconstruction(
-                _require(outputs, "reconstruction"), _plain(image), label
-            )
+        self._add_reconstruction(terms, outputs, image, label)
         return self._total(terms)
 
 

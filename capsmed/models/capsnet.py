@@ -129,8 +129,40 @@ class _CapsuleClassifier(CapsmedModel):
     has_decoder = True
     decoder: CapsuleDecoder
 
-    def class_capsules(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        """Return the class capsules ``(B, C, D)``."""
+    def _set_image_size(self, image_size: int) -> None:
+        """Store ``image_size`` and the paper's reconstruction weight rescaled to it."""
+        self.image_size = int(image_size)
+        self.loss_defaults = {
+            "reconstruction_weight": _paper_reconstruction_weight(self.image_size, self.spatial_dims)
+        }
+
+    def _make_decoder(
+        self,
+        class_dim: int,
+        decoder_hidden: Sequence[int],
+        reconstruction_activation: str | None,
+    ) -> CapsuleDecoder:
+        """Return the decoder from ``(B, out_channels, class_dim)`` to ``(B, in_channels, *S)``."""
+        return CapsuleDecoder(
+            self.out_channels, class_dim, (self.in_channels,) + (self.image_size,) * self.spatial_dims,
+            decoder_hidden, reconstruction_activation,
+        )
+
+    def class_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the class capsules.
+
+        Args:
+            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
+
+        Returns:
+            Class capsule poses ``(B, out_channels, class_dim)``.
+
+        """
+        self.check_input(x)
+        return self._class_capsules(plain_tensor(x))  # class scores carry no image metadata
+
+    def _class_capsules(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Return the class capsules ``(B, C, D)`` of a checked plain tensor ``x``."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,10 +286,7 @@ class CapsNet(_CapsuleClassifier):
         ):
             if value < 1:
                 raise ValueError(f"{key} must be >= 1; got {value}")
-        self.image_size = int(image_size)
-        self.loss_defaults = {
-            "reconstruction_weight": _paper_reconstruction_weight(self.image_size, spatial_dims)
-        }
+        self._set_image_size(image_size)
         conv_size = self.image_size - kernel_size + 1
         primary_size = (conv_size - kernel_size) // 2 + 1
         self.num_primary = primary_capsules * primary_size**spatial_dims
@@ -271,23 +300,10 @@ class CapsNet(_CapsuleClassifier):
             self.num_primary, primary_dim, out_channels, class_dim,
             routing_iterations=routing_iterations,
         )
-        self.decoder = CapsuleDecoder(
-            out_channels, class_dim, (in_channels,) + (self.image_size,) * spatial_dims,
-            decoder_hidden, reconstruction_activation,
-        )
+        self.decoder = self._make_decoder(class_dim, decoder_hidden, reconstruction_activation)
 
-    def class_capsules(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the class capsules.
-
-        Args:
-            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
-
-        Returns:
-            Class capsule poses ``(B, out_channels, class_dim)``.
-
-        """
-        self.check_input(x)
-        x = plain_tensor(x)  # class scores carry no image metadata
+    def _class_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv -> primary capsules -> dynamic routing: ``(B, C_in, *S) -> (B, C, class_dim)``."""
         primary = self.primary(self.act(self.conv(x)))  # (B, P, Dp, *S')
         batch, types, dim = primary.shape[:3]
         primary = primary.reshape(batch, types, dim, -1).transpose(2, 3).reshape(batch, -1, dim)
@@ -352,10 +368,7 @@ class EfficientCapsNet(_CapsuleClassifier):
             )
         if image_size < 11:
             raise ValueError(f"image_size must be >= 11; got {image_size}")
-        self.image_size = int(image_size)
-        self.loss_defaults = {
-            "reconstruction_weight": _paper_reconstruction_weight(self.image_size, spatial_dims)
-        }
+        self._set_image_size(image_size)
         kernels, strides = (5, 3, 3, 3), (1, 1, 1, 2)
         blocks: list[nn.Module] = []
         size, c_in = self.image_size, in_channels
@@ -376,23 +389,10 @@ class EfficientCapsNet(_CapsuleClassifier):
         self.digits = DenseCapsule(
             primary_capsules, primary_dim, out_channels, class_dim, routing="attention", bias=True
         )
-        self.decoder = CapsuleDecoder(
-            out_channels, class_dim, (in_channels,) + (self.image_size,) * spatial_dims,
-            decoder_hidden, reconstruction_activation,
-        )
+        self.decoder = self._make_decoder(class_dim, decoder_hidden, reconstruction_activation)
 
-    def class_capsules(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the class capsules.
-
-        Args:
-            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
-
-        Returns:
-            Class capsule poses ``(B, out_channels, class_dim)``.
-
-        """
-        self.check_input(x)
-        x = plain_tensor(x)  # class scores carry no image metadata
+    def _class_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Features -> primary capsules -> attention routing: ``(B, C_in, *S) -> (B, C, class_dim)``."""
         primary = self.primary(self.features(x))  # (B, P * Dp, 1, ...)
         primary = primary.reshape(x.shape[0], self.primary_capsules, self.primary_dim)
         return self.digits(squash_efficient(primary, dim=-1))
