@@ -137,3 +137,14 @@ def test_killed_run_resumes_with_the_same_command(repo_root, tmp_path):
     assert "resuming after epoch" in log.read_text()
     summary = json.loads((tmp_path / "results/summary.json").read_text())
     assert "test" in summary["datasets"]["demo_cls2d"]["models"]["seed_cnn"]["stages"]
+
+
+def test_configfile_replaces_the_demo_config(repo_root, tmp_path):
+    """--configfile runs the user's datasets only (Snakemake would merge them into the demo's)."""
+    res = _run(["-n", "--snakefile", str(repo_root / "Snakefile"), "--directory", str(repo_root),
+                "--configfile", str(repo_root / "config/examples/breastmnist.yaml"),
+                "--config", "data_root=/data", f"results={tmp_path}/results", "--cores", "1"],
+               cwd=repo_root, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert "breastmnist" in out and "demo_seg3d" not in out and "demo_cls2d" not in out
