@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``capsmed``; returns the exit status."""
+    # Before torch loads OpenMP: threads that wait passively instead of spinning. Snakemake runs
+    # several jobs on the same cores, and spinning threads then slow every job down many times
+    # (see BENCHMARKS.md, capsule layers). Set OMP_WAIT_POLICY yourself to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose, args.log)
