@@ -95,6 +95,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         configure_threads,
         peak_memory_mb,
         select_device,
+        sha256_file,
     )
 
     if stage not in ("train", "val", "test"):
@@ -209,11 +210,8 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         "cost": {"inference_seconds_per_case": round(float(np.mean(seconds)), 4) if seconds
                  else None, "peak_memory_mb": round(peak_memory_mb(device), 1),
                  "device": str(device)},
-        "checkpoint_sha256": None, **extra,
+        "checkpoint_sha256": sha256_file(ckpt_path), **extra,
     }
-    from capsmed.train.runtime import sha256_file
-
-    doc["checkpoint_sha256"] = sha256_file(ckpt_path)
     atomic_write_text(out_dir / "cases.csv", _rows_to_csv(rows, fields))
     atomic_write_json(out_dir / "metrics.json", doc)
     if torch.cuda.is_available():
