@@ -92,6 +92,13 @@ def label_names(cases_doc: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in names.items()}
 
 
+def _as_cached(item: Any) -> Any:
+    """An item as MONAI's PersistentDataset stores it: tensors without metadata."""
+    from monai.utils import convert_to_tensor
+
+    return convert_to_tensor(item, convert_numeric=False, track_meta=False)
+
+
 def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], cache: str,
                    cache_dir: Path, augment: bool):
     """MONAI datasets for training (deterministic part cached) and validation.
@@ -100,16 +107,29 @@ def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], c
         ``(train_ds, val_ds)``.
     """
     from monai.data import CacheDataset, Dataset, PersistentDataset
+    from monai.transforms import Compose, Lambda
 
-    from capsmed.data.transforms import build_preprocess_transforms, build_transforms
+    from capsmed.data.transforms import (
+        build_augment_transforms,
+        build_preprocess_transforms,
+        build_transforms,
+    )
 
     train_tf = build_transforms(plan, train=augment)
     val_tf = build_preprocess_transforms(plan)
     if cache == "disk":
+        # PersistentDataset stores plain tensors (its track_meta=False) but hands out the MetaTensors
+        # it has just computed. When another job (cross-validation folds, other models) or a killed
+        # run filled part of the cache, one batch would mix both and fail to collate
+        # ("'Tensor' object has no attribute 'meta'"). Drop the metadata before caching, as the
+        # cache does, so an item is the same whether it was read or computed.
+        plain = Lambda(func=_as_cached)
+        pre = list(val_tf.transforms) + [plain]
+        post = list(build_augment_transforms(plan).transforms) if augment else []
         sub = Path(cache_dir) / config_hash(plan)
         sub.mkdir(parents=True, exist_ok=True)
-        return (PersistentDataset(train_items, train_tf, cache_dir=sub),
-                PersistentDataset(val_items, val_tf, cache_dir=sub))
+        return (PersistentDataset(train_items, Compose(pre + post), cache_dir=sub),
+                PersistentDataset(val_items, Compose(pre), cache_dir=sub))
     if cache == "memory":
         return (CacheDataset(train_items, train_tf, progress=False, num_workers=0),
                 CacheDataset(val_items, val_tf, progress=False, num_workers=0))

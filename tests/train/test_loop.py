@@ -127,3 +127,33 @@ def test_missing_plan_names_the_file(tmp_path):
     cfg = tiny_config(tmp_path / "results")
     with pytest.raises(CapsmedError, match=r"cases.json: case list not found"):
         train_model(cfg, "ds", "seed_cnn")
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_a_disk_cache_filled_by_another_job_still_collates(tmp_path, task):
+    """Folds and models of one dataset share the disk cache; a batch of read and computed items
+    used to fail ("'Tensor' object has no attribute 'meta'")."""
+    from monai.data import DataLoader
+
+    from capsmed.paths import read_json
+    from capsmed.train.loop import build_datasets, model_input_items, stage_cases
+
+    cfg = tiny_config(tmp_path / "results", task=task)
+    prepare_all(write_config(cfg, tmp_path / "c.yaml"))
+    ds_dir = tmp_path / "results/ds"
+    plan = read_json(ds_dir / "preprocessed/plan.json", "plan")
+    cases_doc = read_json(ds_dir / "data/cases.json", "cases")
+    splits = read_json(ds_dir / "splits.json", "splits")
+    cases = [c for stage in ("train", "val", "test") for c in stage_cases(cases_doc, splits, stage, 0)]
+    items = model_input_items(cases, task)
+    cache = tmp_path / "cache"
+    assert len(items) >= 3
+    other_train, other_val = build_datasets(plan, items[:1], items[1:2], "disk", cache, True)
+    fresh = [other_train[0], other_val[0]]  # another job caches two items
+    train_ds, val_ds = build_datasets(plan, items, items, "disk", cache, True)
+    for ds in (train_ds, val_ds):
+        batch = next(iter(DataLoader(ds, batch_size=len(items))))
+        assert batch["image"].shape[0] == len(items)
+    read = val_ds[1]
+    assert type(read["image"]) is type(fresh[1]["image"]) is torch.Tensor
+    assert torch.equal(read["image"], fresh[1]["image"])
