@@ -8,6 +8,7 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed split      -c config/config.yaml -d demo_seg3d
     capsmed train      -c config/config.yaml -d demo_seg3d -m ucaps
     capsmed evaluate   -c config/config.yaml -d demo_seg3d -m ucaps -s test
+    capsmed crossval   -c config/config.yaml -d DATASET -m ucaps   (datasets with split.folds > 1)
     capsmed report     -c config/config.yaml -d demo_seg3d -m ucaps -s test
     capsmed report-studies -c config/config.yaml -d demo_seg3d -m ucaps
     capsmed report-dataset -c config/config.yaml -d demo_seg3d
@@ -130,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from capsmed.train.loop import train_model
 
     cfg = _config(args)
-    train_model(cfg, args.dataset, args.model, threads=args.threads, max_epochs=args.max_epochs)
+    train_model(cfg, args.dataset, args.model, threads=args.threads, max_epochs=args.max_epochs,
+                fold=args.fold)
     return 0
 
 
@@ -139,26 +141,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from capsmed.evaluate.run import evaluate_stage
 
     cfg = _config(args)
-    evaluate_stage(cfg, args.dataset, args.model, args.stage, threads=args.threads)
+    evaluate_stage(cfg, args.dataset, args.model, args.stage, threads=args.threads, fold=args.fold,
+                   case=args.case, from_cases=args.from_cases)
+    return 0
+
+
+def cmd_crossval(args: argparse.Namespace) -> int:
+    """Gather one model's validation metrics over the folds of a dataset."""
+    from capsmed.evaluate.crossval import crossval_summary
+    from capsmed.paths import Layout
+    from capsmed.train.runtime import atomic_write_json
+
+    cfg = _config(args)
+    doc = crossval_summary(cfg, args.dataset, args.model)
+    atomic_write_json(Layout(Path(cfg["results"])).crossval(args.dataset, args.model), doc)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report of one model on one dataset stage."""
     from capsmed import report
+    from capsmed.config import path_fold
 
     cfg = _config(args)
     results = Path(cfg["results"])
-    report.write_stage_report(results, args.dataset, args.model, args.stage)
+    report.write_stage_report(results, args.dataset, args.model, args.stage,
+                              fold=path_fold(cfg, args.dataset))
     return 0
 
 
 def cmd_report_studies(args: argparse.Namespace) -> int:
     """Write one diagnostic report per test study."""
     from capsmed import report
+    from capsmed.config import path_fold
 
     cfg = _config(args)
-    pages = report.write_study_reports(Path(cfg["results"]), args.dataset, args.model, stage="test")
+    pages = report.write_study_reports(Path(cfg["results"]), args.dataset, args.model, stage="test",
+                                       fold=path_fold(cfg, args.dataset))
     logger.info("%s/%s: %d study reports", args.dataset, args.model, len(pages))
     return 0
 
@@ -166,12 +185,13 @@ def cmd_report_studies(args: argparse.Namespace) -> int:
 def cmd_report_dataset(args: argparse.Namespace) -> int:
     """Write a dataset's comparison and preprocessing QC pages."""
     from capsmed import report
-    from capsmed.config import dataset_config
+    from capsmed.config import dataset_config, path_fold
 
     cfg = _config(args)
     results = Path(cfg["results"])
     report.write_comparison_report(results, args.dataset,
-                                   dataset_config(cfg, args.dataset)["models"])
+                                   dataset_config(cfg, args.dataset)["models"],
+                                   fold=path_fold(cfg, args.dataset))
     report.write_qc_report(results, args.dataset)
     return 0
 
@@ -216,6 +236,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+FOLD_HELP = "cross-validation fold (default: the config's split.fold)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``capsmed``."""
     parser = argparse.ArgumentParser(prog="capsmed", description=__doc__.split("\n")[0])
@@ -257,7 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-epochs", type=int, default=None,
                    help="stop after this epoch (training resumes on the next call)")
+    p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("crossval", help="one model's validation metrics over all folds")
+    with_config(p)
+    p.add_argument("-m", "--model", required=True)
+    p.set_defaults(func=cmd_crossval)
 
     for name, func, help_ in (("evaluate", cmd_evaluate, "evaluate a model on a dataset stage"),
                               ("report", cmd_report, "HTML report of a model on a stage")):
@@ -267,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-s", "--stage", required=True, choices=("train", "val", "test"))
         if name == "evaluate":
             p.add_argument("--threads", type=int, default=None)
+            p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+            how = p.add_mutually_exclusive_group()
+            how.add_argument("--case", default=None,
+                             help="evaluate only this case (its id or file name) into "
+                                  "eval/.../STAGE/cases/ID.json")
+            how.add_argument("--from-cases", action="store_true",
+                             help="build the stage's tables from the per-case files")
         p.set_defaults(func=func)
 
     p = sub.add_parser("summarize", help="results/summary.json and results/index.html")

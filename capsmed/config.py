@@ -193,6 +193,50 @@ def inference_config(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
     return deep_merge(cfg["inference"], dataset_config(cfg, dataset).get("inference", {}))
 
 
+def path_fold(cfg: dict[str, Any], dataset: str) -> int | None:
+    """The fold that names paths by default: ``split.fold`` with several folds, else ``None``.
+
+    With ``split.folds == 1`` models and evaluations live at ``models/{model}`` and
+    ``eval/{model}/{stage}``; with several folds at ``models/{model}/fold{k}`` and
+    ``eval/{model}/fold{k}/{stage}``, and ``split.fold`` is the fold whose model is evaluated on
+    every stage and reported.
+    """
+    split = dataset_config(cfg, dataset)["split"]
+    return int(split["fold"]) if int(split["folds"]) > 1 else None
+
+
+def resolve_fold(cfg: dict[str, Any], dataset: str, fold: int | None = None) -> tuple[int, int | None]:
+    """The fold a command works on.
+
+    Args:
+        cfg: Validated configuration.
+        dataset: Dataset name.
+        fold: The fold asked for (``--fold``), or ``None`` for the config's ``split.fold``.
+
+    Returns:
+        ``(index, path_fold)``: the index into ``splits.json``'s ``folds`` and the fold used in
+        paths (``None`` when the dataset has one fold).
+
+    Raises:
+        CapsmedError: When ``fold`` is not one of the dataset's folds.
+    """
+    split = dataset_config(cfg, dataset)["split"]
+    folds = int(split["folds"])
+    index = int(split["fold"]) if fold is None else int(fold)
+    if not 0 <= index < folds:
+        raise CapsmedError(f"dataset {dataset}: fold {index} does not exist (split.folds is "
+                           f"{folds}, so folds are 0 to {folds - 1})")
+    return index, (index if folds > 1 else None)
+
+
+def trained_folds(cfg: dict[str, Any], dataset: str) -> list[int]:
+    """The folds the pipeline trains: all of them with ``split.cross_validate``, else ``split.fold``."""
+    split = dataset_config(cfg, dataset)["split"]
+    if int(split["folds"]) > 1 and split.get("cross_validate", True):
+        return list(range(int(split["folds"])))
+    return [int(split["fold"])]
+
+
 def model_args(cfg: dict[str, Any], model: str) -> dict[str, Any]:
     """Constructor keyword arguments configured for a model."""
     return copy.deepcopy(cfg["models"].get(model, {}).get("args", {}))

@@ -54,13 +54,25 @@ class Layout:
         """Train / val / test case ids (written once)."""
         return self.dataset(ds) / "splits.json"
 
-    def model_dir(self, ds: str, model: str) -> Path:
-        """Checkpoints, history and the training record of one model."""
-        return self.dataset(ds) / "models" / model
+    def model_dir(self, ds: str, model: str, fold: int | None = None) -> Path:
+        """Checkpoints, history and the training record of one model.
 
-    def eval_dir(self, ds: str, model: str, stage: str) -> Path:
-        """Evaluation tables and predictions of one model on one stage."""
-        return self.dataset(ds) / "eval" / model / stage
+        ``models/{model}``, or ``models/{model}/fold{fold}`` where the dataset has several folds.
+        """
+        path = self.dataset(ds) / "models" / model
+        return path if fold is None else path / f"fold{int(fold)}"
+
+    def eval_dir(self, ds: str, model: str, stage: str, fold: int | None = None) -> Path:
+        """Evaluation tables and predictions of one model on one stage.
+
+        ``eval/{model}/{stage}``, or ``eval/{model}/fold{fold}/{stage}`` with several folds.
+        """
+        path = self.dataset(ds) / "eval" / model
+        return (path if fold is None else path / f"fold{int(fold)}") / stage
+
+    def crossval(self, ds: str, model: str) -> Path:
+        """Cross-validation summary of one model over its folds (datasets with several folds)."""
+        return self.dataset(ds) / "cv" / f"{model}.json"
 
     def reports(self, ds: str) -> Path:
         """Reports of one dataset."""
@@ -69,6 +81,10 @@ class Layout:
     def stage_report(self, ds: str, model: str, stage: str) -> Path:
         """One stage report."""
         return self.reports(ds) / model / f"{stage}.html"
+
+    def studies_dir(self, ds: str, model: str) -> Path:
+        """One diagnostic report per test study."""
+        return self.reports(ds) / model / "studies"
 
     def logs(self, ds: str) -> Path:
         """Logs of the dataset's rules."""

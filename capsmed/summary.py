@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from capsmed.config import path_fold
 from capsmed.paths import Layout, safe_name
 
 logger = logging.getLogger(__name__)
@@ -32,14 +33,18 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
     Returns:
         ``{"datasets": {name: {"task", "models": {model: {"params", "stages": {stage: {"metrics",
         "ci95", "report"}}, "studies": {case_id: path}}}}}}`` with paths relative to the results
-        folder; stages or models whose files are missing are left out (with a warning).
+        folder; stages or models whose files are missing are left out (with a warning). With
+        several folds the stages are those of the reported fold (``split.fold``, recorded as
+        ``fold``) and ``cross_validation`` holds ``cv/{model}.json`` (``folds``, ``mean``, ``sd``,
+        ``path``).
     """
     layout = Layout(Path(cfg["results"]))
     out: dict[str, Any] = {"datasets": {}}
     for ds, ds_cfg in cfg["datasets"].items():
         entry: dict[str, Any] = {"task": ds_cfg["task"], "models": {}}
+        fold = path_fold(cfg, ds)
         for model in ds_cfg["models"]:
-            train = _read_json(layout.model_dir(ds, model) / "train.json")
+            train = _read_json(layout.model_dir(ds, model, fold) / "train.json")
             if train is None:
                 logger.warning("%s/%s: no train.json, left out of the summary", ds, model)
                 continue
@@ -50,7 +55,7 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
                 "stages": {}, "studies": {},
             }
             for stage in cfg["evaluate"]["stages"]:
-                doc = _read_json(layout.eval_dir(ds, model, stage) / "metrics.json")
+                doc = _read_json(layout.eval_dir(ds, model, stage, fold) / "metrics.json")
                 if doc is None:
                     continue
                 report = layout.stage_report(ds, model, stage)
@@ -61,13 +66,19 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
                         "inference_seconds_per_case"),
                     "report": str(report.relative_to(layout.results)),
                 }
-            cases_csv = layout.eval_dir(ds, model, "test") / "cases.csv"
+            cases_csv = layout.eval_dir(ds, model, "test", fold) / "cases.csv"
             if cases_csv.is_file():
                 with open(cases_csv, encoding="utf-8", newline="") as fh:
                     for row in csv.DictReader(fh):
-                        study = (layout.reports(ds) / model / "studies"
-                                 / f"{safe_name(row['case_id'])}.html")
+                        study = layout.studies_dir(ds, model) / f"{safe_name(row['case_id'])}.html"
                         m["studies"][row["case_id"]] = str(study.relative_to(layout.results))
+            if fold is not None:
+                m["fold"] = fold
+                cv = _read_json(layout.crossval(ds, model))
+                if cv is not None:
+                    m["cross_validation"] = {
+                        "folds": cv["folds"], "mean": cv["mean"], "sd": cv["sd"],
+                        "path": str(layout.crossval(ds, model).relative_to(layout.results))}
             entry["models"][model] = m
         for page in ("comparison", "qc"):
             path = layout.reports(ds) / f"{page}.html"

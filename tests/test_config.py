@@ -5,10 +5,14 @@ from capsmed.config import (
     deep_merge,
     load_config,
     model_config_hash,
+    path_fold,
+    resolve_fold,
     train_config,
+    trained_folds,
     validate_config,
 )
 from capsmed.errors import CapsmedError
+from capsmed.paths import Layout
 
 
 def _ds(**kw):
@@ -75,6 +79,36 @@ def test_patch_size_must_match_spatial_dims():
 def test_fold_must_be_below_folds():
     with pytest.raises(CapsmedError, match="split.fold is 3 but folds is 2"):
         validate_config({"datasets": {"d": _ds(split={"folds": 2, "fold": 3})}})
+
+
+def test_one_fold_keeps_the_plain_paths():
+    cfg = validate_config({"results": "r", "datasets": {"d": _ds()}})
+    assert resolve_fold(cfg, "d") == (0, None)
+    assert path_fold(cfg, "d") is None and trained_folds(cfg, "d") == [0]
+    lay = Layout("r")
+    assert lay.model_dir("d", "unet", None).as_posix() == "r/d/models/unet"
+    assert lay.eval_dir("d", "unet", "val", None).as_posix() == "r/d/eval/unet/val"
+
+
+def test_several_folds_put_each_fold_in_its_own_folder():
+    cfg = validate_config({"results": "r", "datasets": {"d": _ds(split={"folds": 4, "fold": 2})}})
+    assert resolve_fold(cfg, "d") == (2, 2)
+    assert resolve_fold(cfg, "d", 0) == (0, 0)
+    assert path_fold(cfg, "d") == 2 and trained_folds(cfg, "d") == [0, 1, 2, 3]
+    lay = Layout("r")
+    assert lay.model_dir("d", "unet", 3).as_posix() == "r/d/models/unet/fold3"
+    assert lay.eval_dir("d", "unet", "val", 3).as_posix() == "r/d/eval/unet/fold3/val"
+    assert lay.crossval("d", "unet").as_posix() == "r/d/cv/unet.json"
+    only = validate_config({"datasets": {"d": _ds(split={"folds": 4, "fold": 2,
+                                                         "cross_validate": False})}})
+    assert trained_folds(only, "d") == [2]
+
+
+def test_asking_for_a_fold_that_does_not_exist():
+    cfg = validate_config({"datasets": {"d": _ds(split={"folds": 3})}})
+    with pytest.raises(CapsmedError, match=r"dataset d: fold 3 does not exist \(split.folds is 3, "
+                                           r"so folds are 0 to 2\)"):
+        resolve_fold(cfg, "d", 3)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from capsmed.config import dataset_config, inference_config
+from capsmed.config import inference_config, resolve_fold
 from capsmed.errors import CapsmedError
 from capsmed.paths import Layout, safe_name
 
@@ -63,9 +63,126 @@ def _finite(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
+def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Predict one case and measure it: one row of ``cases.csv`` (predictions saved to disk).
+
+    Args:
+        task: ``segmentation`` or ``classification``.
+        model: The trained model (on ``ctx["device"]``).
+        case: One entry of ``cases.json``.
+        ctx: ``plan``, ``preprocess``, ``device``, ``icfg``, ``names``, ``layout``, ``pred_dir``,
+            ``stage``.
+
+    Returns:
+        The row, with the prediction's seconds under ``"_seconds"``.
+    """
+    from capsmed.evaluate import metrics as M
+    from capsmed.train.inference import (
+        predict_classification_case,
+        predict_segmentation_case,
+        save_nifti,
+    )
+
+    layout, pred_dir, names = ctx["layout"], ctx["pred_dir"], ctx["names"]
+    t0 = time.perf_counter()
+    if task == "segmentation":
+        out = predict_segmentation_case(model, case, ctx["plan"], ctx["preprocess"], ctx["device"],
+                                        ctx["icfg"])
+        seconds = time.perf_counter() - t0
+        label, spacing = _load_label(case["label"])
+        pred = out["pred"]
+        if pred.shape != label.shape:
+            raise CapsmedError(
+                f"{case['image']}: prediction shape {pred.shape} differs from the label's "
+                f"{label.shape} after inversion"
+            )
+        name = safe_name(case["case_id"])
+        pred_path = pred_dir / f"{name}.nii.gz"
+        save_nifti(pred, out["affine"], pred_path)
+        unc_path = ""
+        if out["uncertainty"] is not None:
+            unc_path = pred_dir / f"{name}_uncertainty.nii.gz"
+            save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
+        row = {"case_id": case["case_id"], "image": case["image"], "label": case["label"],
+               "prediction": str(pred_path.relative_to(layout.results)),
+               "uncertainty": str(Path(unc_path).relative_to(layout.results)) if unc_path
+               else ""}
+        fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
+        row.update(M.segmentation_case_metrics(pred, label, fg, spacing))
+    else:
+        out = predict_classification_case(model, case, ctx["preprocess"], ctx["device"])
+        seconds = time.perf_counter() - t0
+        probs = out["probs"]
+        row = {"case_id": case["case_id"], "image": case["image"], "class": int(case["class"]),
+               "predicted": int(np.argmax(probs)), "confidence": float(np.max(probs))}
+        for k, p in enumerate(probs):
+            row[f"prob_{k}"] = float(p)
+        if out["lengths"] is not None:
+            for k, v in enumerate(out["lengths"]):
+                row[f"length_{k}"] = float(v)
+        row["reconstruction"] = ""
+        if out["reconstruction"] is not None and ctx["stage"] == "test":
+            rpath = pred_dir / f"{safe_name(case['case_id'])}_recon.npy"
+            np.save(rpath, out["reconstruction"].astype(np.float32))
+            row["reconstruction"] = str(rpath.relative_to(layout.results))
+    row["_seconds"] = seconds
+    return row
+
+
+def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
+               seed: int) -> tuple[dict, dict, list[str], dict]:
+    """Stage metrics from the case rows: ``(metrics, ci95, csv fields, extra keys)``."""
+    from capsmed.evaluate import metrics as M
+
+    ci: dict[str, list[float]] = {}
+    if task == "segmentation":
+        aggregate = M.aggregate_segmentation(rows)
+        metric_keys = [k for k in aggregate if k.startswith(("dice", "hd95", "assd"))]
+        metrics = {k: _finite(float(aggregate[k])) for k in metric_keys}
+        if n_boot:
+            for k in metric_keys:
+                vals = np.array([float(r[k]) for r in rows], dtype=float)
+                if np.isfinite(vals).any():
+                    ci[k] = [float(v) for v in M.bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed)]
+        fixed = ["case_id", "image", "label", "prediction", "uncertainty"]
+        fields = fixed + sorted({k for r in rows for k in r if not k.startswith("_")} - set(fixed))
+        return metrics, ci, fields, {"labels": names}
+    n_cls = len(names) if names else (
+        sum(1 for k in rows[0] if k.startswith("prob_")) if rows else 2)
+    y = np.asarray([int(r["class"]) for r in rows])
+    p = (np.asarray([[float(r[f"prob_{k}"]) for k in range(n_cls)] for r in rows])
+         if rows else np.zeros((0, n_cls)))
+    result = M.classification_metrics(y, p)
+    metrics = {k: _finite(float(v)) for k, v in result["metrics"].items()}
+    if n_boot and len(y):
+        for k in ("accuracy", "balanced_accuracy", "auc", "f1"):
+            lo_hi = M.bootstrap_metric_ci(y, p, k, n_boot=n_boot, seed=seed)
+            if lo_hi is not None and all(np.isfinite(lo_hi)):
+                ci[k] = [float(v) for v in lo_hi]
+    fields = (["case_id", "image", "class", "predicted", "confidence"]
+              + [f"prob_{k}" for k in range(n_cls)]
+              + ([f"length_{k}" for k in range(n_cls)] if rows and "length_0" in rows[0]
+                 else []) + ["reconstruction"])
+    extra = {"classes": names, **{k: v for k, v in result.items() if k != "metrics"}}
+    extra["has_reconstruction"] = any(r.get("reconstruction") for r in rows)
+    return metrics, ci, fields, extra
+
+
+def case_file(eval_dir: Path, case_id: str) -> Path:
+    """Where a per-case evaluation job writes its row: ``{eval_dir}/cases/{safe id}.json``."""
+    return Path(eval_dir) / "cases" / f"{safe_name(case_id)}.json"
+
+
 def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
-                   threads: int | None = None) -> dict[str, Any]:
-    """Evaluate one trained model on one dataset stage.
+                   threads: int | None = None, fold: int | None = None, case: str | None = None,
+                   from_cases: bool = False) -> dict[str, Any]:
+    """Evaluate one trained model on one dataset stage, or on one case of it.
+
+    By default every case of the stage is predicted in this process. For a cluster, the work can
+    be spread over one job per case (``evaluate.per_case_jobs``): each runs with ``case`` and
+    writes ``eval/.../{stage}/cases/{safe id}.json``; a last job runs with ``from_cases`` and
+    builds the stage's tables from those files without loading the model's weights on a device.
+    Both ways give the same ``cases.csv`` and ``metrics.json``.
 
     Args:
         cfg: Validated configuration.
@@ -73,21 +190,22 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         model_name: Model name.
         stage: ``train``, ``val`` or ``test``.
         threads: CPU threads.
+        fold: Cross-validation fold (default ``split.fold``): its model and its stage cases.
+        case: Only this case (its id, or the file-safe name of its id); writes its case file.
+        from_cases: Aggregate the case files of every case of the stage instead of predicting.
 
     Returns:
-        The content written to ``metrics.json``.
+        The content written to ``metrics.json`` (or, with ``case``, to the case file).
+
+    Raises:
+        CapsmedError: On an unknown stage or case, a case file that is missing or unreadable, or
+            a prediction whose shape differs from its label's.
     """
     import torch
 
     from capsmed.data.transforms import build_preprocess_transforms
-    from capsmed.evaluate import metrics as M
     from capsmed.paths import read_json
     from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.inference import (
-        predict_classification_case,
-        predict_segmentation_case,
-        save_nifti,
-    )
     from capsmed.train.loop import stage_cases
     from capsmed.train.runtime import (
         atomic_write_json,
@@ -100,117 +218,69 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
 
     if stage not in ("train", "val", "test"):
         raise CapsmedError(f"stage must be train, val or test, got {stage!r}")
+    if case is not None and from_cases:
+        raise CapsmedError("evaluate: give either a case or from_cases, not both")
     layout = Layout(Path(cfg["results"]))
-    ds_cfg = dataset_config(cfg, dataset)
     icfg = inference_config(cfg, dataset)
     configure_threads(threads or cfg["threads"])
     device = select_device(cfg["device"])
-    ckpt_path = layout.model_dir(dataset, model_name) / "best.pt"
+    fold_index, path_fold = resolve_fold(cfg, dataset, fold)
+    ckpt_path = layout.model_dir(dataset, model_name, path_fold) / "best.pt"
     ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt).to(device)
-    plan = ckpt["plan"]
-    names = ckpt["names"]
-    task = ckpt["task"]
+    ckpt_sha = sha256_file(ckpt_path)
+    names, task = ckpt["names"], ckpt["task"]
     cases_doc = read_json(layout.cases(dataset), "case list")
     splits = read_json(layout.splits(dataset), "splits")
-    cases = stage_cases(cases_doc, splits, stage, int(ds_cfg["split"]["fold"]))
-    out_dir = layout.eval_dir(dataset, model_name, stage)
+    cases = stage_cases(cases_doc, splits, stage, fold_index)
+    out_dir = layout.eval_dir(dataset, model_name, stage, path_fold)
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = build_preprocess_transforms(plan)
-    n_boot = int(cfg["evaluate"]["bootstrap"])
-    seed = int(cfg["seed"])
+    if case is not None:
+        chosen = [c for c in cases if case in (str(c["case_id"]), safe_name(c["case_id"]))]
+        if not chosen:
+            raise CapsmedError(f"dataset {dataset}: no case {case!r} in the {stage} stage"
+                               + (f" of fold {fold_index}" if path_fold is not None else ""))
+        cases = chosen[:1]
 
     rows: list[dict] = []
-    seconds: list[float] = []
-    if task == "segmentation":
-        fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
-        for case in cases:
-            t0 = time.perf_counter()
-            out = predict_segmentation_case(model, case, plan, preprocess, device, icfg)
-            seconds.append(time.perf_counter() - t0)
-            label, spacing = _load_label(case["label"])
-            pred = out["pred"]
-            if pred.shape != label.shape:
-                raise CapsmedError(
-                    f"{case['image']}: prediction shape {pred.shape} differs from the label's "
-                    f"{label.shape} after inversion"
-                )
-            name = safe_name(case["case_id"])
-            pred_path = pred_dir / f"{name}.nii.gz"
-            save_nifti(pred, out["affine"], pred_path)
-            unc_path = ""
-            if out["uncertainty"] is not None:
-                unc_path = pred_dir / f"{name}_uncertainty.nii.gz"
-                save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
-            row = {"case_id": case["case_id"], "image": case["image"], "label": case["label"],
-                   "prediction": str(pred_path.relative_to(layout.results)),
-                   "uncertainty": str(Path(unc_path).relative_to(layout.results)) if unc_path
-                   else ""}
-            row.update(M.segmentation_case_metrics(pred, label, fg, spacing))
-            rows.append(row)
-        aggregate = M.aggregate_segmentation(rows)
-        metric_keys = [k for k in aggregate if k.startswith(("dice", "hd95", "assd"))]
-        metrics = {k: _finite(float(aggregate[k])) for k in metric_keys}
-        ci = {}
-        if n_boot:
-            for k in metric_keys:
-                vals = np.array([float(r[k]) for r in rows], dtype=float)
-                if np.isfinite(vals).any():
-                    ci[k] = [float(v) for v in M.bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed)]
-        fields = ["case_id", "image", "label", "prediction", "uncertainty"] + sorted(
-            {k for r in rows for k in r} - {"case_id", "image", "label", "prediction",
-                                             "uncertainty"})
-        extra: dict[str, Any] = {"labels": names}
+    peak = 0.0
+    device_name = str(device)
+    if from_cases:
+        for c in cases:
+            path = case_file(out_dir, c["case_id"])
+            doc = read_json(path, f"evaluation of case {c['case_id']}")
+            if doc.get("checkpoint_sha256") != ckpt_sha:
+                raise CapsmedError(f"{path}: made with another checkpoint than {ckpt_path}; "
+                                   "evaluate that case again")
+            rows.append(doc["row"])
+            peak = max(peak, float(doc.get("peak_memory_mb") or 0.0))
+            device_name = str(doc.get("device") or device_name)
     else:
-        y_true, probs_all = [], []
-        recon_any = False
-        for case in cases:
-            t0 = time.perf_counter()
-            out = predict_classification_case(model, case, preprocess, device)
-            seconds.append(time.perf_counter() - t0)
-            probs = out["probs"]
-            row = {"case_id": case["case_id"], "image": case["image"], "class": int(case["class"]),
-                   "predicted": int(np.argmax(probs)), "confidence": float(np.max(probs))}
-            for k, p in enumerate(probs):
-                row[f"prob_{k}"] = float(p)
-            if out["lengths"] is not None:
-                for k, v in enumerate(out["lengths"]):
-                    row[f"length_{k}"] = float(v)
-            row["reconstruction"] = ""
-            if out["reconstruction"] is not None and stage == "test":
-                rpath = pred_dir / f"{safe_name(case['case_id'])}_recon.npy"
-                np.save(rpath, out["reconstruction"].astype(np.float32))
-                row["reconstruction"] = str(rpath.relative_to(layout.results))
-                recon_any = True
-            rows.append(row)
-            y_true.append(int(case["class"]))
-            probs_all.append(probs)
-        y = np.asarray(y_true)
-        p = np.stack(probs_all) if probs_all else np.zeros((0, len(names)))
-        result = M.classification_metrics(y, p)
-        metrics = {k: _finite(float(v)) for k, v in result["metrics"].items()}
-        ci = {}
-        if n_boot and len(y):
-            for k in ("accuracy", "balanced_accuracy", "auc", "f1"):
-                lo_hi = M.bootstrap_metric_ci(y, p, k, n_boot=n_boot, seed=seed)
-                if lo_hi is not None and all(np.isfinite(lo_hi)):
-                    ci[k] = [float(v) for v in lo_hi]
-        n_cls = p.shape[1] if p.ndim == 2 else len(names)
-        fields = (["case_id", "image", "class", "predicted", "confidence"]
-                  + [f"prob_{k}" for k in range(n_cls)]
-                  + ([f"length_{k}" for k in range(n_cls)] if rows and "length_0" in rows[0]
-                     else []) + ["reconstruction"])
-        extra = {"classes": names, **{k: v for k, v in result.items() if k != "metrics"}}
-        extra["has_reconstruction"] = recon_any
+        model = build_model(ckpt).to(device)
+        ctx = {"plan": ckpt["plan"], "preprocess": build_preprocess_transforms(ckpt["plan"]),
+               "device": device, "icfg": icfg, "names": names, "layout": layout,
+               "pred_dir": pred_dir, "stage": stage}
+        for c in cases:
+            rows.append(_case_row(task, model, c, ctx))
+        peak = peak_memory_mb(device)
+        if case is not None:
+            doc = {"dataset": dataset, "model": model_name, "stage": stage, "fold": fold_index,
+                   "row": rows[0], "peak_memory_mb": round(peak, 1), "device": str(device),
+                   "checkpoint_sha256": ckpt_sha}
+            atomic_write_json(case_file(out_dir, cases[0]["case_id"]), doc)
+            logger.info("%s/%s/%s: case %s in %.2f s", dataset, model_name, stage,
+                        cases[0]["case_id"], rows[0]["_seconds"])
+            return doc
 
+    seconds = [float(r.pop("_seconds")) for r in rows]
+    metrics, ci, fields, extra = _aggregate(task, rows, names, int(cfg["evaluate"]["bootstrap"]),
+                                            int(cfg["seed"]))
     doc = {
-        "dataset": dataset, "model": model_name, "stage": stage, "task": task,
+        "dataset": dataset, "model": model_name, "stage": stage, "fold": fold_index, "task": task,
         "n_cases": len(rows), "metrics": metrics, "ci95": ci,
         "cost": {"inference_seconds_per_case": round(float(np.mean(seconds)), 4) if seconds
-                 else None, "peak_memory_mb": round(peak_memory_mb(device), 1),
-                 "device": str(device)},
-        "checkpoint_sha256": sha256_file(ckpt_path), **extra,
+                 else None, "peak_memory_mb": round(peak, 1), "device": device_name},
+        "checkpoint_sha256": ckpt_sha, **extra,
     }
     atomic_write_text(out_dir / "cases.csv", _rows_to_csv(rows, fields))
     atomic_write_json(out_dir / "metrics.json", doc)

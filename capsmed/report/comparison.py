@@ -143,7 +143,35 @@ def _less(a: dict[str, Any], b_: dict[str, Any], key: str) -> bool | None:
     return x < y
 
 
-def write_comparison_report(results_dir: Path, dataset: str, models: list[str]) -> Path:
+def _crossval_section(lay: Layout, models: Sequence[str], fold: int | None) -> Any | None:
+    """A table of each model's cross-validation result (``cv/{model}.json``), if any."""
+    docs = {m: read_json(lay.dataset_dir / "cv" / f"{m}.json") for m in models}
+    docs = {m: d for m, d in docs.items() if d.get("mean")}
+    if not docs:
+        return None
+    names = sorted({k for d in docs.values() for k, v in d["mean"].items() if is_number(v)},
+                   key=metric_sort_key)
+    rows = []
+    for model, doc in docs.items():
+        cells = [model, b.num_cell(str(len(doc.get("per_fold") or [])))]
+        for m in names:
+            mean, sd = doc["mean"].get(m), (doc.get("sd") or {}).get(m)
+            text = fmt_metric(mean, m) if is_number(mean) else "n/a"
+            if is_number(mean) and is_number(sd):
+                text += f" \u00b1 {fmt_metric(sd, m)}"
+            cells.append(b.num_cell(text))
+        rows.append(b.row(cells))
+    shown = "" if fold is None else (
+        f" The other sections show fold {fold}, the fold evaluated on every stage.")
+    return b.section(
+        "crossval", "Cross-validation (validation cases of each fold)",
+        paragraphs=["Each fold's model is evaluated on that fold's validation cases; the table "
+                    "gives the mean \u00b1 standard deviation over folds." + shown],
+        tables=[b.table(["Model", "Folds"] + [metric_label(m) for m in names], rows)])
+
+
+def write_comparison_report(results_dir: Path, dataset: str, models: list[str], *,
+                            fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/comparison.html``.
 
     Puts every model's metrics with 95% CIs per stage next to its cost (parameters, FLOPs,
@@ -154,6 +182,9 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str]) 
         results_dir: The results folder.
         dataset: Dataset name.
         models: Models to compare (those without any ``metrics.json`` are listed as missing).
+        fold: The reported fold of a dataset with several folds (its files live in ``fold{k}``
+            folders); ``None`` with one fold. Cross-validation summaries (``cv/{model}.json``),
+            where present, get a table of their own.
 
     Returns:
         The written report path.
@@ -164,7 +195,7 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str]) 
     if not models:
         raise CapsmedError(f"comparison report for {dataset}: no models given")
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset)
+    lay = Layout(results_dir, dataset, fold)
     out = lay.reports_dir / "comparison.html"
     entries: list[dict[str, Any]] = []
     missing = []
@@ -233,6 +264,9 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str]) 
             f"metrics-{stage}", f"Metrics, {stage} stage",
             tables=[b.table(["Model", "Family"] + [metric_label(m) for m in names], rows,
                             note="Value [95% CI]; the best value per metric is in green.")]))
+    cv_section = _crossval_section(lay, models, fold)
+    if cv_section is not None:
+        sections.append(cv_section)
     # Cost.
     rows = []
     for e in entries:

@@ -1,8 +1,9 @@
 """Readers for the evaluation files that reports are built from (no torch, tolerant of gaps).
 
-The layout is PLAN.md's "Evaluation files": everything lives under a results folder, per dataset
-``{ds}``, model ``{model}`` and stage ``{stage}``. Optional files that are missing give empty values;
-a required file that is missing or unreadable raises :class:`capsmed.errors.CapsmedError` naming it.
+The layout is :class:`capsmed.paths.Layout`'s: everything lives under a results folder, per
+dataset ``{ds}``, model ``{model}`` (and fold, where folds are used) and stage ``{stage}``.
+Optional files that are missing give empty values; a required file that is missing or unreadable
+raises :class:`capsmed.errors.CapsmedError` naming it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from capsmed.errors import CapsmedError
+from capsmed.paths import Layout as PipelineLayout
 
 logger = logging.getLogger(__name__)
 
@@ -33,41 +35,48 @@ _NUMERIC_PREFIXES = ("dice", "hd95", "assd", "volume_", "confidence", "prob_", "
 
 @dataclass(frozen=True)
 class Layout:
-    """Paths of one dataset's files under a results folder.
+    """Paths of one dataset's files under a results folder: a view of :class:`capsmed.paths.Layout`.
 
     Attributes:
         results_dir: The results folder (``results/``).
         dataset: Dataset name.
+        fold: The reported fold where the dataset has several folds (models and evaluations then
+            live in ``fold{k}`` folders); ``None`` with one fold.
     """
 
     results_dir: Path
     dataset: str
+    fold: int | None = None
+
+    @property
+    def _paths(self) -> PipelineLayout:
+        return PipelineLayout(Path(self.results_dir))
 
     @property
     def dataset_dir(self) -> Path:
         """``results/{ds}``."""
-        return Path(self.results_dir) / self.dataset
+        return self._paths.dataset(self.dataset)
 
     @property
     def reports_dir(self) -> Path:
         """``results/{ds}/reports``."""
-        return self.dataset_dir / "reports"
+        return self._paths.reports(self.dataset)
 
     def model_dir(self, model: str) -> Path:
-        """``results/{ds}/models/{model}`` (checkpoints, history.csv, train.json)."""
-        return self.dataset_dir / "models" / model
+        """``results/{ds}/models/{model}[/fold{k}]`` (checkpoints, history.csv, train.json)."""
+        return self._paths.model_dir(self.dataset, model, self.fold)
 
     def eval_dir(self, model: str, stage: str) -> Path:
-        """``results/{ds}/eval/{model}/{stage}`` (metrics.json, cases.csv, predictions/)."""
-        return self.dataset_dir / "eval" / model / stage
+        """``results/{ds}/eval/{model}[/fold{k}]/{stage}`` (metrics.json, cases.csv, predictions/)."""
+        return self._paths.eval_dir(self.dataset, model, stage, self.fold)
 
     def stage_report(self, model: str, stage: str) -> Path:
         """``results/{ds}/reports/{model}/{stage}.html``."""
-        return self.reports_dir / model / f"{stage}.html"
+        return self._paths.stage_report(self.dataset, model, stage)
 
     def studies_dir(self, model: str) -> Path:
         """``results/{ds}/reports/{model}/studies``."""
-        return self.reports_dir / model / "studies"
+        return self._paths.studies_dir(self.dataset, model)
 
 
 # ----------------------------------------------------------------------------- JSON and CSV

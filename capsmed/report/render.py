@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from urllib.parse import quote, urlsplit
 import jinja2
 
 import capsmed
+from capsmed.paths import safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ _METRIC_NAMES = {
 _DISTANCE_METRICS = ("hd95", "assd")
 _METRIC_ORDER = ("dice", "hd95", "assd", "accuracy", "balanced_accuracy", "auc", "f1",
                  "sensitivity", "specificity", "ece")
-_UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @functools.cache
@@ -108,9 +107,10 @@ def now_iso() -> str:
 def study_filename(case_id: str) -> str:
     """The report file name for a study id, safe on every file system.
 
-    Ids made only of letters, digits, ``.``, ``_`` and ``-`` are kept as they are
-    (``case_017`` -> ``case_017.html``). Other ids have unsafe runs replaced by ``_`` and a short hash
-    of the original appended, so two different ids never share a file.
+    The stem is :func:`capsmed.paths.safe_name`, as for prediction files: ids made only of letters,
+    digits, ``.``, ``_`` and ``-`` are kept (``case_017`` -> ``case_017.html``); other ids have
+    unsafe runs replaced by ``_`` and a short hash of the original appended, so two different ids
+    never share a file.
 
     Args:
         case_id: The study id as it appears in ``cases.csv``.
@@ -118,12 +118,7 @@ def study_filename(case_id: str) -> str:
     Returns:
         A file name ending in ``.html``.
     """
-    case_id = str(case_id)
-    safe = _UNSAFE_FILENAME_CHARS.sub("_", case_id).strip("._-")[:80] or "study"
-    if safe != case_id:
-        digest = hashlib.sha1(case_id.encode("utf-8")).hexdigest()[:8]
-        safe = f"{safe}-{digest}"
-    return f"{safe}.html"
+    return f"{safe_name(case_id)}.html"
 
 
 def rel_href(target: Path, from_dir: Path) -> str:

@@ -354,7 +354,8 @@ def dataset_names(lay: Layout, metrics_doc: Mapping[str, Any], task: str) -> dic
     return names
 
 
-def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str) -> Path:
+def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, *,
+                       fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/{model}/{stage}.html``.
 
     Shows the headline metrics with 95% CIs, the model's cost, learning curves and, for
@@ -367,6 +368,8 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str) 
         dataset: Dataset name.
         model: Model name.
         stage: ``train``, ``val`` or ``test``.
+        fold: The reported fold of a dataset with several folds (its files live in ``fold{k}``
+            folders); ``None`` with one fold.
 
     Returns:
         The written report path.
@@ -377,7 +380,7 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str) 
     if stage not in STAGES:
         raise CapsmedError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset)
+    lay = Layout(results_dir, dataset, fold)
     edir = lay.eval_dir(model, stage)
     metrics_doc = read_json(edir / "metrics.json", required=True)
     cases = read_table(edir / "cases.csv")

@@ -570,13 +570,14 @@ def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) ->
 
 
 def training_volume_ranges(results_dir: Path, dataset: str, model: str,
-                           label_names: Mapping[int, str]) -> dict[str, dict[str, float]]:
+                           label_names: Mapping[int, str], fold: int | None = None
+                           ) -> dict[str, dict[str, float]]:
     """Range of true structure volumes among the training cases, per label name.
 
     Read from ``eval/{model}/train/cases.csv`` (``volume_true_ml_<label>``, else
     ``volume_ml_<label>``); empty when that table is absent.
     """
-    df = read_table(Layout(Path(results_dir), dataset).eval_dir(model, "train") / "cases.csv")
+    df = read_table(Layout(Path(results_dir), dataset, fold).eval_dir(model, "train") / "cases.csv")
     out: dict[str, dict[str, float]] = {}
     for k, name in label_names.items():
         if k == 0:
@@ -654,8 +655,8 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
     return study
 
 
-def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str = "test"
-                        ) -> dict[str, Path]:
+def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str = "test", *,
+                        fold: int | None = None) -> dict[str, Path]:
     """Write one report per case of a stage's ``cases.csv``.
 
     Reports go to ``results/{ds}/reports/{model}/studies/{safe id}.html`` (see
@@ -666,6 +667,8 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
         dataset: Dataset name.
         model: Model name.
         stage: ``train``, ``val`` or ``test``.
+        fold: The reported fold of a dataset with several folds (its files live in ``fold{k}``
+            folders); ``None`` with one fold.
 
     Returns:
         ``{case_id: report path}`` in ``cases.csv`` order.
@@ -674,7 +677,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
         CapsmedError: ``cases.csv`` is missing or has no ``case_id`` column.
     """
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset)
+    lay = Layout(results_dir, dataset, fold)
     edir = lay.eval_dir(model, stage)
     cases = read_table(edir / "cases.csv", required=True)
     if "case_id" not in cases.columns:
@@ -691,7 +694,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
     train_json = lay.model_dir(model) / "train.json"
     provenance = provenance_from_train(read_json(train_json), train_json)
     provenance.setdefault("model", model)
-    ranges = training_volume_ranges(results_dir, dataset, model, names) if task == \
+    ranges = training_volume_ranges(results_dir, dataset, model, names, fold) if task == \
         "segmentation" else {}
     studies_dir = lay.studies_dir(model)
     bases = [edir, results_dir, lay.dataset_dir, edir / "predictions"]

@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from capsmed.config import config_hash, dataset_config, model_args, model_config_hash, train_config
+from capsmed.config import (
+    config_hash,
+    dataset_config,
+    model_args,
+    model_config_hash,
+    resolve_fold,
+    train_config,
+)
 from capsmed.errors import CapsmedError
 from capsmed.paths import Layout, read_json
 from capsmed.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
@@ -266,7 +273,7 @@ def _history_csv(rows: list[dict]) -> str:
 
 
 def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None = None,
-                max_epochs: int | None = None) -> dict[str, Any]:
+                max_epochs: int | None = None, fold: int | None = None) -> dict[str, Any]:
     """Train one model on one dataset from the config; resume from ``last.pt`` when present.
 
     Args:
@@ -276,6 +283,8 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
         threads: CPU threads (default: the rule's / environment's).
         max_epochs: Stop after this epoch in this process (for tests of resuming); the record
             ``train.json`` is only written when training is complete.
+        fold: Cross-validation fold (default ``split.fold``); with several folds the model is
+            written to ``models/{model}/fold{fold}``.
 
     Returns:
         The training record written to ``train.json`` (or the partial state when ``max_epochs``
@@ -301,7 +310,7 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
     splits = read_json(layout.splits(dataset), "splits")
     plan = read_json(layout.plan(dataset), "preprocessing plan")
     task = plan["task"]
-    fold = int(ds_cfg["split"]["fold"])
+    fold, path_fold = resolve_fold(cfg, dataset, fold)
     names = label_names(cases_doc)
     out_channels = len(names) if names else int(plan.get("num_classes", 2))
     in_channels = int(plan.get("in_channels", 1))
@@ -315,7 +324,7 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
     opt = make_optimizer(model.parameters(), tcfg)
     sched = make_scheduler(opt, tcfg)
 
-    model_dir = layout.model_dir(dataset, model_name)
+    model_dir = layout.model_dir(dataset, model_name, path_fold)
     model_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = model_dir / "last.pt", model_dir / "best.pt"
 

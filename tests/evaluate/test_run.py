@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -125,3 +126,64 @@ def test_classification_metrics_and_probabilities(tmp_path):
     for row in rows:
         assert abs(float(row["prob_0"]) + float(row["prob_1"]) - 1) < 1e-5
         assert int(row["predicted"]) == int(float(row["prob_1"]) > float(row["prob_0"]))
+
+
+# Per-case evaluation jobs (evaluate.per_case_jobs): the same tables as one job per stage.
+
+
+def _read(path):
+    return path.read_text()
+
+
+def test_per_case_jobs_give_the_same_tables_as_one_job(trained_seg):
+    cfg, cfg_path, _ = trained_seg
+    results = Path(cfg["results"])
+    stage_dir = results / "ds/eval/unet/test"
+    whole = evaluate_stage(cfg, "ds", "unet", "test")
+    cases_csv, metrics = _read(stage_dir / "cases.csv"), json.loads(_read(stage_dir / "metrics.json"))
+    ids = [row["case_id"] for row in csv.DictReader((stage_dir / "cases.csv").open())]
+    assert len(ids) >= 2
+    for case_id in ids:
+        doc = evaluate_stage(cfg, "ds", "unet", "test", case=case_id)
+        assert doc["row"]["case_id"] == case_id
+        assert (stage_dir / "cases" / f"{case_id}.json").is_file()
+    (stage_dir / "cases.csv").unlink()
+    gathered = evaluate_stage(cfg, "ds", "unet", "test", from_cases=True)
+    assert _read(stage_dir / "cases.csv") == cases_csv
+    assert gathered["metrics"] == metrics["metrics"] and gathered["ci95"] == metrics["ci95"]
+    assert gathered["n_cases"] == whole["n_cases"] == len(ids)
+
+
+def test_per_case_unknown_case_is_named(trained_seg, capsys):
+    _, cfg_path, _ = trained_seg
+    assert run_cli("evaluate", "-c", cfg_path, "-d", "ds", "-m", "unet", "-s", "test",
+                   "--case", "no_such_case") == 2
+    assert "dataset ds: no case 'no_such_case' in the test stage" in capsys.readouterr().err
+
+
+def test_gathering_without_a_case_file_names_it(trained_seg, capsys):
+    cfg, cfg_path, _ = trained_seg
+    results = Path(cfg["results"])
+    cases_dir = results / "ds/eval/unet/val/cases"
+    if cases_dir.exists():
+        for f in cases_dir.iterdir():
+            f.unlink()
+    assert run_cli("evaluate", "-c", cfg_path, "-d", "ds", "-m", "unet",
+                   "-s", "val", "--from-cases") == 2
+    err = capsys.readouterr().err
+    assert str(cases_dir) in err and "evaluation of case" in err and "not found" in err
+
+
+def test_gathering_a_case_file_of_another_checkpoint_is_refused(trained_seg, capsys):
+    cfg, cfg_path, _ = trained_seg
+    results = Path(cfg["results"])
+    ids = [row["case_id"] for row in csv.DictReader((results / "ds/eval/unet/test/cases.csv").open())]
+    for case_id in ids:
+        evaluate_stage(cfg, "ds", "unet", "test", case=case_id)
+    path = results / "ds/eval/unet/test/cases" / f"{ids[0]}.json"
+    doc = json.loads(path.read_text())
+    doc["checkpoint_sha256"] = "0" * 64
+    path.write_text(json.dumps(doc))
+    assert run_cli("evaluate", "-c", cfg_path, "-d", "ds", "-m", "unet",
+                   "-s", "test", "--from-cases") == 2
+    assert f"{path}: made with another checkpoint" in capsys.readouterr().err

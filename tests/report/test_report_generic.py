@@ -171,6 +171,28 @@ def test_comparison_with_one_family_and_missing_model(tmp_path):
         write_comparison_report(tmp_path, "ds", [])
 
 
+def test_comparison_and_stage_report_of_the_reported_fold_with_cross_validation(tmp_path):
+    for model, dice in (("ucaps", 0.71), ("unet", 0.8)):
+        edir = tmp_path / "ds" / "eval" / model / "fold1" / "test"
+        _json(edir / "metrics.json", {"task": "segmentation", "metrics": {"dice": dice},
+                                      "ci95": {"dice": [dice - 0.1, dice + 0.1]}})
+        _json(tmp_path / "ds" / "cv" / f"{model}.json", {
+            "folds": [0, 1, 2], "per_fold": [{}, {}, {}],
+            "mean": {"dice": dice - 0.05, "hd95": None}, "sd": {"dice": 0.0125, "hd95": None}})
+    page = parse(write_comparison_report(tmp_path, "ds", ["ucaps", "unet"], fold=1))
+    text = page.text
+    assert "Cross-validation (validation cases of each fold)" in text
+    assert "0.660 \u00b1 0.013" in text and "0.750 \u00b1 0.013" in text
+    assert "fold 1, the fold evaluated on every stage" in text
+    assert "0.710" in text and "0.800" in text  # the reported fold's test metrics
+    assert not page.errors
+    # without the fold the files are not found: the models are missing
+    text = parse(write_comparison_report(tmp_path, "ds", ["ucaps", "unet"])).text
+    assert "No train.json or metrics.json was found for: ucaps, unet." in text
+    stage = parse(write_stage_report(tmp_path, "ds", "unet", "test", fold=1)).text
+    assert "0.800" in stage
+
+
 def test_index_rejects_a_bad_summary_and_handles_an_empty_one(tmp_path):
     with pytest.raises(CapsmedError, match="summary.json"):
         write_index(tmp_path, {"models": {}})

@@ -129,6 +129,36 @@ def test_missing_plan_names_the_file(tmp_path):
         train_model(cfg, "ds", "seed_cnn")
 
 
+def test_each_fold_trains_into_its_own_folder_on_its_own_cases(tmp_path, capsys):
+    import csv
+    import json
+
+    from tests.pipeline_helpers import prepare_all, run_cli, tiny_config, write_config
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 1, "batch_size": 8},
+                      split={"test_fraction": 0.25, "folds": 2, "fold": 1})
+    path = write_config(cfg, tmp_path / "c.yaml")
+    prepare_all(path)
+    splits = json.loads((tmp_path / "results/ds/splits.json").read_text())
+    for k in (0, 1):
+        assert run_cli("-q", "train", "-c", path, "-d", "ds", "-m", "seed_cnn", "--fold", k) == 0
+        assert run_cli("-q", "evaluate", "-c", path, "-d", "ds", "-m", "seed_cnn", "-s", "val",
+                       "--fold", k) == 0
+        record = json.loads((tmp_path / f"results/ds/models/seed_cnn/fold{k}/train.json")
+                            .read_text())
+        assert record["fold"] == k
+        with open(tmp_path / f"results/ds/eval/seed_cnn/fold{k}/val/cases.csv") as fh:
+            ids = sorted(row["case_id"] for row in csv.DictReader(fh))
+        assert ids == sorted(splits["folds"][k]["val"])
+    assert set(splits["folds"][0]["val"]).isdisjoint(splits["folds"][1]["val"])
+    assert not (tmp_path / "results/ds/models/seed_cnn/train.json").exists()
+    # without --fold: the config's split.fold
+    assert run_cli("-q", "evaluate", "-c", path, "-d", "ds", "-m", "seed_cnn", "-s", "test") == 0
+    assert (tmp_path / "results/ds/eval/seed_cnn/fold1/test/metrics.json").is_file()
+    assert run_cli("-q", "train", "-c", path, "-d", "ds", "-m", "seed_cnn", "--fold", "2") == 2
+    assert "dataset ds: fold 2 does not exist (split.folds is 2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("task", ["classification", "segmentation"])
 def test_a_disk_cache_filled_by_another_job_still_collates(tmp_path, task):
     """Folds and models of one dataset share the disk cache; a batch of read and computed items

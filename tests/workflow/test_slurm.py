@@ -273,8 +273,9 @@ def _check_jobs_went_through_slurm(cluster: SlurmCluster, slurm_output: str) -> 
     submitted = dict(re.findall(r"^Job (\d+) has been submitted with SLURM jobid (\d+)",
                                 slurm_output, re.MULTILINE))
     slurm_ids = set(submitted.values())
-    cluster_rules = set(re.findall(r"^rule (\w+):", slurm_output, re.MULTILINE))
-    n_jobs = len(re.findall(r"^rule (\w+):", slurm_output, re.MULTILINE))
+    # "checkpoint split:" is a job too (the split is a checkpoint for per-case evaluation)
+    cluster_rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", slurm_output, re.MULTILINE))
+    n_jobs = len(re.findall(r"^(?:rule|checkpoint) (\w+):", slurm_output, re.MULTILINE))
     assert slurm_ids, "no job was submitted to SLURM"
     assert len(slurm_ids) == n_jobs, f"{n_jobs} rule jobs ran but {len(slurm_ids)} went to SLURM"
 
@@ -301,9 +302,10 @@ def _check_jobs_went_through_slurm(cluster: SlurmCluster, slurm_output: str) -> 
 def _check_same_jobs(slurm_output: str, local_output: str) -> None:
     """Every rule that ran locally went to SLURM, except the SLURM run's local rules (``all``)."""
     # Locally, snakemake prints every job as "localrule NAME:".
-    local_rules = set(re.findall(r"^(?:local)?rule (\w+):", local_output, re.MULTILINE))
-    cluster_rules = set(re.findall(r"^rule (\w+):", slurm_output, re.MULTILINE))
-    kept_local = set(re.findall(r"^localrule (\w+):", slurm_output, re.MULTILINE))
+    local_rules = set(re.findall(r"^(?:local)?(?:rule|checkpoint) (\w+):", local_output,
+                                 re.MULTILINE))
+    cluster_rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", slurm_output, re.MULTILINE))
+    kept_local = set(re.findall(r"^local(?:rule|checkpoint) (\w+):", slurm_output, re.MULTILINE))
     assert local_rules == cluster_rules | kept_local, (local_rules, cluster_rules, kept_local)
 
 

@@ -20,6 +20,13 @@ def _run(args, cwd, timeout=600):
                           timeout=timeout, env=env)
 
 
+def _run_in(repo_root, workdir, config: str, timeout: int = 900):
+    """Run the workflow with a config of tests/workflow in ``workdir`` (results in workdir/results)."""
+    return _run(["--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
+                 "--configfile", str(repo_root / "tests/workflow" / config),
+                 "--cores", "2", "--config", "results=results"], cwd=workdir, timeout=timeout)
+
+
 def test_lint_is_clean(repo_root, tmp_path):
     res = _run(["--lint", "--snakefile", str(repo_root / "Snakefile"),
                 "--config", f"results={tmp_path}/results"], cwd=repo_root)
@@ -59,9 +66,7 @@ class _Parser(HTMLParser):
 @pytest.mark.slow
 def test_tiny_demo_end_to_end(repo_root, tmp_path):
     """The whole workflow on the reduced demo config, in a temporary folder."""
-    res = _run(["--snakefile", str(repo_root / "Snakefile"), "--directory", str(tmp_path),
-                "--configfile", str(repo_root / "tests/workflow/tiny_config.yaml"),
-                "--cores", "2", "--config", "results=results"], cwd=tmp_path, timeout=1500)
+    res = _run_in(repo_root, tmp_path, "tiny_config.yaml", timeout=1500)
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
     results = tmp_path / "results"
     summary = json.loads((results / "summary.json").read_text())
@@ -148,3 +153,77 @@ def test_configfile_replaces_the_demo_config(repo_root, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout + res.stderr
     assert "breastmnist" in out and "demo_seg3d" not in out and "demo_cls2d" not in out
+
+
+def _job_counts(out: str) -> dict:
+    return dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1], re.M))
+
+
+def test_dry_run_plans_every_fold_of_a_cross_validation(repo_root, tmp_path):
+    """3 folds: each trained and validated ({fold} wildcard), fold 1 evaluated on every stage."""
+    res = _run(["-n", "--snakefile", str(repo_root / "Snakefile"), "--directory", str(repo_root),
+                "--configfile", str(repo_root / "tests/workflow/cv_config.yaml"),
+                "--config", f"results={tmp_path}/results", "--cores", "1"], cwd=repo_root,
+               timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout + res.stderr
+    assert _job_counts(out) == {
+        "prepare": "1", "preprocess": "1", "split": "1", "train_fold": "3", "evaluate_fold": "5",
+        "crossval": "1", "report_stage": "3", "report_studies": "1", "report_dataset": "1",
+        "summarize": "1", "all": "1", "total": "19"}
+    for k in range(3):
+        assert f"results/cv_cls2d/eval/seed_cnn/fold{k}/val/metrics.json" in out
+    for stage in ("train", "test"):
+        assert f"results/cv_cls2d/eval/seed_cnn/fold1/{stage}/metrics.json" in out
+        assert f"results/cv_cls2d/eval/seed_cnn/fold0/{stage}/metrics.json" not in out
+
+
+@pytest.mark.slow
+def test_cross_validation_end_to_end(repo_root, tmp_path):
+    res = _run_in(repo_root, tmp_path, "cv_config.yaml")
+    assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+    results = tmp_path / "results"
+    ds = results / "cv_cls2d"
+    model = json.loads((results / "summary.json").read_text())["datasets"]["cv_cls2d"]["models"][
+        "seed_cnn"]
+    assert model["fold"] == 1 and set(model["stages"]) == {"train", "val", "test"}
+    cv = model["cross_validation"]
+    assert cv["folds"] == [0, 1, 2] and (results / cv["path"]).is_file()
+    aucs = [json.loads((ds / f"eval/seed_cnn/fold{k}/val/metrics.json").read_text())["metrics"]
+            ["auc"] for k in range(3)]
+    assert cv["mean"]["auc"] == pytest.approx(sum(aucs) / 3)
+    assert model["stages"]["val"]["metrics"]["auc"] == aucs[1]
+    splits = json.loads((ds / "splits.json").read_text())
+    for k in range(3):
+        assert json.loads((ds / f"models/seed_cnn/fold{k}/train.json").read_text())["fold"] == k
+        assert (ds / f"models/seed_cnn/fold{k}/best.pt").is_file()
+    assert len(model["studies"]) == len(splits["test"])
+    for path in model["studies"].values():
+        assert (results / path).is_file()
+    assert "Cross-validation" in (ds / "reports/comparison.html").read_text()
+
+
+@pytest.mark.slow
+def test_per_case_evaluation_jobs_end_to_end(repo_root, tmp_path):
+    """evaluate.per_case_jobs: one job per case, gathered into the tables one job would write."""
+    res = _run_in(repo_root, tmp_path, "per_case_config.yaml")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-8000:]
+    ds = tmp_path / "results/pc_seg3d"
+    splits = json.loads((ds / "splits.json").read_text())
+    n_cases = len(splits["test"]) + len(splits["folds"][0]["val"])
+    assert len(re.findall(r"^(?:local)?rule evaluate_case:", out, re.M)) == n_cases
+    for case_id in splits["test"]:
+        assert (ds / f"eval/unet/test/cases/{case_id}.json").is_file()
+    gathered = json.loads((ds / "eval/unet/test/metrics.json").read_text())
+    gathered_csv = (ds / "eval/unet/test/cases.csv").read_text()
+    assert gathered["n_cases"] == len(splits["test"])
+    # one whole-stage evaluation of the same checkpoint writes the same tables
+    one = subprocess.run([sys.executable, "-m", "capsmed", "-q", "evaluate", "-c",
+                          str(tmp_path / "results/.capsmed/config.yaml"), "-d", "pc_seg3d",
+                          "-m", "unet", "-s", "test", "--threads", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    whole = json.loads((ds / "eval/unet/test/metrics.json").read_text())
+    assert whole["metrics"] == gathered["metrics"] and whole["ci95"] == gathered["ci95"]
+    assert (ds / "eval/unet/test/cases.csv").read_text() == gathered_csv

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def digest(*keys) -> str:
 def dataset_digest(wildcards) -> str:
     ds = {k: v for k, v in config["datasets"][wildcards.dataset].items()
           if k not in ("models", "inference", "train")}
+    # which folds are trained and reported changes no data file
+    ds["split"] = {k: v for k, v in ds.get("split", {}).items()
+                   if k not in ("fold", "cross_validate")}
     return hashlib.sha256(json.dumps([ds, config["seed"]], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -71,6 +75,106 @@ def models_of(wildcards) -> list:
     return config["datasets"][wildcards.dataset]["models"]
 
 
+# Cross-validation. A dataset with split.folds > 1 keeps each fold's model and evaluations in
+# models/{model}/fold{fold} and eval/{model}/fold{fold}/{stage} (rules train_fold and
+# evaluate_fold); every fold is trained and validated, and the fold named by split.fold is
+# evaluated on every stage and reported. A dataset with one fold uses models/{model} and
+# eval/{model}/{stage} (rules train and evaluate).
+def _split(ds: str) -> dict:
+    return config["datasets"][ds].get("split") or {}
+
+
+def n_folds(ds: str) -> int:
+    return int(_split(ds).get("folds", 1))
+
+
+def reported_fold(ds: str):
+    """The fold in paths of the reported model: split.fold with several folds, else None."""
+    return int(_split(ds).get("fold", 0)) if n_folds(ds) > 1 else None
+
+
+def trained_folds(ds: str) -> list:
+    if n_folds(ds) > 1 and _split(ds).get("cross_validate", True):
+        return list(range(n_folds(ds)))
+    return [int(_split(ds).get("fold", 0))]
+
+
+def _alternatives(names) -> str:
+    """A regex matching exactly these names (and nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!x)x"
+
+
+ONE_FOLD = _alternatives(ds for ds in DATASETS if n_folds(ds) == 1)
+FOLDED = _alternatives(ds for ds in DATASETS if n_folds(ds) > 1)
+
+
+def _with_fold(model: str, fold) -> str:
+    """``model``, or ``model/fold{k}`` where folds are used."""
+    return model if fold is None else f"{model}/fold{fold}"
+
+
+def train_json(ds: str, model: str, fold=None) -> str:
+    return f"{RESULTS}/{ds}/models/{_with_fold(model, fold)}/train.json"
+
+
+def eval_metrics(ds: str, model: str, stage: str, fold=None) -> str:
+    return f"{RESULTS}/{ds}/eval/{_with_fold(model, fold)}/{stage}/metrics.json"
+
+
+def reported_train(wildcards) -> str:
+    return train_json(wildcards.dataset, wildcards.model, reported_fold(wildcards.dataset))
+
+
+def reported_eval(stage=None):
+    """Input function: metrics.json of the reported fold ({stage} from the wildcards if None)."""
+    def inner(wildcards) -> str:
+        ds = wildcards.dataset
+        return eval_metrics(ds, wildcards.model, stage or wildcards.stage, reported_fold(ds))
+    return inner
+
+
+def crossval_files(ds: str) -> list:
+    if n_folds(ds) > 1 and _split(ds).get("cross_validate", True):
+        return [f"{RESULTS}/{ds}/cv/{model}.json" for model in config["datasets"][ds]["models"]]
+    return []
+
+
+PER_CASE = bool(config["evaluate"].get("per_case_jobs", False))
+
+
+def _fold_of(wildcards):
+    return int(wildcards.fold) if "fold" in wildcards.keys() else None
+
+
+def evaluate_inputs(wildcards) -> list:
+    """The model's train.json and, with evaluate.per_case_jobs, one evaluated file per case.
+
+    The case list comes from splits.json, so with per-case jobs the DAG is completed after the
+    split checkpoint has run.
+    """
+    ds, fold = wildcards.dataset, _fold_of(wildcards)
+    inputs = [train_json(ds, wildcards.model, fold)]
+    if not PER_CASE:
+        return inputs
+    from capsmed.paths import safe_name  # case files are named as capsmed names them
+
+    with open(checkpoints.split.get(dataset=ds).output[0], encoding="utf-8") as fh:
+        splits = json.load(fh)
+    stage = wildcards.stage
+    ids = splits["test"] if stage == "test" else splits["folds"][fold or 0][stage]
+    base = f"{RESULTS}/{ds}/eval/{_with_fold(wildcards.model, fold)}/{stage}/cases"
+    return inputs + [f"{base}/{safe_name(i)}.json" for i in ids]
+
+
+def from_cases_arg(wildcards) -> str:
+    return " --from-cases" if PER_CASE else ""
+
+
+def fold_arg(wildcards) -> str:
+    """``--fold K`` for the *_fold rules, nothing for the one-fold rules."""
+    return f" --fold {wildcards.fold}" if "fold" in wildcards.keys() else ""
+
+
 def all_targets() -> list:
     out = [f"{RESULTS}/summary.json", f"{RESULTS}/index.html"]
     for ds in DATASETS:
@@ -83,3 +187,5 @@ wildcard_constraints:
     dataset="|".join(DATASETS),
     model="[A-Za-z][A-Za-z0-9_]*",
     stage="train|val|test",
+    fold="[0-9]+",
+    case="[A-Za-z0-9._-]+",

@@ -1,11 +1,13 @@
 # Evaluate one model on one dataset stage (train / val / test) in each study's original geometry.
+# By default one job predicts every case of the stage; with evaluate.per_case_jobs each case is its
+# own job (evaluate_case) and the stage job only gathers them (same cases.csv and metrics.json).
 
 
 rule evaluate:
     input:
-        rules.train.output,
+        evaluate_inputs,
     output:
-        metrics=f"{RESULTS}/{{dataset}}/eval/{{model}}/{{stage}}/metrics.json",
+        metrics=f"{RESULTS}/{{dataset,{ONE_FOLD}}}/eval/{{model}}/{{stage}}/metrics.json",
         cases=f"{RESULTS}/{{dataset}}/eval/{{model}}/{{stage}}/cases.csv",
     log:
         f"{RESULTS}/{{dataset}}/logs/evaluate_{{model}}_{{stage}}.log",
@@ -13,6 +15,8 @@ rule evaluate:
         capsmed=CAPSMED,
         config=CONFIG_FILE,
         digest=eval_digest,
+        fold=fold_arg,
+        from_cases=from_cases_arg,
     conda:
         "../../environment.yml"
     benchmark:
@@ -24,4 +28,74 @@ rule evaluate:
         cpus_per_task=config["threads"],
     shell:
         "{params.capsmed} --log {log} evaluate -c {params.config} -d {wildcards.dataset} "
-        "-m {wildcards.model} -s {wildcards.stage} --threads {threads}"
+        "-m {wildcards.model} -s {wildcards.stage} --threads {threads}{params.fold}"
+        "{params.from_cases}"
+
+
+# Cross-validation: each fold's model on that fold's cases. Every fold is evaluated on its val
+# cases (for rule crossval); the reported fold (split.fold) on every stage.
+use rule evaluate as evaluate_fold with:
+    output:
+        metrics=f"{RESULTS}/{{dataset,{FOLDED}}}/eval/{{model}}/fold{{fold}}/{{stage}}/metrics.json",
+        cases=f"{RESULTS}/{{dataset}}/eval/{{model}}/fold{{fold}}/{{stage}}/cases.csv",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/evaluate_{{model}}_fold{{fold}}_{{stage}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/evaluate_{{model}}_fold{{fold}}_{{stage}}.tsv"
+
+
+# One case (evaluate.per_case_jobs): prediction files and eval/.../{stage}/cases/{case}.json.
+rule evaluate_case:
+    input:
+        f"{RESULTS}/{{dataset}}/models/{{model}}/train.json",
+    output:
+        f"{RESULTS}/{{dataset,{ONE_FOLD}}}/eval/{{model}}/{{stage}}/cases/{{case}}.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/evaluate_{{model}}_{{stage}}/{{case}}.log",
+    params:
+        capsmed=CAPSMED,
+        config=CONFIG_FILE,
+        digest=eval_digest,
+        fold=fold_arg,
+    conda:
+        "../../environment.yml"
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/evaluate_{{model}}_{{stage}}/{{case}}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=config["resources"]["evaluate_mem_mb"],
+        runtime=config["resources"]["evaluate_runtime"],
+        cpus_per_task=config["threads"],
+    shell:
+        "{params.capsmed} --log {log} evaluate -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model} -s {wildcards.stage} --case {wildcards.case} "
+        "--threads {threads}{params.fold}"
+
+
+use rule evaluate_case as evaluate_case_fold with:
+    input:
+        f"{RESULTS}/{{dataset}}/models/{{model}}/fold{{fold}}/train.json",
+    output:
+        f"{RESULTS}/{{dataset,{FOLDED}}}/eval/{{model}}/fold{{fold}}/{{stage}}/cases/{{case}}.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/evaluate_{{model}}_fold{{fold}}_{{stage}}/{{case}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/evaluate_{{model}}_fold{{fold}}_{{stage}}/{{case}}.tsv"
+
+
+# One model's validation metrics over all folds: mean and sd (results/{dataset}/cv/{model}.json).
+rule crossval:
+    input:
+        lambda w: [eval_metrics(w.dataset, w.model, "val", k) for k in trained_folds(w.dataset)],
+    output:
+        f"{RESULTS}/{{dataset,{FOLDED}}}/cv/{{model}}.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/crossval_{{model}}.log",
+    params:
+        capsmed=CAPSMED,
+        config=CONFIG_FILE,
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.capsmed} --log {log} crossval -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model}"

@@ -42,7 +42,8 @@ rule preprocess:
         "{params.capsmed} --log {log} preprocess -c {params.config} -d {wildcards.dataset}"
 
 
-rule split:
+# A checkpoint: with evaluate.per_case_jobs the evaluation jobs are known once the split exists.
+checkpoint split:
     input:
         rules.prepare.output,
     output:

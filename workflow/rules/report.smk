@@ -4,8 +4,8 @@
 
 rule report_stage:
     input:
-        metrics=rules.evaluate.output.metrics,
-        train=rules.train.output,
+        metrics=reported_eval(),
+        train=reported_train,
     output:
         report(
             f"{RESULTS}/{{dataset}}/reports/{{model}}/{{stage}}.html",
@@ -28,8 +28,8 @@ rule report_stage:
 
 rule report_studies:
     input:
-        metrics=f"{RESULTS}/{{dataset}}/eval/{{model}}/test/metrics.json",
-        train=rules.train.output,
+        metrics=reported_eval("test"),
+        train=reported_train,
     output:
         directory(f"{RESULTS}/{{dataset}}/reports/{{model}}/studies"),
     log:
@@ -47,11 +47,12 @@ rule report_studies:
 rule report_dataset:
     input:
         fingerprint=rules.preprocess.output.fingerprint,
-        metrics=lambda w: expand(
-            f"{RESULTS}/{w.dataset}/eval/{{model}}/{{stage}}/metrics.json",
-            model=models_of(w),
-            stage=STAGES,
-        ),
+        metrics=lambda w: [
+            eval_metrics(w.dataset, model, stage, reported_fold(w.dataset))
+            for model in models_of(w)
+            for stage in STAGES
+        ],
+        crossval=lambda w: crossval_files(w.dataset),
     output:
         comparison=report(
             f"{RESULTS}/{{dataset}}/reports/comparison.html",
@@ -91,6 +92,7 @@ rule summarize:
             if "test" in STAGES
         ],
         dataset_reports=expand(f"{RESULTS}/{{dataset}}/reports/comparison.html", dataset=DATASETS),
+        crossval=[path for ds in DATASETS for path in crossval_files(ds)],
     output:
         summary=f"{RESULTS}/summary.json",
         index=report(

@@ -1,5 +1,6 @@
-# Train one model on one dataset. Checkpoints (last.pt, best.pt) are not declared outputs, so that
-# Snakemake never deletes them: a killed run resumes from last.pt when the rule runs again.
+# Train one model on one dataset (one fold of it, where folds are used). Checkpoints (last.pt,
+# best.pt) are not declared outputs, so that Snakemake never deletes them: a killed run resumes from
+# last.pt when the rule runs again.
 
 
 rule train:
@@ -7,13 +8,14 @@ rule train:
         plan=rules.preprocess.output.plan,
         splits=rules.split.output,
     output:
-        f"{RESULTS}/{{dataset}}/models/{{model}}/train.json",
+        f"{RESULTS}/{{dataset,{ONE_FOLD}}}/models/{{model}}/train.json",
     log:
         f"{RESULTS}/{{dataset}}/logs/train_{{model}}.log",
     params:
         capsmed=CAPSMED,
         config=CONFIG_FILE,
         digest=train_digest,
+        fold=fold_arg,
     conda:
         "../../environment.yml"
     benchmark:
@@ -26,4 +28,14 @@ rule train:
         gpu=config["gpus"],
     shell:
         "{params.capsmed} --log {log} train -c {params.config} -d {wildcards.dataset} "
-        "-m {wildcards.model} --threads {threads}"
+        "-m {wildcards.model} --threads {threads}{params.fold}"
+
+
+# Cross-validation: the same, per fold (datasets with split.folds > 1).
+use rule train as train_fold with:
+    output:
+        f"{RESULTS}/{{dataset,{FOLDED}}}/models/{{model}}/fold{{fold}}/train.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/train_{{model}}_fold{{fold}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/train_{{model}}_fold{{fold}}.tsv"
