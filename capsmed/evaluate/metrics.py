@@ -668,7 +668,7 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
     return _reliability(y, p, int(n_bins))[0]
 
 
-def _auc_point(y: np.ndarray, probs: np.ndarray) -> float:
+def roc_auc(y: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC: binary on ``probs[:, 1]``, else macro one-vs-rest over the classes present.
 
     Args:
@@ -769,7 +769,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 
     metrics = {
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": balanced,
-        "auc": _auc_point(y, p),
+        "auc": roc_auc(y, p),
         "f1": f1 if math.isfinite(f1) else math.nan,
         "sensitivity": sensitivity,
         "specificity": specificity,

@@ -22,9 +22,7 @@ logger = logging.getLogger(__name__)
 #: capsules, reconstruction 64-128). In 3D the same layout with width 8, 3^3 and 2^3 kernels and a
 #: 16-32 reconstruction: a training step at 32^3 costs ~4x a default MONAI UNet step in FLOPs
 #: (width 16 with the same kernels ~18x, the 2D paper's settings in 3D ~80x), so that 32^3-48^3
-#: patches train on a CPU. Width 16
-#: learns faster where compute allows: on synthetic 32^3 volumes (600 Adam steps on a GPU) it
-#: reached a validation Dice of 0.70 against 0.50 for width 8.
+#: patches train on a CPU. Pass ``width=16`` for more capacity where compute allows.
 _SEGCAPS_DEFAULTS: dict[int, dict] = {
     2: {"width": 16, "kernel_size": 5, "up_kernel_size": 4, "reconstruction_hidden": (64, 128)},
     3: {"width": 8, "kernel_size": 3, "up_kernel_size": 2, "reconstruction_hidden": (16, 32)},
@@ -32,10 +30,9 @@ _SEGCAPS_DEFAULTS: dict[int, dict] = {
 
 #: Default weight of the masked reconstruction loss (on the per-voxel mean squared error).
 #: The SegCaps reference code uses 131.072 (= 0.0005 x 512^2: Sabour's weight on the summed error
-#: of a 512 x 512 slice), which grows with the patch size. In a GPU check on synthetic data (300
-#: Adam steps, 64^2 images, 3 classes) it dominated the loss and cut the validation Dice from 0.77
-#: (weight 1) to 0.44; weights 0 and 1 gave the same Dice (0.78 / 0.77), and 1 in 3D (32^3) did
-#: no worse than 0 (0.48 / 0.46). Pass ``reconstruction_weight=131.072`` for the paper's value.
+#: of a 512 x 512 slice), so the weight depends on the slice size. Here the error is a per-voxel
+#: mean and the weight 1.0, the same for every patch size; it was not tuned on benchmark data.
+#: Pass ``reconstruction_weight=131.072`` for the reference code's value.
 SEGCAPS_RECONSTRUCTION_WEIGHT = 1.0
 
 

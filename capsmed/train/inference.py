@@ -154,11 +154,12 @@ def predict_classification_case(model, item: dict, preprocess,
     data = preprocess({"image": item["image"]})
     image = data["image"].unsqueeze(0).to(device)
     with torch.no_grad():
-        scores = model(image)
-        probs = model.probabilities(scores)[0].float().cpu().numpy()
-        extra = model.extra_outputs(image) if hasattr(model, "extra_outputs") else {}
-    lengths = extra.get("lengths")
-    recon = extra.get("reconstruction")
+        # one pass: scores, and for capsule networks the lengths and the reconstruction from the
+        # longest capsule (what extra_outputs gives, without running the network twice)
+        out = model.forward_train(image, None)
+        probs = model.probabilities(out["scores"])[0].float().cpu().numpy()
+    lengths = out.get("lengths")
+    recon = out.get("reconstruction")
     return {
         "probs": probs,
         "lengths": None if lengths is None else lengths[0].float().cpu().numpy(),

@@ -214,13 +214,15 @@ def resolve_model(cfg: dict, dataset: str, model_name: str, plan: dict, in_chann
 
 
 def _classification_metric(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Validation metric for classification: AUC (one-vs-rest) when defined, else accuracy."""
-    from sklearn.metrics import roc_auc_score
+    """Validation metric for classification: AUC when every class is present, else accuracy.
+
+    The AUC is :func:`capsmed.evaluate.metrics.roc_auc` (binary, or macro one-vs-rest), as in the
+    evaluation.
+    """
+    from capsmed.evaluate.metrics import roc_auc
 
     if len(np.unique(y_true)) == probs.shape[1] and probs.shape[1] >= 2:
-        if probs.shape[1] == 2:
-            return float(roc_auc_score(y_true, probs[:, 1]))
-        return float(roc_auc_score(y_true, probs, multi_class="ovr"))
+        return roc_auc(y_true, probs)
     return float((probs.argmax(1) == y_true).mean())
 
 
