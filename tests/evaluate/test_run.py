@@ -187,3 +187,20 @@ def test_gathering_a_case_file_of_another_checkpoint_is_refused(trained_seg, cap
     assert run_cli("evaluate", "-c", cfg_path, "-d", "ds", "-m", "unet",
                    "-s", "test", "--from-cases") == 2
     assert f"{path}: made with another checkpoint" in capsys.readouterr().err
+
+
+def test_predict_dicom_series_folder_keeps_its_geometry(trained_seg, tmp_path):
+    from monai.transforms import LoadImage
+
+    from tests.data.data_helpers import make_dicom_dir
+
+    cfg, _, _ = trained_seg
+    series = make_dicom_dir(tmp_path / "dicom") / "studyC"  # pydicom's oblique MR series
+    ckpt = cfg["results"] + "/ds/models/unet/best.pt"
+    assert run_cli("-q", "predict", "--model", ckpt, str(series), "--out",
+                   str(tmp_path / "pred")) == 0
+    seg = nib.load(tmp_path / "pred" / "studyC_seg.nii.gz")
+    src = LoadImage(image_only=True)(str(series))
+    assert seg.shape == tuple(src.shape)
+    np.testing.assert_allclose(seg.affine, src.affine.numpy(), atol=1e-4)
+    assert (tmp_path / "pred" / "studyC.html").is_file()
