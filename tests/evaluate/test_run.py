@@ -177,7 +177,7 @@ def test_gathering_without_a_case_file_names_it(trained_seg, capsys):
 def test_gathering_a_case_file_of_another_checkpoint_is_refused(trained_seg, capsys):
     cfg, cfg_path, _ = trained_seg
     results = Path(cfg["results"])
-    ids = [row["case_id"] for row in csv.DictReader((results / "ds/eval/unet/test/cases.csv").open())]
+    ids = json.loads((results / "ds/splits.json").read_text())["test"]
     for case_id in ids:
         evaluate_stage(cfg, "ds", "unet", "test", case=case_id)
     path = results / "ds/eval/unet/test/cases" / f"{ids[0]}.json"
