@@ -201,8 +201,7 @@ def path_fold(cfg: dict[str, Any], dataset: str) -> int | None:
     ``eval/{model}/fold{k}/{stage}``, and ``split.fold`` is the fold whose model is evaluated on
     every stage and reported.
     """
-    split = dataset_config(cfg, dataset)["split"]
-    return int(split["fold"]) if int(split["folds"]) > 1 else None
+    return resolve_fold(cfg, dataset)[1]
 
 
 def resolve_fold(cfg: dict[str, Any], dataset: str, fold: int | None = None) -> tuple[int, int | None]:
