@@ -6,6 +6,11 @@ and standard deviation over seeds (test stage).
 
     python benchmarks/real_data.py breastmnist --seeds 0 1 2
     python benchmarks/real_data.py msd_hippocampus --seeds 0 1 2
+    python benchmarks/real_data.py msd_hippocampus --seeds 0 --ablation   # + routing ablations
+
+``--ablation`` adds the config's ablation entries (``models.<capsule model>_1iter`` and ``_conv`` /
+``_linear``: same parameters and FLOPs, one routing iteration or no routing) to the dataset's
+models, in the same results folder, so the comparison page shows them beside the others.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()
+#: Ablation entries of each row's config (``models:``), added to the dataset's models by --ablation.
+ABLATIONS = {
+    "breastmnist": ("breastmnist", ["rescapsnet_1iter", "rescapsnet_linear"]),
+    "adrenalmnist3d": ("adrenalmnist3d", ["rescapsnet_1iter", "rescapsnet_linear"]),
+    "msd_hippocampus": ("hippocampus", ["capsunet_1iter", "capsunet_conv"]),
+}
 ROWS = {
     "breastmnist": ("config/examples/breastmnist.yaml", DATA / "medmnist",
                     ["accuracy", "auc", "balanced_accuracy", "f1"]),
@@ -31,10 +42,18 @@ ROWS = {
 }
 
 
-def command(row: str, seed: int, results: Path, extra: list[str]) -> list[str]:
+def command(row: str, seed: int, results: Path, extra: list[str],
+            ablation: bool = False) -> list[str]:
     cfg, data_root, _ = ROWS[row]
+    config = [f"data_root={data_root}", f"seed={seed}", f"results={results}"]
+    if ablation:
+        import yaml
+
+        dataset, variants = ABLATIONS[row]
+        models = yaml.safe_load((ROOT / cfg).read_text())["datasets"][dataset]["models"]
+        config.append(f"datasets={{{dataset}: {{models: [{', '.join(models + variants)}]}}}}")
     return [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", cfg, "--config",
-            f"data_root={data_root}", f"seed={seed}", f"results={results}", *extra]
+            *config, *extra]
 
 
 def table(row: str, results_dirs: list[Path]) -> str:
@@ -51,6 +70,7 @@ def table(row: str, results_dirs: list[Path]) -> str:
                     if v is not None:
                         slot.setdefault(k, []).append(float(v))
                 slot.setdefault("params", []).append(rec["params"])
+                slot.setdefault("gflops", []).append(rec["flops"] / 1e9)
                 slot.setdefault("train_min", []).append(rec["train_seconds"] / 60)
                 slot.setdefault("peak_gb", []).append(rec["peak_memory_mb"] / 1024)
                 slot.setdefault("epochs", []).append(rec["epochs"])
@@ -62,11 +82,12 @@ def table(row: str, results_dirs: list[Path]) -> str:
             return f"{vals[0]:.{digits}f}"
         return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
-    head = ["model", *metrics, "params", "train min", "epochs", "peak GB"]
+    head = ["model", *metrics, "params", "GFLOPs", "train min", "epochs", "peak GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for model, slot in per_model.items():
         cells = [model] + [fmt(slot.get(k, [])) for k in metrics]
-        cells += [f"{int(slot['params'][0]):,}", fmt(slot["train_min"], 1), fmt(slot["epochs"], 1),
+        cells += [f"{int(slot['params'][0]):,}", f"{slot['gflops'][0]:.3f}", fmt(slot["train_min"], 1),
+                  fmt(slot["epochs"], 1),
                   fmt(slot["peak_gb"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -78,13 +99,15 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out")
     ap.add_argument("--report-only", action="store_true", help="only tabulate existing results")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also train the config's routing ablations (same results folders)")
     ap.add_argument("extra", nargs="*", help="more snakemake arguments (after --)")
     args = ap.parse_args()
     dirs = []
     for seed in args.seeds:
         results = args.out / f"{args.row}_seed{seed}"
         dirs.append(results)
-        cmd = command(args.row, seed, results, args.extra)
+        cmd = command(args.row, seed, results, args.extra, args.ablation)
         print("$", shlex.join(cmd), flush=True)
         if not args.report_only:
             t0 = time.time()

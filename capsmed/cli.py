@@ -82,7 +82,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Fingerprint the dataset and write the preprocessing plan."""
-    from capsmed.config import dataset_config
+    from capsmed.config import dataset_config, model_class
     from capsmed.data.fingerprint import compute_fingerprint, make_plan
     from capsmed.models import MODEL_REGISTRY
     from capsmed.paths import Layout, read_json
@@ -93,7 +93,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     layout = Layout(Path(cfg["results"]))
     cases_doc = read_json(layout.cases(args.dataset), "case list")
     divisible = 1
-    for name in ds_cfg["models"]:
+    for entry in ds_cfg["models"]:
+        name = model_class(cfg, entry)
         if name not in MODEL_REGISTRY:
             raise CapsmedError(f"datasets.{args.dataset}.models: unknown model {name!r}; known: "
                                f"{', '.join(sorted(MODEL_REGISTRY))}")

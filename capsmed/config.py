@@ -236,6 +236,15 @@ def trained_folds(cfg: dict[str, Any], dataset: str) -> list[int]:
     return [int(split["fold"])]
 
 
+def model_class(cfg: dict[str, Any], model: str) -> str:
+    """The registered model (``capsmed models``) that the config's model entry ``model`` builds.
+
+    ``models.NAME.model`` names it for variants (e.g. an ablation of ``capsunet``); otherwise it
+    is the entry's own name.
+    """
+    return str(cfg.get("models", {}).get(model, {}).get("model") or model)
+
+
 def model_args(cfg: dict[str, Any], model: str) -> dict[str, Any]:
     """Constructor keyword arguments configured for a model."""
     return copy.deepcopy(cfg["models"].get(model, {}).get("args", {}))
@@ -254,6 +263,7 @@ def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
         "seed": cfg["seed"],
         "dataset": {k: v for k, v in ds.items() if k not in ("models", "inference")},
         "model": model,
+        **({"class": model_class(cfg, model)} if model_class(cfg, model) != model else {}),
         "args": model_args(cfg, model),
         "train": train_config(cfg, dataset, model),
     }

@@ -66,14 +66,14 @@ def strip_nifti_suffix(name: str) -> str:
 
 
 def modality_name(value: Any) -> str:
-    """Map a modality (dataset.json, DICOM tag, config) to ``"MRI"``, ``"CT"`` or ``"other"``.
+    """Map a modality (dataset.json, DICOM tag, config) to ``"MRI"``, ``"CT"``, ``"US"`` or ``"other"``.
 
     Args:
         value: a string such as ``"MRI"``, ``"MR"``, ``"T2w"``, ``"CT"``; a dict of channel index to
             name (MSD ``modality``) is reduced to one name when all channels agree.
 
     Returns:
-        ``"MRI"``, ``"CT"`` or ``"other"``.
+        ``"MRI"``, ``"CT"``, ``"US"`` (ultrasound) or ``"other"``.
     """
     if isinstance(value, dict):
         names = {modality_name(v) for v in value.values()}
@@ -83,6 +83,8 @@ def modality_name(value: Any) -> str:
         return "CT"
     if text in MRI_NAMES or text.startswith("mri") or text.startswith("mr "):
         return "MRI"
+    if text in ("us", "ultrasound", "ultrasonography", "sonography"):
+        return "US"
     return "other"
 
 

@@ -258,6 +258,7 @@ def make_plan(fingerprint: Mapping[str, Any], ds_cfg: Mapping[str, Any], size_di
     norm = pre.get("normalization") or (
         "ct" if modality == "CT" else "minmax" if task == "classification" else "zscore")
     plan["normalization"] = norm
+    plan["modality"] = modality
     if norm == "ct":
         win = pre.get("ct_window")
         if win is None:

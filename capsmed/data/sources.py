@@ -9,7 +9,7 @@ them. It writes ``out_dir/cases.json``::
      "spatial_dims": 2 | 3,
      "labels": {"0": "background", "1": ...}        # segmentation
      "classes": {"0": "...", "1": "..."}            # classification
-     "modality": "MRI" | "CT" | "other",
+     "modality": "MRI" | "CT" | "US" | "other",
      "cases": [{"case_id", "image", "label" | "class", "patient_id", "split"?}, ...]}
 
 Running it again with the same config and seed rewrites nothing (a small ``materialised.json``

@@ -28,7 +28,9 @@ Random part (:func:`build_augment_transforms`), only through MONAI randomizable 
 ``RandCropByPosNegLabeld`` to ``patch_size`` (``samples_per_case`` patches, half centred on
 foreground: the output is a list of dicts, so use ``monai.data.DataLoader``/``list_data_collate``),
 then ``RandFlipd`` on each axis, ``RandRotate90d`` in a plane whose two patch axes are equal,
-``RandScaleIntensityd`` and ``RandShiftIntensityd``.
+``RandScaleIntensityd`` and ``RandShiftIntensityd``. Ultrasound (plan ``modality`` ``US``) keeps
+its top-down geometry: flips on every axis but the first (vertical) one, no 90-degree turns, and
+``RandAffined`` (rotation up to 10 degrees, scaling 10%, shifts 5%) with ``RandAdjustContrastd``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -154,6 +158,11 @@ def build_preprocess_transforms(plan: Mapping[str, Any]) -> Compose:
     return Compose(t)
 
 
+def is_ultrasound(plan: Mapping[str, Any]) -> bool:
+    """Whether the plan's modality is ultrasound (``US``, as DICOM names it)."""
+    return str(plan.get("modality") or "").upper() in ("US", "ULTRASOUND")
+
+
 def _rotation_axes(patch: list[int]) -> tuple[int, int] | None:
     """A pair of spatial axes whose patch sizes are equal (90 degree turns keep the shape)."""
     for a, b in itertools.combinations(range(len(patch)), 2):
@@ -186,11 +195,22 @@ def build_augment_transforms(plan: Mapping[str, Any]) -> Compose:
         t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=1,
                                         neg=1, num_samples=int(plan.get("samples_per_case", 1)),
                                         allow_smaller=True))
-    for axis in range(dims):
-        t.append(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
-    axes = _rotation_axes(patch)
-    if axes is not None:
-        t.append(RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=axes))
+    if is_ultrasound(plan):
+        # Ultrasound has a fixed top-down geometry (transducer at the top of the image, acoustic
+        # shadowing below lesions): no vertical flips or 90-degree turns; left-right flips, small
+        # rotations, scalings and shifts, and contrast changes instead.
+        for axis in range(1, dims):
+            t.append(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
+        t.append(RandAffined(keys=keys, prob=0.5, rotate_range=[0.17] * (1 if dims == 2 else 3),
+                             scale_range=[0.1] * dims, translate_range=[0.05 * p for p in patch],
+                             mode=["bilinear", "nearest"][: len(keys)], padding_mode="border"))
+        t.append(RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.8, 1.25)))
+    else:
+        for axis in range(dims):
+            t.append(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis))
+        axes = _rotation_axes(patch)
+        if axes is not None:
+            t.append(RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=axes))
     t.append(RandScaleIntensityd(keys="image", factors=0.1, prob=0.5))
     t.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
     return Compose(t)

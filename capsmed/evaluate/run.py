@@ -78,6 +78,7 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
     """
     from capsmed.evaluate import metrics as M
     from capsmed.train.inference import (
+        classification_tta_axes,
         predict_classification_case,
         predict_segmentation_case,
         save_nifti,
@@ -110,7 +111,8 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
         fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
         row.update(M.segmentation_case_metrics(pred, label, fg, spacing))
     else:
-        out = predict_classification_case(model, case, ctx["preprocess"], ctx["device"])
+        axes = classification_tta_axes(ctx["plan"]) if ctx["icfg"].get("tta") else []
+        out = predict_classification_case(model, case, ctx["preprocess"], ctx["device"], axes)
         seconds = time.perf_counter() - t0
         probs = out["probs"]
         row = {"case_id": case["case_id"], "image": case["image"], "class": int(case["class"]),
@@ -280,7 +282,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         "n_cases": len(rows), "metrics": metrics, "ci95": ci,
         "cost": {"inference_seconds_per_case": round(float(np.mean(seconds)), 4) if seconds
                  else None, "peak_memory_mb": round(peak, 1), "device": device_name},
-        "checkpoint_sha256": ckpt_sha, **extra,
+        "checkpoint_sha256": ckpt_sha, "inference": icfg, **extra,
     }
     atomic_write_text(out_dir / "cases.csv", _rows_to_csv(rows, fields))
     atomic_write_json(out_dir / "metrics.json", doc)

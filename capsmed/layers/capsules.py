@@ -289,10 +289,25 @@ class _ConvCapsuleBase(nn.Module):
                 groups=in_capsules,
                 **kwargs,
             )
+        self.kernel_size = tuple(int(k) for k in kernel_size)
         if bias:
             self.bias = nn.Parameter(torch.full((out_capsules, out_dim), 0.1))
         else:
             self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal vote weights, as SegCaps (3D-UCaps' N(0, 0.1) is the same scale here).
+
+        Every vote ``u_j|i`` is a convolution of one input capsule's ``Din`` channels, so the
+        fan-in is ``Din * prod(kernel_size)`` and the standard deviation ``sqrt(2 / fan_in)``.
+        PyTorch's default (Kaiming-uniform with ``a = sqrt(5)``) would be 2.4x smaller, which
+        leaves initial capsule lengths at about the bias alone.
+        """
+        fan_in = self.in_dim * math.prod(self.kernel_size)
+        nn.init.normal_(self.conv.weight, mean=0.0, std=math.sqrt(2.0 / fan_in))
+        if self.bias is not None:
+            nn.init.constant_(self.bias, 0.1)
 
     def votes(self, x: torch.Tensor) -> torch.Tensor:
         """Convolutional votes.

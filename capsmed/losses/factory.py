@@ -158,13 +158,14 @@ class ClassificationLoss(_TermsLoss):
 
     Args:
         ce_weight: scale of the cross entropy.
+        class_weights: per-class weights ``(C,)`` of the cross entropy (weighted mean), or None.
 
     """
 
-    def __init__(self, ce_weight: float = 1.0) -> None:
+    def __init__(self, ce_weight: float = 1.0, class_weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.ce_weight = ce_weight
-        self.ce = nn.CrossEntropyLoss()
+        self.ce = nn.CrossEntropyLoss(weight=class_weights)
 
     def forward(
         self, outputs: dict[str, torch.Tensor], target: torch.Tensor, image: torch.Tensor
@@ -192,6 +193,8 @@ class CapsuleClassificationLoss(_TermsLoss):
         margin: the margin loss (mean over the batch).
         margin_weight: scale of the margin loss.
         reconstruction: reconstruction loss, or None for models without a decoder or weight 0.
+        class_weights: per-class weights ``(C,)``: the margin loss becomes the weighted mean
+            ``sum_i w[y_i] L_i / sum_i w[y_i]`` (as cross entropy's ``weight``), or None.
 
     """
 
@@ -200,10 +203,12 @@ class CapsuleClassificationLoss(_TermsLoss):
         margin: MarginLoss,
         margin_weight: float = 1.0,
         reconstruction: ReconstructionLoss | None = None,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.margin = margin
         self._set_capsule_weights(margin_weight, reconstruction)
+        self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(
         self, outputs: dict[str, torch.Tensor], target: torch.Tensor, image: torch.Tensor
@@ -223,7 +228,14 @@ class CapsuleClassificationLoss(_TermsLoss):
         target = _plain(target)
         if target.dim() == 2 and target.shape[1] == 1 and lengths.shape[1] != 1:
             target = target[:, 0]
-        terms = {"margin": self.margin_weight * self.margin(lengths, target)}
+        if self.class_weights is None:
+            margin = self.margin(lengths, target)
+        else:
+            per_item = MarginLoss(self.margin.m_plus, self.margin.m_minus, self.margin.lambda_,
+                                  "none")(lengths, target)  # (B,)
+            w = (as_one_hot(target, lengths) * self.class_weights.to(lengths)).sum(dim=1)
+            margin = (w * per_item).sum() / w.sum().clamp_min(1e-12)
+        terms = {"margin": self.margin_weight * margin}
         self._add_reconstruction(terms, outputs, image)
         return self._total(terms)
 
@@ -368,7 +380,9 @@ def _resolve_weights(model: CapsmedModel, weights: dict[str, Any]) -> dict[str, 
     return resolved
 
 
-def build_loss(model: CapsmedModel, **weights: Any) -> nn.Module:
+def build_loss(
+    model: CapsmedModel, class_weights: torch.Tensor | None = None, **weights: Any
+) -> nn.Module:
     """Build the training loss for ``model`` (see the module docstring for the choices).
 
     Args:
@@ -381,6 +395,9 @@ def build_loss(model: CapsmedModel, **weights: Any) -> nn.Module:
             ``ce_weight`` (1), ``margin_weight`` (1; 0.1 for 3D-UCaps). ``None`` means the default.
             Weights that do not apply to the model are accepted and ignored, so that one config
             section can serve every model.
+        class_weights: classification only: per-class weights ``(C,)`` of the cross entropy or
+            margin loss (e.g. :func:`capsmed.train.recipe.balanced_class_weights`); ignored by
+            segmentation losses.
 
     Returns:
         Module called as ``loss(outputs, target, image) -> scalar``.
@@ -410,12 +427,12 @@ def build_loss(model: CapsmedModel, **weights: Any) -> nn.Module:
         masked_recon = MaskedReconstructionLoss(w["reconstruction_weight"], region=region)
 
     if task == "classification" and kind == "logits":
-        loss: nn.Module = ClassificationLoss(w["ce_weight"])
+        loss: nn.Module = ClassificationLoss(w["ce_weight"], class_weights)
     elif task == "classification":
         recon = None
         if has_decoder and w["reconstruction_weight"] > 0:
             recon = ReconstructionLoss(w["reconstruction_weight"])
-        loss = CapsuleClassificationLoss(margin(), w["margin_weight"], recon)
+        loss = CapsuleClassificationLoss(margin(), w["margin_weight"], recon, class_weights)
     elif kind == "logits":
         if w["dice_weight"] == 0 and w["ce_weight"] == 0:
             raise ValueError(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
+from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.factories import Act, Conv
 from torch import nn
 
@@ -16,7 +16,7 @@ from capsmed.layers import DenseCapsule, PrimaryCapsule, squash_efficient
 from capsmed.models.base import CapsmedModel, capsule_lengths, plain_tensor
 from capsmed.models.registry import register_model
 
-__all__ = ["CapsNet", "CapsuleDecoder", "EfficientCapsNet"]
+__all__ = ["CapsNet", "CapsuleDecoder", "EfficientCapsNet", "ResCapsNet"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class _CapsuleClassifier(CapsmedModel):
     output_kind = "lengths"
     fixed_size = True
     has_decoder = True
-    decoder: CapsuleDecoder
+    decoder: CapsuleDecoder | None
 
     def _set_image_size(self, image_size: int) -> None:
         """Store ``image_size`` and the paper's reconstruction weight rescaled to it."""
@@ -189,7 +189,7 @@ class _CapsuleClassifier(CapsmedModel):
 
         Returns:
             ``{"scores": lengths (B, C), "lengths": (B, C), "poses": (B, C, D),
-            "reconstruction": (B, in_channels, *S)}``.
+            "reconstruction": (B, in_channels, *S)}`` (no reconstruction without a decoder).
 
         Raises:
             ValueError: when the target shape or values do not fit.
@@ -197,8 +197,10 @@ class _CapsuleClassifier(CapsmedModel):
         """
         poses = self.class_capsules(x)
         lengths = capsule_lengths(poses)
-        recon = self.decoder(poses, _target_index(target, lengths))
-        return {"scores": lengths, "lengths": lengths, "poses": poses, "reconstruction": recon}
+        out = {"scores": lengths, "lengths": lengths, "poses": poses}
+        if self.decoder is not None:
+            out["reconstruction"] = self.decoder(poses, _target_index(target, lengths))
+        return out
 
     def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{"lengths": (B, C), "reconstruction": (B, in_channels, *S)}`` (winning capsule).
@@ -211,7 +213,7 @@ class _CapsuleClassifier(CapsmedModel):
 
         """
         out = self.forward_train(x, None)
-        return {"lengths": out["lengths"], "reconstruction": out["reconstruction"]}
+        return {k: out[k] for k in ("lengths", "reconstruction") if k in out}
 
 
 @register_model("capsnet")
@@ -400,3 +402,192 @@ class EfficientCapsNet(_CapsuleClassifier):
     def backbone_parameters(self) -> int:
         """Return the parameters without the decoder (the paper's 161K on MNIST)."""
         return self.num_parameters() - sum(p.numel() for p in self.decoder.parameters())
+
+
+#: ResCapsNet defaults per spatial_dims: three stages to a 7 x 7 grid from 28 x 28 images in 2D;
+#: in 3D a strided stem and a 4^3 grid from 28^3 volumes, to stay within 2x a small DenseNet's FLOPs.
+_RESCAPS_DEFAULTS: dict[int, dict] = {
+    2: {"channels": (32, 64, 128), "stem_stride": 1},
+    3: {"channels": (16, 32, 64), "stem_stride": 2},
+}
+
+#: What turns the primary capsules into class capsules (``capsule_block``).
+CLASS_BLOCKS = ("capsule", "linear")
+
+
+class _LinearClassCapsules(nn.Module):
+    """Ablation: a linear layer with exactly the weights and FLOPs of a ``DenseCapsule``.
+
+    ``(B, I, Din) -> Linear(I * Din -> J * Dout, no bias) -> (B, J, Dout) -> squash``. A
+    ``DenseCapsule`` holds ``I * J * Din * Dout`` vote weights and spends as many multiply-adds on
+    the votes; this layer holds and spends the same, but sums the votes with fixed weights instead
+    of routing them.
+    """
+
+    def __init__(self, in_capsules: int, in_dim: int, out_capsules: int, out_dim: int) -> None:
+        super().__init__()
+        self.out_capsules, self.out_dim = out_capsules, out_dim
+        self.linear = nn.Linear(in_capsules * in_dim, out_capsules * out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, return_coupling: bool = False) -> torch.Tensor:
+        """``(B, I, Din) -> (B, J, Dout)`` squashed; ``return_coupling`` must be False."""
+        from capsmed.layers import squash
+
+        if return_coupling:
+            raise ValueError("a linear block has no couplings")
+        y = self.linear(x.flatten(1)).view(x.shape[0], self.out_capsules, self.out_dim)
+        return squash(y, dim=-1)
+
+
+@register_model("rescapsnet")
+class ResCapsNet(_CapsuleClassifier):
+    """Small capsule classifier: residual convolutional front end, primary capsules, routing.
+
+    Where CapsNet spends 7M parameters (25M in 3D) on one 9x9 convolution and primary capsules,
+    this network reaches the capsule grid with small residual stages, as Efficient-CapsNet does,
+    but keeps a grid of primary capsules for the routing to choose among:
+
+    - stem: MONAI ``Convolution`` 3x3 (instance norm with affine parameters, ReLU: no running
+      statistics, so training and evaluation behave alike even after a few hundred steps or with
+      averaged weights), ``channels[0]`` filters, stride
+      ``stem_stride``; then a MONAI ``ResidualUnit`` with stride 2 per further width in
+      ``channels`` (2D defaults (32, 64, 128), stem stride 1: 28 -> 14 -> 7; 3D (16, 32, 64),
+      stem stride 2: 28 -> 14 -> 7 -> 4);
+    - primary capsules: a 1x1 ``PrimaryCapsule``, ``primary_capsules`` x ``primary_dim`` 16 x 8
+      at every grid position (784 capsules in 2D, 512 in 3D), squashed;
+    - class capsules: ``DenseCapsule`` to ``C`` x ``class_dim`` 16 by ``routing`` "dynamic"
+      (``routing_iterations`` 3, Sabour et al.) or "attention" (Efficient-CapsNet);
+    - optional decoder (``decoder_hidden``, e.g. (512, 1024)): the CapsNet reconstruction MLP on
+      the masked class capsules; off by default (None) since its output layer alone would
+      outweigh the network.
+
+    ``capsule_block="linear"`` is the ablation: the class capsules come from a linear layer with
+    the same weights and FLOPs as the routed one (:class:`_LinearClassCapsules`), squashed, under
+    the same margin loss. ``routing_iterations=1`` is the other (uniform couplings, same cost).
+
+    Cost with the defaults, 2 classes: 2D 28 x 28 about 0.59M parameters and 0.06 forward GFLOPs
+    (CapsNet: 7.0M); 3D 28^3 about 0.55M parameters and 0.07 GFLOPs (CapsNet: 25M and 1.0).
+
+    Scores are capsule lengths ``(B, C)`` in [0, 1), not logits.
+
+    Shapes: ``(B, in_channels, *[image_size] * spatial_dims) -> (B, out_channels)``.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: number of classes.
+        image_size: input size in every axis, >= 8.
+        channels: widths of the stem and the residual stages (defaults above).
+        stem_stride: stride of the stem convolution (1 in 2D, 2 in 3D by default).
+        primary_capsules: primary capsule types per grid position (16).
+        primary_dim: primary capsule size (8).
+        class_dim: class capsule size (16).
+        routing: ``"dynamic"`` or ``"attention"``.
+        routing_iterations: dynamic routing iterations (3).
+        capsule_block: ``"capsule"`` or the ``"linear"`` ablation.
+        decoder_hidden: hidden widths of a reconstruction decoder, or None for none.
+        reconstruction_activation: ``"sigmoid"`` (inputs in [0, 1]) or None (linear).
+
+    Raises:
+        ValueError: when a size or width is out of range or an option is unknown.
+
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        image_size: int = 28,
+        channels: Sequence[int] | None = None,
+        stem_stride: int | None = None,
+        primary_capsules: int = 16,
+        primary_dim: int = 8,
+        class_dim: int = 16,
+        routing: str = "dynamic",
+        routing_iterations: int = 3,
+        capsule_block: str = "capsule",
+        decoder_hidden: Sequence[int] | None = None,
+        reconstruction_activation: str | None = "sigmoid",
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels)
+        defaults = _RESCAPS_DEFAULTS[spatial_dims]
+        channels = tuple(int(c) for c in (defaults["channels"] if channels is None else channels))
+        stem_stride = int(defaults["stem_stride"] if stem_stride is None else stem_stride)
+        if not channels or any(c < 1 for c in channels):
+            raise ValueError(f"channels must list at least one width >= 1; got {channels}")
+        if stem_stride not in (1, 2):
+            raise ValueError(f"stem_stride must be 1 or 2; got {stem_stride}")
+        if min(primary_capsules, primary_dim, class_dim, routing_iterations) < 1:
+            raise ValueError(
+                "primary_capsules, primary_dim, class_dim and routing_iterations must be >= 1"
+            )
+        if routing not in ("dynamic", "attention"):
+            raise ValueError(f"routing must be 'dynamic' or 'attention'; got {routing!r}")
+        if capsule_block not in CLASS_BLOCKS:
+            raise ValueError(
+                f"capsule_block must be one of {', '.join(CLASS_BLOCKS)}; got {capsule_block!r}"
+            )
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8; got {image_size}")
+        self._set_image_size(image_size)
+        self.capsule_block = capsule_block
+        norm = ("INSTANCE", {"affine": True})
+        layers: list[nn.Module] = [
+            Convolution(spatial_dims, in_channels, channels[0], strides=stem_stride,
+                        kernel_size=3, act="RELU", norm=norm)
+        ]
+        size = -(-self.image_size // stem_stride)
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            layers.append(ResidualUnit(spatial_dims, c_in, c_out, strides=2, kernel_size=3,
+                                       subunits=2, act="RELU", norm=norm))
+            size = -(-size // 2)
+        self.features = nn.Sequential(*layers)
+        self.grid_size = size
+        self.primary = PrimaryCapsule(spatial_dims, channels[-1], primary_capsules, primary_dim,
+                                      kernel_size=1, stride=1, padding=0)
+        self.num_primary = primary_capsules * size**spatial_dims
+        if capsule_block == "capsule":
+            self.digits: nn.Module = DenseCapsule(
+                self.num_primary, primary_dim, out_channels, class_dim, routing=routing,
+                routing_iterations=routing_iterations,
+            )
+        else:
+            self.digits = _LinearClassCapsules(self.num_primary, primary_dim, out_channels,
+                                               class_dim)
+        if decoder_hidden is None:
+            self.decoder = None
+            self.has_decoder = False  # type: ignore[misc]  # the instance has no reconstruction
+            self.loss_defaults = {}
+        else:
+            self.decoder = self._make_decoder(class_dim, decoder_hidden, reconstruction_activation)
+
+    def primary_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the primary capsules ``(B, N, primary_dim)`` of a checked plain tensor ``x``.
+
+        Capsule ``n = position * primary_capsules + type``.
+        """
+        primary = self.primary(self.features(x))  # (B, P, Dp, *grid)
+        batch, types, dim = primary.shape[:3]
+        return primary.reshape(batch, types, dim, -1).transpose(2, 3).reshape(batch, -1, dim)
+
+    def _class_capsules(self, x: torch.Tensor) -> torch.Tensor:
+        """Features -> primary capsules -> routing: ``(B, C_in, *S) -> (B, C, class_dim)``."""
+        return self.digits(self.primary_capsules(x))
+
+    def couplings(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the routing couplings ``(B, N, C)`` of the class capsule layer.
+
+        Args:
+            x: ``(B, in_channels, *[image_size] * spatial_dims)``.
+
+        Returns:
+            Coupling coefficients ``c_ij`` between the ``N`` primary and ``C`` class capsules.
+
+        Raises:
+            ValueError: for the linear ablation, which has no couplings.
+
+        """
+        self.check_input(x)
+        _, coupling = self.digits(self.primary_capsules(plain_tensor(x)), return_coupling=True)
+        return coupling

@@ -115,6 +115,29 @@ def _gz(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=6, mtime=0)
 
 
+def keep_largest_components(pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep only the largest connected component of each foreground label.
+
+    MONAI ``KeepLargestConnectedComponent`` on every label ``1 .. num_classes - 1`` independently,
+    with full connectivity; removed voxels become background.
+
+    Args:
+        pred: label map ``(*S)``, integers in ``[0, num_classes)``.
+        num_classes: number of classes including background.
+
+    Returns:
+        The cleaned label map, same shape and dtype.
+    """
+    from monai.transforms import KeepLargestConnectedComponent
+
+    if num_classes < 2:
+        return pred
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)),
+                                         is_onehot=False, independent=True)
+    out = keep(torch.as_tensor(pred[None].astype(np.int64)))
+    return np.asarray(out[0]).astype(pred.dtype)
+
+
 def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device: torch.device,
                               inference: dict[str, Any]) -> dict[str, Any]:
     """Segment one study and map the result back to its original geometry.
@@ -125,7 +148,7 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
         plan: Preprocessing plan (``patch_size`` used as the window).
         preprocess: Deterministic preprocessing transform.
         device: Device of the model.
-        inference: ``overlap``, ``sw_batch_size``, ``tta``.
+        inference: ``overlap``, ``sw_batch_size``, ``tta``, ``largest_component``.
 
     Returns:
         ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 or None,
@@ -137,6 +160,8 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
                          sw_batch_size=inference["sw_batch_size"], tta=inference["tta"])
     probs_orig = invert_to_original(data, "pred", probs[0], preprocess)
     pred = probs_orig.argmax(0).cpu().numpy().astype(np.uint8)
+    if inference.get("largest_component"):
+        pred = keep_largest_components(pred, int(probs_orig.shape[0]))
     unc_orig = None
     if unc is not None:
         unc_orig = invert_to_original(data, "unc", unc[0], preprocess)[0].cpu().numpy()
@@ -144,12 +169,34 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
     return {"pred": pred, "uncertainty": unc_orig, "affine": affine}
 
 
-def predict_classification_case(model, item: dict, preprocess,
-                                device: torch.device) -> dict[str, Any]:
+def classification_tta_axes(plan: dict) -> list[int]:
+    """Spatial axes (0-based) flipped for classification test-time augmentation.
+
+    The axes the training augmentation flips: every axis, except the first (vertical) one of
+    ultrasound, whose top-down geometry training keeps too (:mod:`capsmed.data.transforms`).
+    """
+    from capsmed.data.transforms import is_ultrasound
+
+    dims = int(plan["spatial_dims"])
+    return list(range(1, dims)) if is_ultrasound(plan) else list(range(dims))
+
+
+def predict_classification_case(model, item: dict, preprocess, device: torch.device,
+                                tta_axes: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
     """Classify one study.
 
+    Args:
+        model: Trained classifier in eval mode on ``device``.
+        item: ``{"image": path, ...}``.
+        preprocess: Deterministic preprocessing transform.
+        device: Device of the model.
+        tta_axes: spatial axes to flip for test-time augmentation (e.g.
+            :func:`classification_tta_axes`): the probabilities are averaged over the image and
+            its flip along each of them. Empty: one pass.
+
     Returns:
-        ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None}``.
+        ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None}``;
+        lengths and reconstruction come from the unflipped image.
     """
     data = preprocess({"image": item["image"]})
     image = data["image"].unsqueeze(0).to(device)
@@ -157,7 +204,11 @@ def predict_classification_case(model, item: dict, preprocess,
         # one pass: scores, and for capsule networks the lengths and the reconstruction from the
         # longest capsule (what extra_outputs gives, without running the network twice)
         out = model.forward_train(image, None)
-        probs = model.probabilities(out["scores"])[0].float().cpu().numpy()
+        runs = [model.probabilities(out["scores"])[0].float()]
+        for axis in tta_axes:
+            flipped = torch.flip(image, (axis + 2,))
+            runs.append(model.probabilities(model(flipped))[0].float())
+        probs = torch.stack(runs).mean(0).cpu().numpy()
     lengths = out.get("lengths")
     recon = out.get("reconstruction")
     return {

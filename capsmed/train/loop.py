@@ -26,6 +26,7 @@ from capsmed.config import (
     config_hash,
     dataset_config,
     model_args,
+    model_class,
     model_config_hash,
     resolve_fold,
     train_config,
@@ -153,13 +154,23 @@ def make_optimizer(params, tcfg: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=0.9, nesterov=True)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, tcfg: dict):
-    """Learning-rate schedule over the epochs (or None)."""
-    if tcfg["scheduler"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg["epochs"])
-    if tcfg["scheduler"] == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, tcfg["epochs"] // 3), gamma=0.1)
-    return None
+def set_learning_rate(opt: torch.optim.Optimizer, tcfg: dict, step: int, total_steps: int,
+                      seconds: float) -> float:
+    """Set the learning rate for the next step from the elapsed fraction of training.
+
+    See :mod:`capsmed.train.recipe`: the schedule ends with ``epochs`` or with ``max_minutes``,
+    whichever comes first.
+
+    Returns:
+        The learning rate set.
+    """
+    from capsmed.train.recipe import lr_factor, training_progress
+
+    progress = training_progress(step, total_steps, seconds, tcfg.get("max_minutes"))
+    lr = tcfg["learning_rate"] * lr_factor(tcfg["scheduler"], progress)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def estimate_flops(model: torch.nn.Module, in_channels: int, size: list[int]) -> int:
@@ -190,12 +201,13 @@ def resolve_model(cfg: dict, dataset: str, model_name: str, plan: dict, in_chann
     """
     from capsmed.models import MODEL_REGISTRY, get_model
 
-    if model_name not in MODEL_REGISTRY:
+    class_name = model_class(cfg, model_name)
+    if class_name not in MODEL_REGISTRY:
         raise CapsmedError(
-            f"model {model_name!r} (dataset {dataset}) is unknown; known models: "
+            f"model {class_name!r} (dataset {dataset}) is unknown; known models: "
             f"{', '.join(sorted(MODEL_REGISTRY))}"
         )
-    cls = MODEL_REGISTRY[model_name]
+    cls = MODEL_REGISTRY[class_name]
     args = model_args(cfg, model_name)
     spatial_dims = int(plan["spatial_dims"])
     patch = [int(p) for p in plan["patch_size"]]
@@ -204,7 +216,7 @@ def resolve_model(cfg: dict, dataset: str, model_name: str, plan: dict, in_chann
         patch = [int(math.ceil(p / k) * k) for p in patch]
     elif getattr(cls, "fixed_size", False):
         args.setdefault("image_size", int(patch[0]))
-    model = get_model(model_name, spatial_dims, in_channels, out_channels, **args)
+    model = get_model(class_name, spatial_dims, in_channels, out_channels, **args)
     if model.task != plan["task"]:
         raise CapsmedError(
             f"model {model_name!r} is a {model.task} model but dataset {dataset} is a "
@@ -322,9 +334,26 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
     model, args, patch = resolve_model(cfg, dataset, model_name, plan, in_channels, out_channels)
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    loss_fn = build_loss(model, **tcfg["loss"])
+    train_items = model_input_items(stage_cases(cases_doc, splits, "train", fold), task)
+    val_items = model_input_items(stage_cases(cases_doc, splits, "val", fold), task)
+    if not train_items:
+        raise CapsmedError(f"dataset {dataset}: no training cases in fold {fold}")
+    class_weights = None
+    if task == "classification" and tcfg["class_weights"] == "balanced":
+        from capsmed.train.recipe import balanced_class_weights
+
+        class_weights = balanced_class_weights([i["class"] for i in train_items], out_channels)
+        logger.info("%s/%s: class weights %s", dataset, model_name,
+                    [round(float(w), 3) for w in class_weights])
+    if class_weights is not None:
+        class_weights = class_weights.to(device)
+    loss_fn = build_loss(model, class_weights=class_weights, **tcfg["loss"])
     opt = make_optimizer(model.parameters(), tcfg)
-    sched = make_scheduler(opt, tcfg)
+    ema = None
+    if tcfg["ema_decay"]:
+        from capsmed.train.recipe import ModelEMA
+
+        ema = ModelEMA(model, tcfg["ema_decay"])
 
     model_dir = layout.model_dir(dataset, model_name, path_fold)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -332,22 +361,24 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
 
     base = {
         "format": CHECKPOINT_FORMAT,
-        "model": {"name": model_name, "spatial_dims": int(plan["spatial_dims"]),
+        "model": {"name": model_class(cfg, model_name), "entry": model_name,
+                  "spatial_dims": int(plan["spatial_dims"]),
                   "in_channels": in_channels, "out_channels": out_channels, "args": args},
         "task": task, "plan": {**plan, "patch_size": patch}, "names": names,
         "config_hash": chash, "seed": seed, "versions": package_versions(),
         "metric_name": "dice" if task == "segmentation" else "auc",
         "dataset": dataset,
     }
-    start_epoch, history = 1, []
+    start_epoch, history, step = 1, [], 0
     best_metric, best_epoch, bad_epochs, train_seconds = -math.inf, 0, 0, 0.0
     if last_path.is_file():
         ckpt = load_checkpoint(last_path)
         if ckpt.get("config_hash") == chash:
-            model.load_state_dict(ckpt["state_dict"])
+            model.load_state_dict(ckpt.get("train_state_dict") or ckpt["state_dict"])
             opt.load_state_dict(ckpt["optimizer"])
-            if sched is not None and ckpt.get("scheduler"):
-                sched.load_state_dict(ckpt["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ckpt["ema"])
+            step = int(ckpt.get("step", 0))
             start_epoch = int(ckpt["epoch"]) + 1
             history = list(ckpt["history"])
             best_metric, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
@@ -359,10 +390,6 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
                            last_path, dataset, model_name)
 
     sample_plan = {**plan, "patch_size": patch, "samples_per_case": tcfg["samples_per_case"]}
-    train_items = model_input_items(stage_cases(cases_doc, splits, "train", fold), task)
-    val_items = model_input_items(stage_cases(cases_doc, splits, "val", fold), task)
-    if not train_items:
-        raise CapsmedError(f"dataset {dataset}: no training cases in fold {fold}")
     train_ds, val_ds = build_datasets(sample_plan, train_items, val_items,
                                       ds_cfg["preprocess"]["cache"], layout.cache(dataset),
                                       tcfg["augment"])
@@ -373,6 +400,9 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
     logger.info("%s/%s: %d parameters, %d train / %d val cases, device %s, %d threads",
                 dataset, model_name, n_params, len(train_items), len(val_items), device, n_threads)
 
+    steps_per_epoch = math.ceil(len(train_ds) / tcfg["batch_size"])
+    total_steps = max(1, tcfg["epochs"] * steps_per_epoch)
+    eval_model = model if ema is None else ema.module  # the weights validated and checkpointed
     stop_after = tcfg["epochs"] if max_epochs is None else min(tcfg["epochs"], max_epochs)
     if tcfg["patience"] and bad_epochs >= tcfg["patience"]:
         stop_after = start_epoch - 1  # the run being resumed had already stopped early
@@ -399,6 +429,8 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
                 target = batch["label"].to(device).long()
             else:
                 target = torch.as_tensor(batch["class"]).long().to(device)
+            lr = set_learning_rate(opt, tcfg, step, total_steps,
+                                   train_seconds + time.perf_counter() - t0)
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 outputs = model.forward_train(image, target)
@@ -410,15 +442,16 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
                 )
             loss.backward()
             opt.step()
+            step += 1
+            if ema is not None:
+                ema.update(model)
             total += float(loss.detach()) * image.shape[0]
             count += image.shape[0]
         lr = opt.param_groups[0]["lr"]
-        if sched is not None:
-            sched.step()
         val_loss, val_metric = math.nan, math.nan
         if epoch % tcfg["val_every"] == 0 or epoch == tcfg["epochs"]:
             val_loss, val_metric = validate_epoch(
-                model, loss_fn, val_loader, plan, patch, device, icfg["sw_batch_size"],
+                eval_model, loss_fn, val_loader, plan, patch, device, icfg["sw_batch_size"],
                 icfg["overlap"])
         seconds = time.perf_counter() - t0
         train_seconds += seconds
@@ -429,13 +462,15 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
             best_metric, best_epoch, bad_epochs = val_metric, epoch, 0
         elif not math.isnan(val_metric):
             bad_epochs += 1
-        state = {**base, "state_dict": model.state_dict(), "epoch": epoch, "history": history,
-                 "best_metric": best_metric, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-                 "train_seconds": train_seconds}
-        if improved or not best_path.is_file():
+        state = {**base, "state_dict": eval_model.state_dict(), "epoch": epoch,
+                 "history": history, "best_metric": best_metric, "best_epoch": best_epoch,
+                 "bad_epochs": bad_epochs, "train_seconds": train_seconds, "step": step}
+        if tcfg["select"] == "last" or improved or not best_path.is_file():
             atomic_torch_save(best_path, state)
-        atomic_torch_save(last_path, {**state, "optimizer": opt.state_dict(),
-                                      "scheduler": sched.state_dict() if sched else None})
+        resume = {"optimizer": opt.state_dict()}
+        if ema is not None:
+            resume.update(train_state_dict=model.state_dict(), ema=ema.state_dict())
+        atomic_torch_save(last_path, {**state, **resume})
         atomic_write_text(model_dir / "history.csv", _history_csv(history))
         logger.info("%s/%s epoch %d: train loss %.4f, val %s %.4f (best %.4f @ %d), %.1fs",
                     dataset, model_name, epoch, total / max(count, 1), base["metric_name"],
@@ -455,8 +490,9 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
             return {"partial": True, "epoch": epoch}
 
     record = {
-        "dataset": dataset, "model": model_name, "task": task, "params": n_params,
-        "flops": estimate_flops(model.cpu(), in_channels, patch),
+        "dataset": dataset, "model": model_name, "model_class": model_class(cfg, model_name),
+        "task": task, "params": n_params,
+        "flops": estimate_flops(model.cpu(), in_channels, patch), "select": tcfg["select"],
         "train_seconds": round(train_seconds, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "epochs": len(history), "best_epoch": best_epoch, "best_metric": best_metric,
         "metric_name": base["metric_name"], "seed": seed, "versions": base["versions"],

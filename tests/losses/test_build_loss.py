@@ -23,6 +23,9 @@ TINY = {
     "densenet": {"init_features": 8, "growth_rate": 4, "block_config": (2, 2)},
     "unet": {"channels": (4, 8, 16), "strides": (2, 2)},
     "segcaps": {"width": 4},
+    "rescapsnet": {"image_size": 20, "channels": (4, 8), "primary_capsules": 2},
+    "capsunet": {"encoder_channels": (4, 8), "primary_capsules": 2, "primary_dim": 4, "capsules": 2,
+                 "capsule_dim": 4, "class_dim": 4, "decoder_channels": (4, 4, 4)},
     "ucaps": {"stem_channels": (4,), "primary_capsules": 2, "encoder_capsules": (2, 2, 2, 2, 2),
               "encoder_dims": (4, 4, 4, 4, 4, 4), "decoder_channels": (8, 8, 8, 8, 8),
               "reconstruction_hidden": (8,)},
@@ -78,6 +81,8 @@ def test_loss_kinds_and_terms():
         "unet": (SegmentationLoss, {"dice_ce"}),
         "ucaps": (SegmentationLoss, {"dice_ce", "margin", "reconstruction"}),
         "segcaps": (CapsuleSegmentationLoss, {"dice", "margin", "reconstruction"}),
+        "rescapsnet": (CapsuleClassificationLoss, {"margin"}),
+        "capsunet": (SegmentationLoss, {"dice_ce", "margin"}),
     }
     for name, (cls, terms) in kinds.items():
         model = get_model(name, 2, 1, 3, **TINY[name])
@@ -186,3 +191,24 @@ def test_missing_outputs_are_named():
     with pytest.raises(ValueError, match="label map"):
         build_loss(model)({"scores": torch.rand(1, 2, 8, 8)}, torch.zeros(1, 2, 8, 8),
                           torch.zeros(1, 1, 8, 8))
+
+
+def test_class_weights_weigh_the_margin_loss_like_cross_entropy():
+    """Weighted margin loss = sum_i w[y_i] L_i / sum_i w[y_i]; weighted CE is PyTorch's own."""
+    from capsmed.losses import MarginLoss
+
+    model = get_model("rescapsnet", 2, 1, 3, **TINY["rescapsnet"])
+    lengths = torch.tensor([[0.95, 0.2, 0.05], [0.3, 0.6, 0.1], [0.5, 0.5, 0.5]])
+    target = torch.tensor([0, 1, 2])
+    weights = torch.tensor([0.5, 1.0, 3.0])
+    per_item = MarginLoss(reduction="none")(lengths, target)
+    expected = (weights[target] * per_item).sum() / weights[target].sum()
+    loss = build_loss(model, class_weights=weights)({"scores": lengths}, target, None)
+    torch.testing.assert_close(loss, expected)
+    # equal weights give the plain mean
+    plain = build_loss(model, class_weights=torch.ones(3))({"scores": lengths}, target, None)
+    torch.testing.assert_close(plain, per_item.mean())
+    cnn = get_model("seed_cnn", 2, 1, 3, **TINY["seed_cnn"])
+    logits = torch.randn(3, 3)
+    ce = build_loss(cnn, class_weights=weights)({"scores": logits}, target, None)
+    torch.testing.assert_close(ce, F.cross_entropy(logits, target, weight=weights))

@@ -1,0 +1,163 @@
+"""Training recipe parts shared by every model: schedules that end with the budget, EMA, class weights.
+
+The same recipe serves capsule networks and CNN baselines, so that a comparison measures models,
+not recipes:
+
+- :func:`training_progress` and :func:`lr_factor`: the learning rate follows the elapsed fraction
+  of training, which is the larger of the step fraction (``epochs``) and the time fraction
+  (``max_minutes``). A cosine or poly schedule then reaches its end when the budget does, however
+  fast the machine is, instead of counting to an epoch number a time budget never reaches.
+- :class:`ModelEMA`: an exponential moving average of the weights (with the usual warm-up of
+  the decay), evaluated and checkpointed in place of the raw weights when enabled.
+- :func:`balanced_class_weights`: inverse class frequencies for the loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["SCHEDULES", "ModelEMA", "balanced_class_weights", "lr_factor", "training_progress"]
+
+logger = logging.getLogger(__name__)
+
+#: Learning-rate schedules by elapsed fraction of training.
+SCHEDULES = ("none", "cosine", "poly", "step")
+
+
+def training_progress(step: int, total_steps: int, seconds: float,
+                      max_minutes: float | None) -> float:
+    """Return the elapsed fraction of training in [0, 1].
+
+    Args:
+        step: optimiser steps taken so far.
+        total_steps: steps of the full ``epochs`` (at least 1).
+        seconds: training seconds so far (validation included, as the budget counts them).
+        max_minutes: the wall-clock budget, or None.
+
+    Returns:
+        ``max(step / total_steps, seconds / (60 * max_minutes))`` clipped to [0, 1]; the step
+        fraction alone without a budget.
+
+    Raises:
+        ValueError: when ``total_steps`` < 1 or ``max_minutes`` is not positive.
+
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1; got {total_steps}")
+    progress = step / total_steps
+    if max_minutes is not None:
+        if max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0; got {max_minutes}")
+        progress = max(progress, seconds / (60.0 * max_minutes))
+    return min(max(progress, 0.0), 1.0)
+
+
+def lr_factor(schedule: str, progress: float, *, poly_exponent: float = 0.9) -> float:
+    """Return the learning-rate multiplier at ``progress`` (elapsed fraction of training).
+
+    Args:
+        schedule: ``"none"`` (1), ``"cosine"`` (``(1 + cos(pi p)) / 2``), ``"poly"``
+            (``(1 - p) ** 0.9``, nnU-Net's) or ``"step"`` (x0.1 after each third).
+        progress: elapsed fraction in [0, 1].
+        poly_exponent: exponent of the poly schedule.
+
+    Returns:
+        The multiplier in [0, 1].
+
+    Raises:
+        ValueError: for an unknown schedule or a progress outside [0, 1].
+
+    """
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must lie in [0, 1]; got {progress}")
+    if schedule == "none":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "poly":
+        return (1.0 - progress) ** poly_exponent
+    if schedule == "step":
+        return 0.1 ** min(int(3 * progress), 2)
+    raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights, with warm-up of the decay.
+
+    After step ``t`` (counting from 1) the average moves towards the weights by
+    ``1 - d_t`` with ``d_t = min(decay, (1 + t) / (10 + t))``: early steps, whose weights are far
+    from the final ones, are forgotten quickly, and the average is over about ``1 / (1 - decay)``
+    steps later. Floating-point buffers (batch-norm statistics) are copied, not averaged.
+
+    Args:
+        model: the model being trained.
+        decay: the decay in (0, 1).
+
+    Raises:
+        ValueError: when ``decay`` is outside (0, 1).
+
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1); got {decay}")
+        self.decay = float(decay)
+        self.steps = 0
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """Return the decay the next update uses."""
+        t = self.steps + 1
+        return min(self.decay, (1.0 + t) / (10.0 + t))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the average towards ``model``'s weights (call after each optimiser step)."""
+        d = self.current_decay()
+        for avg, new in zip(self.module.parameters(), model.parameters(), strict=True):
+            avg.lerp_(new.detach(), 1.0 - d)
+        for avg, new in zip(self.module.buffers(), model.buffers(), strict=True):
+            avg.copy_(new)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        """Return ``{"steps", "decay", "state_dict"}`` for the checkpoint."""
+        return {"steps": self.steps, "decay": self.decay, "state_dict": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.steps = int(state["steps"])
+        self.module.load_state_dict(state["state_dict"])
+
+
+def balanced_class_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Return inverse-frequency class weights ``n / (K * n_k)`` (scikit-learn's "balanced").
+
+    Args:
+        labels: class index of every training case.
+        num_classes: ``K``.
+
+    Returns:
+        Float tensor ``(K,)``; a class absent from ``labels`` gets weight 0 (nothing to weigh).
+
+    Raises:
+        ValueError: when ``labels`` is empty or holds an index outside ``[0, K)``.
+
+    """
+    if len(labels) == 0:
+        raise ValueError("cannot weigh classes of an empty training set")
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes)
+    if counts.numel() != num_classes:
+        raise ValueError(f"class indices must lie in [0, {num_classes}); got {sorted(set(labels))}")
+    weights = torch.zeros(num_classes, dtype=torch.float32)
+    present = counts > 0
+    weights[present] = len(labels) / (num_classes * counts[present].float())
+    return weights

@@ -1,0 +1,193 @@
+"""CapsUNet and ResCapsNet: shapes at odd sizes, budgets against the baselines, ablations, errors."""
+
+import pytest
+import torch
+
+from capsmed.losses import build_loss
+from capsmed.models import get_model
+from capsmed.train.loop import estimate_flops
+
+UNET_HIPPOCAMPUS = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2}
+DENSENET_ADRENAL = {"init_features": 16, "growth_rate": 8, "block_config": (4, 8, 6)}
+
+
+def _finite_grads(model):
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(grads) and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------- CapsUNet
+@pytest.mark.parametrize(("spatial_dims", "size"), [(2, (24, 40)), (3, (16, 40, 24))])
+def test_capsunet_shapes_and_loss(spatial_dims, size):
+    torch.manual_seed(0)
+    model = get_model("capsunet", spatial_dims, 2, 3)
+    assert model.size_divisible == 8 and model.output_kind == "logits"
+    x = torch.rand(2, 2, *size)
+    scores = model(x)
+    assert scores.shape == (2, 3, *size)
+    target = torch.randint(0, 3, (2, 1, *size))
+    out = model.forward_train(x, target)
+    coarse = tuple(s // 8 for s in size)
+    assert out.keys() == {"scores", "coarse_lengths"}
+    assert out["coarse_lengths"].shape == (2, 3, *coarse)
+    assert ((out["coarse_lengths"] >= 0) & (out["coarse_lengths"] < 1)).all()
+    assert model.extra_outputs(x)["coarse_lengths"].shape == (2, 3, *coarse)
+    loss_fn = build_loss(model)
+    loss = loss_fn(out, target, x)
+    assert set(loss_fn.last_terms) == {"dice_ce", "margin"}  # the class capsules are supervised
+    loss.backward()
+    assert torch.isfinite(loss) and _finite_grads(model)
+
+
+def test_capsunet_rejects_sizes_not_divisible_by_8():
+    model = get_model("capsunet", 3, 1, 2)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        model(torch.rand(1, 1, 16, 20, 16))
+
+
+def test_capsunet_budget_against_the_unet():
+    """At a 32^3 patch: at most 1M parameters and at most the UNet's forward FLOPs."""
+    caps = get_model("capsunet", 3, 1, 3)
+    unet = get_model("unet", 3, 1, 3, **UNET_HIPPOCAMPUS)
+    assert caps.num_parameters() <= 1_000_000
+    assert caps.num_parameters() < unet.num_parameters() / 5
+    assert estimate_flops(caps, 1, [32, 32, 32]) <= estimate_flops(unet, 1, [32, 32, 32])
+
+
+def test_capsunet_ablations_cost_the_same():
+    base = get_model("capsunet", 3, 1, 3)
+    one = get_model("capsunet", 3, 1, 3, routing_iterations=1)
+    conv = get_model("capsunet", 3, 1, 3, capsule_block="conv")
+    assert one.num_parameters() == base.num_parameters()
+    # the convolution stand-in has the vote weights exactly; its norm and PReLU add a few
+    extra = conv.num_parameters() - base.num_parameters()
+    assert 0 <= extra < 0.001 * base.num_parameters()
+    flops = [estimate_flops(m, 1, [32, 32, 32]) for m in (base, conv)]
+    assert abs(flops[1] - flops[0]) < 0.01 * flops[0]
+    vote_weights = [m.conv.weight.numel() for m in base.capsules]
+    conv_weights = [m.conv.weight.numel() for m in conv.capsules]
+    assert conv_weights == vote_weights
+
+
+def test_capsunet_couplings_sum_to_one_over_outputs():
+    torch.manual_seed(0)
+    model = get_model("capsunet", 2, 1, 3).eval()
+    feats, couplings = model.encode(torch.rand(1, 1, 32, 24), return_coupling=True)
+    assert [tuple(c.shape) for c in couplings] == [(1, 8, 8, 4, 3), (1, 8, 3, 4, 3)]
+    for c in couplings:
+        torch.testing.assert_close(c.sum(2), torch.ones_like(c.sum(2)))
+    _, none = get_model("capsunet", 2, 1, 3, routing_iterations=1).encode(
+        torch.rand(1, 1, 32, 24), return_coupling=True)
+    torch.testing.assert_close(none[0], torch.full_like(none[0], 1 / 8))
+    conv = get_model("capsunet", 2, 1, 3, capsule_block="conv")
+    with pytest.raises(ValueError, match="no couplings"):
+        conv.encode(torch.rand(1, 1, 16, 16), return_coupling=True)
+
+
+def test_capsunet_vote_weights_are_he_normal():
+    torch.manual_seed(0)
+    model = get_model("capsunet", 3, 1, 3)
+    layer = model.capsules[1]  # 8 x 16D -> 3 x 16D, 3^3 kernels: fan-in 16 * 27
+    std = float(layer.conv.weight.detach().std())
+    assert abs(std - (2.0 / (16 * 27)) ** 0.5) < 0.05 * std
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"encoder_channels": (16,)}, "encoder_channels must list 2"),
+     ({"decoder_channels": (8, 8)}, "decoder_channels must list 3"),
+     ({"capsules": 0}, "must be >= 1"),
+     ({"capsule_block": "mlp"}, "capsule_block must be one of capsule, conv"),
+     ({"agreement": "euclid"}, "agreement")],
+)
+def test_capsunet_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_model("capsunet", 3, 1, 3, **kwargs)
+
+
+def test_capsunet_few_adam_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = get_model("capsunet", 2, 1, 2)
+    target = torch.zeros(2, 1, 16, 16, dtype=torch.long)
+    target[0, 0, 4:10, 4:12] = 1
+    target[1, 0, 8:14, 2:9] = 1
+    x = torch.rand(2, 1, 16, 16) * 0.2 + target
+    loss_fn = build_loss(model)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = loss_fn(model.forward_train(x, target), target, x)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+# ---------------------------------------------------------------- ResCapsNet
+@pytest.mark.parametrize(("spatial_dims", "size", "grid"), [(2, 28, 7), (2, 21, 6), (3, 28, 4),
+                                                            (3, 15, 2)])
+def test_rescapsnet_shapes(spatial_dims, size, grid):
+    torch.manual_seed(0)
+    model = get_model("rescapsnet", spatial_dims, 1, 3, image_size=size)
+    assert model.grid_size == grid and model.num_primary == 16 * grid**spatial_dims
+    x = torch.rand(2, 1, *[size] * spatial_dims)
+    lengths = model(x)
+    assert lengths.shape == (2, 3) and ((lengths >= 0) & (lengths < 1)).all()
+    out = model.forward_train(x, torch.tensor([0, 2]))
+    assert out.keys() == {"scores", "lengths", "poses"}  # no decoder by default
+    assert model.extra_outputs(x).keys() == {"lengths"}
+    loss_fn = build_loss(model)
+    loss = loss_fn(out, torch.tensor([0, 2]), x)
+    assert set(loss_fn.last_terms) == {"margin"}
+    loss.backward()
+    assert torch.isfinite(loss) and _finite_grads(model)
+    couplings = model.couplings(x)
+    assert couplings.shape == (2, model.num_primary, 3)
+    torch.testing.assert_close(couplings.sum(-1), torch.ones(2, model.num_primary))
+
+
+def test_rescapsnet_with_decoder_reconstructs():
+    model = get_model("rescapsnet", 2, 1, 2, decoder_hidden=(16, 32))
+    x = torch.rand(2, 1, 28, 28)
+    out = model.forward_train(x, torch.tensor([0, 1]))
+    assert out["reconstruction"].shape == x.shape
+    loss_fn = build_loss(model)
+    loss_fn(out, torch.tensor([0, 1]), x)
+    assert set(loss_fn.last_terms) == {"margin", "reconstruction"}
+
+
+def test_rescapsnet_budgets():
+    """2D: about 0.5M parameters and 60 MFLOPs; 3D: under 1M and within 2x the DenseNet's FLOPs."""
+    two = get_model("rescapsnet", 2, 1, 2)
+    assert 0.4e6 < two.num_parameters() < 0.7e6
+    assert 40e6 < estimate_flops(two, 1, [28, 28]) < 80e6
+    three = get_model("rescapsnet", 3, 1, 2)
+    dense = get_model("densenet", 3, 1, 2, **DENSENET_ADRENAL)
+    assert three.num_parameters() < 1_000_000
+    assert estimate_flops(three, 1, [28] * 3) <= 2 * estimate_flops(dense, 1, [28] * 3)
+    capsnet = get_model("capsnet", 3, 1, 2)
+    assert three.num_parameters() < capsnet.num_parameters() / 20
+
+
+def test_rescapsnet_linear_ablation_costs_the_same():
+    base = get_model("rescapsnet", 2, 1, 2)
+    linear = get_model("rescapsnet", 2, 1, 2, capsule_block="linear")
+    one = get_model("rescapsnet", 2, 1, 2, routing_iterations=1)
+    assert base.num_parameters() == linear.num_parameters() == one.num_parameters()
+    assert linear.digits.linear.weight.numel() == base.digits.weight.numel()
+    with pytest.raises(ValueError, match="no couplings"):
+        linear.couplings(torch.rand(1, 1, 28, 28))
+    attention = get_model("rescapsnet", 2, 1, 2, routing="attention")
+    assert attention.couplings(torch.rand(1, 1, 28, 28)).shape == (1, 784, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"channels": ()}, "channels must list"), ({"stem_stride": 3}, "stem_stride"),
+     ({"routing": "em"}, "routing must be"), ({"capsule_block": "conv"}, "capsule_block must be"),
+     ({"image_size": 6}, "image_size must be >= 8"), ({"class_dim": 0}, "must be >= 1")],
+)
+def test_rescapsnet_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_model("rescapsnet", 2, 1, 2, **kwargs)
