@@ -5,7 +5,7 @@ votes ``(B, I, J, D, *spatial)``.
 """
 
 from capsmed.layers.capsules import ConvCapsule, ConvTransposeCapsule, DenseCapsule, PrimaryCapsule
-from capsmed.layers.routing import attention_routing, dynamic_routing
+from capsmed.layers.routing import attention_routing, coupling_statistics, dynamic_routing
 from capsmed.layers.squash import squash, squash_efficient
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DenseCapsule",
     "PrimaryCapsule",
     "attention_routing",
+    "coupling_statistics",
     "dynamic_routing",
     "squash",
     "squash_efficient",

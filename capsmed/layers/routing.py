@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from capsmed.layers.squash import squash, squash_efficient
 
-__all__ = ["attention_routing", "dynamic_routing"]
+__all__ = ["attention_routing", "coupling_statistics", "dynamic_routing"]
 
 AGREEMENTS = ("dot", "cosine")
 COSINE_EPS = 1e-8  # as torch.nn.functional.cosine_similarity: dot / (max(|a|, eps) * max(|b|, eps))
@@ -535,3 +535,30 @@ def attention_routing(
     weights = coupling if bias is None else coupling + bias.view(1, i, j, *extra)
     out = squash_efficient((weights.unsqueeze(3) * votes).sum(dim=1), dim=2)
     return _finish(out, coupling if return_coupling else None, in_dtype)
+
+
+def coupling_statistics(coupling: torch.Tensor, dim: int = 2) -> dict[str, float]:
+    """Summarise routing couplings: how decisively each input capsule chooses its outputs.
+
+    For every input capsule ``i`` (and position and sample) the couplings ``c_ij`` over the ``J``
+    output capsules (axis ``dim``) sum to 1. Uniform couplings (``1 / J``, what one routing
+    iteration gives) mean no choice; a one-hot row means input ``i`` sends everything to one
+    output.
+
+    Args:
+        coupling: couplings, e.g. ``(B, I, J)`` from a dense layer or ``(B, I, J, *S)`` from a
+            convolutional one.
+        dim: the axis of the output capsules ``J``.
+
+    Returns:
+        ``{"max_coupling": mean of max_j c_ij (1/J .. 1), "entropy": mean of
+        -sum_j c_ij log c_ij / log J (1 for uniform, 0 for one-hot; 0 when J = 1),
+        "outputs": J}``.
+    """
+    c = coupling.detach().double()
+    j = c.shape[dim]
+    max_mean = float(c.amax(dim=dim).mean())
+    if j == 1:
+        return {"max_coupling": max_mean, "entropy": 0.0, "outputs": 1}
+    ent = -(c * torch.log(c.clamp_min(1e-300))).sum(dim=dim) / math.log(j)
+    return {"max_coupling": max_mean, "entropy": float(ent.mean()), "outputs": int(j)}

@@ -72,7 +72,8 @@ class CapsUNet(CapsmedModel):
     - decoder: transposed convolutions (MONAI ``UpSample``, x2) and 3x3 ``Convolution`` blocks.
       Its input at 1/8 is the two capsule layers' poses, and at 1/4 the primary capsules' poses:
       below 1/2 size every path to the output goes through capsules. At 1/2 it takes the encoder's
-      first features, at full size the image itself; a 1x1 convolution gives the logits
+      first features, at full size the image itself (a 1x1 convolution there: full-size 3x3
+      convolutions would cost a third of the budget); a 1x1 convolution gives the logits
       (``decoder_channels`` (32, 16, 8)).
 
     ``forward_train`` also returns the class-capsule lengths at 1/8 (``"coarse_lengths"``), which
@@ -81,11 +82,12 @@ class CapsUNet(CapsmedModel):
 
     ``capsule_block="conv"`` is the ablation: each capsule layer becomes a convolution with
     instance norm and PReLU of exactly the same parameters and FLOPs (see
-    :class:`_ConvCapsuleStandIn`); it keeps the margin loss on the lengths of its class-capsule
-    shaped output. ``routing_iterations=1`` is the other ablation (uniform couplings, same cost).
+    :class:`_ConvCapsuleStandIn`), a plain CNN trained with Dice-CE alone (no capsules, so no
+    margin loss). ``routing_iterations=1`` is the other ablation (uniform couplings, same cost).
 
-    Cost at a 32^3 patch, one channel, three classes, defaults: about 0.6M parameters and 0.36
-    forward GFLOPs (MONAI's UNet with channels 16-256 and 2 residual units: 4.8M and 0.40).
+    Cost at a 32^3 patch, one channel, three classes, defaults: 0.65M parameters and 0.39
+    forward GFLOPs (MONAI's UNet with channels 16-256 and 2 residual units: 4.8M and 0.40), and
+    about the UNet's time per training step on a CPU.
 
     Scores are logits ``(B, C, *S)`` (softmax in the loss and :meth:`probabilities`).
 
@@ -133,7 +135,7 @@ class CapsUNet(CapsmedModel):
         routing_iterations: int = 3,
         agreement: str = "cosine",
         shared_votes: bool = False,
-        decoder_channels: Sequence[int] = (24, 12, 4),
+        decoder_channels: Sequence[int] = (32, 16, 8),
         capsule_block: str = "capsule",
     ) -> None:
         super().__init__(spatial_dims, in_channels, out_channels)
@@ -151,6 +153,8 @@ class CapsUNet(CapsmedModel):
             )
         self.capsule_block = capsule_block
         self.loss_defaults = {"margin_weight": 0.5}
+        if capsule_block == "conv":
+            self.has_coarse_capsules = False  # type: ignore[misc]  # no capsules to supervise
         dims = spatial_dims
         e1, e2 = (int(c) for c in encoder_channels)
         d4, d2, d1 = (int(c) for c in decoder_channels)
@@ -183,7 +187,7 @@ class CapsUNet(CapsmedModel):
         self.up2 = UpSample(dims, d4, d2, scale_factor=2, mode="deconv")
         self.conv2 = Convolution(dims, d2 + e1, d2, kernel_size=3, bias=False)
         self.up1 = UpSample(dims, d2, d1, scale_factor=2, mode="deconv")
-        self.conv1 = Convolution(dims, d1 + in_channels, d1, kernel_size=3, bias=False)
+        self.conv1 = Convolution(dims, d1 + in_channels, d1, kernel_size=1, bias=False)
         self.head = Conv[Conv.CONV, dims](d1, out_channels, kernel_size=1)
 
     def encode(
@@ -248,11 +252,15 @@ class CapsUNet(CapsmedModel):
             target: unused.
 
         Returns:
-            ``{"scores": logits (B, C, *S), "coarse_lengths": (B, C, *S/8)}``.
+            ``{"scores": logits (B, C, *S), "coarse_lengths": (B, C, *S/8)}`` (no lengths for
+            the ``"conv"`` ablation).
 
         """
         feats, _ = self.encode(x)
-        return {"scores": self._decode(x, feats), "coarse_lengths": capsule_lengths(feats[3])}
+        out = {"scores": self._decode(x, feats)}
+        if self.capsule_block == "capsule":
+            out["coarse_lengths"] = capsule_lengths(feats[3])
+        return out
 
     def extra_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return ``{"coarse_lengths": (B, C, *S/8)}``: the class capsules' evidence per structure.
@@ -261,8 +269,10 @@ class CapsUNet(CapsmedModel):
             x: ``(B, in_channels, *S)``.
 
         Returns:
-            The class-capsule lengths at 1/8 resolution.
+            The class-capsule lengths at 1/8 resolution (empty for the ``"conv"`` ablation).
 
         """
+        if self.capsule_block != "capsule":
+            return {}
         feats, _ = self.encode(x)
         return {"coarse_lengths": capsule_lengths(feats[3])}

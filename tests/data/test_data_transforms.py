@@ -233,3 +233,26 @@ def test_medmnist_pipeline(breastmnist, tmp_path):
     case = doc["cases"][0]
     out = build_transforms(plan, train=True)({"image": case["image"], "class": case["class"]})
     assert tuple(out["image"].shape) == (1, 28, 28) and out["class"].item() == case["class"]
+
+
+def test_ultrasound_keeps_its_top_down_geometry():
+    """US: no vertical flip, no 90-degree turns; small affine and contrast changes instead."""
+    from capsmed.data.transforms import is_ultrasound
+
+    plan = {"task": "classification", "spatial_dims": 2, "patch_size": [28, 28],
+            "normalization": "minmax", "modality": "US"}
+    assert is_ultrasound(plan) and not is_ultrasound({**plan, "modality": "MRI"})
+    tf = build_augment_transforms(plan)
+    names = [type(t).__name__ for t in tf.transforms]
+    assert "RandRotate90d" not in names and {"RandAffined", "RandAdjustContrastd"} <= set(names)
+    flips = [t.flipper.spatial_axis for t in tf.transforms if type(t).__name__ == "RandFlipd"]
+    assert flips == [1]
+    other = [type(t).__name__ for t in build_augment_transforms({**plan, "modality": "MRI"}).transforms]
+    assert other.count("RandFlipd") == 2 and "RandRotate90d" in other
+    # the top row (transducer side) stays on top: a bright top band is never moved to the bottom
+    image = torch.zeros(1, 28, 28)
+    image[:, :4] = 1.0
+    tf.set_random_state(seed=0)
+    for _ in range(20):
+        out = tf({"image": image.clone()})["image"]
+        assert out[:, :6].mean() > out[:, -6:].mean()

@@ -366,3 +366,21 @@ def test_routing_under_autocast_runs_in_float32_and_backpropagates(spatial):
     assert votes.grad is not None and torch.isfinite(votes.grad).all()
     reference = dynamic_routing(votes.detach().to(torch.bfloat16).float(), iterations=3)
     torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)
+
+
+def test_coupling_statistics_exact_values():
+    import math
+
+    from capsmed.layers import coupling_statistics
+
+    uniform = torch.full((2, 5, 4, 3, 3), 0.25)
+    assert coupling_statistics(uniform, dim=2) == {"max_coupling": 0.25, "entropy": pytest.approx(1.0),
+                                                   "outputs": 4}
+    one_hot = torch.zeros(2, 5, 4)
+    one_hot[..., 1] = 1.0
+    assert coupling_statistics(one_hot, dim=2) == {"max_coupling": 1.0, "entropy": 0.0, "outputs": 4}
+    row = torch.tensor([[[0.5, 0.25, 0.25]]])
+    stats = coupling_statistics(row, dim=2)
+    assert stats["max_coupling"] == 0.5
+    assert stats["entropy"] == pytest.approx((0.5 * math.log(2) + 0.5 * math.log(4)) / math.log(3))
+    assert coupling_statistics(torch.ones(1, 3, 1), dim=2)["entropy"] == 0.0

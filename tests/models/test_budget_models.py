@@ -67,6 +67,12 @@ def test_capsunet_ablations_cost_the_same():
     vote_weights = [m.conv.weight.numel() for m in base.capsules]
     conv_weights = [m.conv.weight.numel() for m in conv.capsules]
     assert conv_weights == vote_weights
+    # the CNN ablation has no capsules: Dice-CE alone
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert conv.forward_train(x).keys() == {"scores"} and conv.extra_outputs(x) == {}
+    loss_fn = build_loss(conv)
+    loss_fn(conv.forward_train(x), torch.zeros(1, 1, 16, 16, 16, dtype=torch.long), x)
+    assert set(loss_fn.last_terms) == {"dice_ce"}
 
 
 def test_capsunet_couplings_sum_to_one_over_outputs():

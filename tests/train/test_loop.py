@@ -187,3 +187,55 @@ def test_a_disk_cache_filled_by_another_job_still_collates(tmp_path, task):
     read = val_ds[1]
     assert type(read["image"]) is type(fresh[1]["image"]) is torch.Tensor
     assert torch.equal(read["image"], fresh[1]["image"])
+
+
+def test_cosine_schedule_follows_the_steps(tmp_path):
+    """Without a budget the cosine runs over epochs * steps per epoch, one value per step."""
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 3, "batch_size": 8,
+                                                   "scheduler": "cosine", "learning_rate": 0.01})
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    train_model(cfg, "ds", "seed_cnn")
+    rows = _history(tmp_path / "results" / "ds" / "models" / "seed_cnn")
+    steps = 2  # 12 training cases, batch 8
+    for row in rows:
+        last_step = int(row["epoch"]) * steps - 1  # the lr of the epoch's last step
+        expected = 0.01 * 0.5 * (1 + math.cos(math.pi * last_step / (3 * steps)))
+        assert float(row["lr"]) == pytest.approx(expected)
+
+
+def test_ema_select_last_and_resume(tmp_path):
+    """EMA weights are validated and saved; select=last keeps the last; resuming is exact."""
+    train = {"epochs": 3, "batch_size": 8, "ema_decay": 0.9, "select": "last",
+             "class_weights": "balanced", "scheduler": "cosine"}
+    ref = tiny_config(tmp_path / "ref", train=train)
+    prepare_all(write_config(ref, tmp_path / "ref.yaml"))
+    record = train_model(ref, "ds", "seed_cnn")
+    model_dir = tmp_path / "ref" / "ds" / "models" / "seed_cnn"
+    best, last = load_checkpoint(model_dir / "best.pt"), load_checkpoint(model_dir / "last.pt")
+    assert record["select"] == "last" and best["epoch"] == last["epoch"] == 3
+    for key, value in best["state_dict"].items():
+        assert torch.equal(value, last["state_dict"][key])  # the EMA weights, in both
+    assert last["ema"]["steps"] == 3 * 2
+    raw = last["train_state_dict"]
+    assert any(not torch.equal(raw[k], v) for k, v in best["state_dict"].items())
+
+    run = tiny_config(tmp_path / "run", train=train)
+    prepare_all(write_config(run, tmp_path / "run.yaml"))
+    assert train_model(run, "ds", "seed_cnn", max_epochs=1)["partial"]
+    train_model(run, "ds", "seed_cnn")
+    resumed = load_checkpoint(tmp_path / "run" / "ds" / "models" / "seed_cnn" / "best.pt")
+    for key, value in best["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert _history(tmp_path / "run" / "ds" / "models" / "seed_cnn") == _history(model_dir)
+
+
+def test_a_model_variant_trains_under_its_own_name(tmp_path):
+    cfg = tiny_config(tmp_path / "results", models=["seed_small"])
+    cfg["models"]["seed_small"] = {"model": "seed_cnn", "args": {"channels": 4}, "train": {}}
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    record = train_model(cfg, "ds", "seed_small")
+    assert record["model"] == "seed_small" and record["model_class"] == "seed_cnn"
+    ckpt = load_checkpoint(tmp_path / "results" / "ds" / "models" / "seed_small" / "best.pt")
+    assert ckpt["model"]["name"] == "seed_cnn" and ckpt["model"]["entry"] == "seed_small"
+    model = build_model(ckpt)
+    assert model.num_parameters() == record["params"]
