@@ -1,0 +1,166 @@
+"""capsmed predict --dicom-out: a SEG that lies on the source slices, an SR with the report's volumes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from tests.dicom.dicom_helpers import seg_volume_on_nifti_grid
+from tests.pipeline_helpers import run_cli
+
+
+def referenced_uids(ds) -> set[str]:
+    """Every ReferencedSOPInstanceUID anywhere in a dataset."""
+    found = set()
+    for elem in ds.iterall():
+        if elem.keyword == "ReferencedSOPInstanceUID":
+            found.add(str(elem.value))
+    return found
+
+
+def sr_volumes(path: Path) -> dict[str, float]:
+    """Structure name -> volume in mL from a TID 1500 SR, read with highdicom."""
+    sr = hd.sr.srread(path)
+    out = {}
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        (m,) = group.get_measurements(name=codes.SCT.Volume)
+        assert m.unit.value == "mL"
+        out[str(group.tracking_identifier)] = float(m.value)
+    return out
+
+
+def report_volumes(html: Path) -> dict[str, str]:
+    """Structure name -> the volume text ('0.58 mL') the study report shows on its cards."""
+    text = html.read_text()
+    return dict(re.findall(r'<div class="k">([^<]+) volume</div><div class="v">([^<]+)</div>', text))
+
+
+def check_dicom_outputs(out: Path, stem: str, series: Path) -> dict:
+    """What every SEG/SR pair must satisfy; returns the record."""
+    record = json.loads((out / f"{stem}_dicom.json").read_text())
+    kinds = {o["kind"]: o for o in record["objects"]}
+    assert set(kinds) == {"SEG", "SR"}
+    seg = hd.seg.segread(out / kinds["SEG"]["file"])
+    nifti = out / f"{stem}_seg.nii.gz"
+    pred = np.asarray(nib.load(str(nifti)).dataobj)
+    assert np.count_nonzero(pred) > 0, "the model found nothing: the test would check too little"
+    # voxel for voxel, in the source geometry (highdicom assembles the SEG, nibabel reorients)
+    labels, affine = seg_volume_on_nifti_grid(seg, nifti)
+    np.testing.assert_allclose(affine, nib.load(str(nifti)).affine, atol=1e-3)
+    np.testing.assert_array_equal(labels, pred)
+    # every source slice is referenced, frame by frame, and the identity is the source's
+    sources = [pydicom.dcmread(f) for f in sorted(series.glob("*.dcm"))]
+    src_uids = [str(d.SOPInstanceUID) for d in sources]
+    per_slice = seg.get_pixels_by_source_instance(source_sop_instance_uids=src_uids,
+                                                  combine_segments=True, skip_overlap_checks=True)
+    assert np.count_nonzero(per_slice) == np.count_nonzero(pred)
+    for key in ("PatientID", "PatientName", "StudyInstanceUID", "FrameOfReferenceUID"):
+        assert str(seg.get(key)) == str(sources[0].get(key)), key
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["anterior", "posterior"]
+    assert str(seg.SOPInstanceUID) == kinds["SEG"]["sop_instance_uid"]
+    # the SR: the report's volumes, the SEG referenced, the algorithm named
+    sr_path = out / kinds["SR"]["file"]
+    vols = sr_volumes(sr_path)
+    shown = report_volumes(out / f"{stem}.html")
+    assert set(vols) == set(shown) == {"anterior", "posterior"}
+    spacing = np.sqrt((nib.load(str(nifti)).affine[:3, :3] ** 2).sum(0))
+    for k, name in ((1, "anterior"), (2, "posterior")):
+        assert vols[name] == pytest.approx(np.count_nonzero(pred == k) * np.prod(spacing) / 1000)
+        assert shown[name] == f"{vols[name]:.2f} mL"
+    sr = pydicom.dcmread(sr_path)
+    assert str(seg.SOPInstanceUID) in referenced_uids(sr)
+    assert str(sr.StudyInstanceUID) == str(sources[0].StudyInstanceUID)
+    text = " ".join(str(e.value) for e in sr.iterall() if e.VR in ("UT", "LO", "SH", "LT"))
+    assert "unet" in text and "checkpoint_sha256=" in text and "capsmed" in text
+    return record
+
+
+def test_oblique_anisotropic_series_gives_seg_on_its_slices_and_sr(seg_checkpoint, oblique_series,
+                                                                     tmp_path):
+    out = tmp_path / "pred"
+    assert run_cli("-q", "predict", "--model", seg_checkpoint, oblique_series, "--out", out,
+                   "--dicom-out") == 0
+    record = check_dicom_outputs(out, "oblique", oblique_series)
+    assert record["source"]["series_instance_uid"] == str(
+        pydicom.dcmread(next(oblique_series.glob("*.dcm"))).SeriesInstanceUID)
+    # the study report lists the objects with their SOP Instance UIDs
+    html = (out / "oblique.html").read_text()
+    for obj in record["objects"]:
+        assert obj["sop_instance_uid"] in html
+    # reruns give byte-identical files (deterministic UIDs, dates from the source)
+    first = {p.name: p.read_bytes() for p in out.glob("*.dcm")}
+    assert run_cli("-q", "predict", "--model", seg_checkpoint, oblique_series, "--out",
+                   tmp_path / "again", "--dicom-out") == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("*.dcm")} == first
+
+
+def test_real_hippocampus_case_as_dicom(seg_checkpoint, hippocampus_series, tmp_path):
+    out = tmp_path / "pred"
+    assert run_cli("-q", "predict", "--model", seg_checkpoint, hippocampus_series, "--out", out,
+                   "--dicom-out") == 0
+    check_dicom_outputs(out, "hippocampus_001", hippocampus_series)
+
+
+def test_nifti_input_writes_no_seg_and_says_why(seg_checkpoint, tmp_path, capsys):
+    from tests.dicom.dicom_helpers import blob_volume
+
+    image, _ = blob_volume((20, 22, 18))
+    path = tmp_path / "study.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.eye(4)), path)
+    assert run_cli("predict", "--model", seg_checkpoint, path, "--out", tmp_path / "o",
+                   "--dicom-out") == 0
+    assert (tmp_path / "o" / "study_seg.nii.gz").is_file()
+    assert not list((tmp_path / "o").glob("*.dcm"))
+    assert not list((tmp_path / "o").glob("*_dicom.json"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "no DICOM SEG/SR" in line]
+    assert len(lines) == 1 and "not a DICOM series" in lines[0]
+
+
+def _missing_slice(series: Path) -> Path:
+    files = sorted(series.glob("*.dcm"))
+    files[len(files) // 2].unlink()
+    return series
+
+
+def _mixed_orientations(series: Path) -> Path:
+    from tests.data.data_helpers import pydicom_series
+
+    shutil.rmtree(series)
+    series.mkdir()
+    for f in pydicom_series()["studyC"]:  # pydicom's radial MR series: 7 orientations
+        shutil.copy(f, series / Path(f).name)
+    return series
+
+
+def _non_image(series: Path) -> Path:
+    sr = pydicom.dcmread(next(series.glob("*.dcm")))
+    del sr.PixelData
+    sr.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["no pixels"])
+    sr.save_as(series / "nopixels.dcm")
+    return series
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (_missing_slice, "a slice is missing"),
+    (_mixed_orientations, "mixed orientations"),
+    (_non_image, "is not an image (no pixel data)"),
+])
+def test_bad_series_is_one_line_naming_the_series_and_writes_nothing(
+        seg_checkpoint, oblique_series, tmp_path, capsys, spoil, message):
+    series = spoil(oblique_series)
+    uid = str(pydicom.dcmread(sorted(series.iterdir())[0]).SeriesInstanceUID)
+    out = tmp_path / "o"
+    assert run_cli("predict", "--model", seg_checkpoint, series, "--out", out,
+                   "--dicom-out") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "capsmed: error" in line]
+    assert len(err) == 1 and message in err[0] and uid in err[0]
+    assert not out.exists() or not any(out.iterdir())
