@@ -1,0 +1,196 @@
+"""Back to the PACS: a series goes in from a real Orthanc, a SEG and an SR come back into it.
+
+Each test module run starts its own Orthanc (Debian 12: orthanc 1.10 + orthanc-dicomweb 1.7) on free
+ports with a throw-away storage folder, and stops it by pid. Without the packages the tests skip with
+the install command; with CAPSMED_REQUIRE_PACS=1 (CI) they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+import requests
+
+from tests.dicom.test_dicom_outputs import check_dicom_outputs
+from tests.pipeline_helpers import run_cli
+
+pytestmark = pytest.mark.pacs
+
+INSTALL = "sudo bash .ci/pacs/install.sh   (apt-get install orthanc orthanc-dicomweb dicom3tools)"
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def _which(name: str) -> str | None:
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin:/sbin"
+    return shutil.which(name, path=path)
+
+
+def _missing_or_skip() -> tuple[str, str]:
+    orthanc, dciodvfy = _which("Orthanc"), _which("dciodvfy")
+    missing = [n for n, p in (("Orthanc", orthanc), ("dciodvfy", dciodvfy),
+                              (str(PLUGIN), PLUGIN.is_file() or None)) if not p]
+    if missing:
+        msg = f"needs {', '.join(missing)}; install with: {INSTALL}"
+        if os.environ.get("CAPSMED_REQUIRE_PACS") == "1":
+            pytest.fail(f"CAPSMED_REQUIRE_PACS=1 but {msg}")
+        pytest.skip(msg)
+    return orthanc, dciodvfy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """``(dicomweb_url, rest_url)`` of a fresh Orthanc; stopped by pid afterwards."""
+    binary, _ = _missing_or_skip()
+    root = tmp_path_factory.mktemp("orthanc")
+    http, dicom = _free_port(), _free_port()
+    config = {"Name": "capsmed-test", "StorageDirectory": str(root / "db"),
+              "IndexDirectory": str(root / "db"), "HttpPort": http, "DicomPort": dicom,
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (root / "orthanc.json").write_text(json.dumps(config, indent=2))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=root)
+    rest = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{rest}/plugins/dicom-web", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"Orthanc did not start:\n{(root / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield f"{rest}/dicom-web", rest
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def upload(rest: str, folder: Path) -> str:
+    """POST every file of a series folder to Orthanc; returns the StudyInstanceUID."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for f in files:
+        requests.post(f"{rest}/instances", data=f.read_bytes(), timeout=30).raise_for_status()
+    return str(pydicom.dcmread(files[0]).StudyInstanceUID)
+
+
+def instance_count(rest: str) -> int:
+    return int(requests.get(f"{rest}/statistics", timeout=10).json()["CountInstances"])
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    _, binary = _missing_or_skip()
+    res = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("which", ["hippocampus_series", "oblique_series"])
+def test_series_in_from_orthanc_seg_and_sr_back_into_it(orthanc, seg_checkpoint, which, request,
+                                                        tmp_path):
+    url, rest = orthanc
+    series = request.getfixturevalue(which)
+    study = upload(rest, series)
+    series_uid = str(pydicom.dcmread(next(series.glob("*.dcm"))).SeriesInstanceUID)
+    out = tmp_path / "pred"
+    assert run_cli("-q", "predict", "--model", seg_checkpoint, "--dicomweb", url, "--study", study,
+                   "--series", series_uid, "--store", "--out", out) == 0
+    record = check_dicom_outputs(out, series_uid, series)
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url)
+    for obj in record["objects"]:
+        assert obj["stored_to"] == [url]
+        back = client.retrieve_instance(study, obj["series_instance_uid"], obj["sop_instance_uid"])
+        local = pydicom.dcmread(out / obj["file"])
+        assert back.SOPInstanceUID == local.SOPInstanceUID
+        if obj["kind"] == "SEG":  # the SEG read back from Orthanc still matches, voxel for voxel
+            path = tmp_path / "from_orthanc_seg.dcm"
+            back.save_as(path, enforce_file_format=True)
+            shutil.copy(path, out / obj["file"])
+            check_dicom_outputs(out, series_uid, series)
+            assert hd.seg.segread(path).SOPInstanceUID == obj["sop_instance_uid"]
+        assert dciodvfy_errors(out / obj["file"]) == []
+
+
+def test_bad_requests_are_one_line_and_leave_the_server_unchanged(orthanc, seg_checkpoint,
+                                                                  tmp_path, capsys):
+    from tests.data.data_helpers import pydicom_series
+    from tests.dicom.dicom_helpers import blob_volume, oblique_mr_affine, write_mr_series
+
+    url, rest = orthanc
+    # a series of mixed orientations (pydicom's radial MR series) and one with a missing slice
+    radial = tmp_path / "radial"
+    radial.mkdir()
+    for f in pydicom_series()["studyC"]:
+        shutil.copy(f, radial / Path(f).name)
+    image, _ = blob_volume((20, 22, 16), seed=3)
+    gap = write_mr_series(image * 500 + 500, oblique_mr_affine((20, 22, 16)), tmp_path / "gap",
+                          seed="gap")
+    sorted(gap.glob("*.dcm"))[5].unlink()
+    cases = [(upload(rest, radial), str(pydicom.dcmread(next(radial.iterdir())).SeriesInstanceUID),
+              "mixed orientations"),
+             (upload(rest, gap), str(pydicom.dcmread(next(gap.glob("*.dcm"))).SeriesInstanceUID),
+              "a slice is missing")]
+    study = cases[1][0]
+    cases += [("1.2.3.4.5.6.7", None, "study 1.2.3.4.5.6.7 not found"),
+              (study, "1.2.3.999", "series 1.2.3.999 not found")]
+    # a non-DICOM upload is refused by the server itself and changes nothing
+    before = instance_count(rest)
+    assert requests.post(f"{rest}/instances", data=b"not a DICOM file", timeout=10).status_code \
+        >= 400
+    assert instance_count(rest) == before
+    for study_uid, series_uid, message in cases:
+        args = ["predict", "--model", seg_checkpoint, "--dicomweb", url, "--study", study_uid,
+                "--store", "--out", tmp_path / "o"]
+        if series_uid:
+            args += ["--series", series_uid]
+        assert run_cli(*args) == 2, message
+        err = [x for x in capsys.readouterr().err.splitlines() if "capsmed: error" in x]
+        assert len(err) == 1 and message in err[0], err
+        assert (series_uid or study_uid) in err[0]
+        assert instance_count(rest) == before
+    # an object without pixels in a non-image series (an SR): named as such
+    sr = pydicom.dcmread(next(gap.glob("*.dcm")))
+    del sr.PixelData
+    sr.Modality = "SR"
+    sr.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["sr series"])
+    sr.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["sr instance"])
+    requests.post(f"{rest}/instances", data=_bytes(sr), timeout=10).raise_for_status()
+    before = instance_count(rest)
+    assert run_cli("predict", "--model", seg_checkpoint, "--dicomweb", url, "--study", study,
+                   "--series", sr.SeriesInstanceUID, "--store", "--out", tmp_path / "o") == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "capsmed: error" in x]
+    assert len(err) == 1 and f"series {sr.SeriesInstanceUID} is a SR series" in err[0]
+    assert instance_count(rest) == before
+
+
+def _bytes(ds) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
