@@ -83,6 +83,9 @@ class DicomWeb:
             session.auth = (user, password)
         # else: requests applies a netrc entry for the host ($NETRC or ~/.netrc) on its own.
         self.client = DICOMwebClient(url=self.url, session=session, timeout=timeout)
+        # three tries, 1 s and 2 s apart, for a server that hiccups (the default waits 30 s)
+        self.client.set_http_retry_params(retry=True, max_attempts=3,
+                                          wait_exponential_multiplier=500)
 
     def image_series(self, study: str, series: str | None = None) -> list[str]:
         """The image series of a study (or the one asked for), checked against the server.
