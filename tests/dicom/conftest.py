@@ -11,6 +11,7 @@ import pytest
 from tests.dicom.dicom_helpers import (
     blob_volume,
     oblique_mr_affine,
+    train_tiny_classifier,
     train_tiny_segmenter,
     write_mr_series,
 )
@@ -20,6 +21,12 @@ from tests.dicom.dicom_helpers import (
 def seg_checkpoint(tmp_path_factory) -> Path:
     """``best.pt`` of a tiny 3D UNet that finds two box-shaped structures."""
     return train_tiny_segmenter(tmp_path_factory.mktemp("dicom_model"))
+
+
+@pytest.fixture(scope="session")
+def cls_checkpoint(tmp_path_factory) -> Path:
+    """``best.pt`` of a tiny 3D CNN classifier with two classes."""
+    return train_tiny_classifier(tmp_path_factory.mktemp("dicom_classifier"))
 
 
 @pytest.fixture

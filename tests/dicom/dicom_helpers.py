@@ -181,3 +181,16 @@ def seg_volume_on_nifti_grid(seg, nifti: Path) -> tuple[np.ndarray, np.ndarray]:
     t = ornt_transform(io_orientation(aff), io_orientation(target.affine))
     out = apply_orientation(arr, t)
     return out, aff @ inv_ornt_aff(t, arr.shape)
+
+
+def train_tiny_classifier(root: Path) -> Path:
+    """Train a tiny 3D CNN classifier (two synthetic classes) for one epoch; returns ``best.pt``."""
+    from capsmed.train.loop import train_model
+
+    cfg = tiny_config(root / "results", task="classification", spatial_dims=3,
+                      synthetic={"num_cases": 16, "size": [16, 16, 16], "num_classes": 2},
+                      preprocess={"cache": "none", "image_size": 16},
+                      train={"epochs": 1, "batch_size": 4})
+    prepare_all(write_config(cfg, root / "config.yaml"))
+    train_model(cfg, "ds", "seed_cnn")
+    return root / "results" / "ds" / "models" / "seed_cnn" / "best.pt"

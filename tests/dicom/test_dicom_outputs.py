@@ -110,6 +110,29 @@ def test_real_hippocampus_case_as_dicom(seg_checkpoint, hippocampus_series, tmp_
     check_dicom_outputs(out, "hippocampus_001", hippocampus_series)
 
 
+def test_classifier_gives_an_sr_with_the_predicted_class_and_its_probability(
+        cls_checkpoint, oblique_series, tmp_path):
+    import csv
+
+    out = tmp_path / "pred"
+    assert run_cli("-q", "predict", "--model", cls_checkpoint, oblique_series, "--out", out,
+                   "--dicom-out") == 0
+    record = json.loads((out / "oblique_dicom.json").read_text())
+    assert [o["kind"] for o in record["objects"]] == ["SR"]
+    assert not (out / "oblique_seg.dcm").exists()
+    with open(out / "probabilities.csv") as fh:
+        (row,) = list(csv.DictReader(fh))
+    predicted = int(row["predicted"])
+    sr = hd.sr.srread(out / "oblique_sr.dcm")
+    (group,) = sr.content.get_image_measurement_groups()
+    (finding,) = group.get_qualitative_evaluations()
+    assert finding.value.value == f"L{predicted}"
+    (prob,) = group.get_measurements()
+    assert prob.value == pytest.approx(float(row[f"prob_{predicted}"]))
+    sources = {str(pydicom.dcmread(f).SOPInstanceUID) for f in oblique_series.glob("*.dcm")}
+    assert sources <= referenced_uids(pydicom.dcmread(out / "oblique_sr.dcm"))
+
+
 def test_nifti_input_writes_no_seg_and_says_why(seg_checkpoint, tmp_path, capsys):
     from tests.dicom.dicom_helpers import blob_volume
 
