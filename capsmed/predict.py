@@ -80,6 +80,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
             that is no proper volume, naming its UID.
     """
     from capsmed.data.transforms import build_preprocess_transforms
+    from capsmed.dicom.outputs import volumes_ml
     from capsmed.report import write_study_report
     from capsmed.train.checkpoint import build_model, load_checkpoint
     from capsmed.train.inference import (
@@ -133,7 +134,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
             pred_path = out_dir / f"{stem}_seg.nii.gz"
             save_nifti(out["pred"], out["affine"], pred_path)
             report_info.update(prediction=str(pred_path), labels=names,
-                               volumes_ml=_volumes_ml(out["pred"], out["affine"], names))
+                               volumes_ml=volumes_ml(out["pred"], out["affine"], names))
             if out["uncertainty"] is not None:
                 unc_path = out_dir / f"{stem}_uncertainty.nii.gz"
                 save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
@@ -171,23 +172,6 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
     return results
 
 
-def _volumes_ml(pred: np.ndarray, affine: np.ndarray, names: Any) -> dict[str, float]:
-    """Predicted volume in mL per foreground label name (what the report and the SR show).
-
-    Args:
-        pred: ``(*S)`` label map.
-        affine: Its voxel-to-world matrix.
-        names: Label index -> name, as the checkpoint stores them.
-    """
-    from capsmed.report.files import label_volumes_ml, name_map
-
-    labels = name_map({"labels": names}, "labels")
-    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
-    voxel_ml = float(np.prod(spacing)) / 1000.0  # as the report's Volume.voxel_ml
-    fg = [k for k in labels if k > 0]
-    return {labels[k]: v for k, v in label_volumes_ml(pred, voxel_ml, fg).items()}
-
-
 def _dicom_sources(studies: list[Path]) -> dict[Path, Any]:
     """Read and check every DICOM series input before anything is predicted or stored."""
     from capsmed.dicom.series import load_series
@@ -199,20 +183,14 @@ def _write_dicom(out_dir: Path, stem: str, cid: str, study: Path, series: Any, t
                  names: Any, out: dict, report_info: dict, provenance: dict, tta: bool,
                  sink: Callable[[Sequence[Any]], str] | None) -> Path | None:
     """Write (and maybe store) one study's SEG and SR; None, with one log line, for NIfTI inputs."""
-    from capsmed import __version__
-    from capsmed.dicom.outputs import write_dicom_outputs
-    from capsmed.dicom.seg import Algorithm
+    from capsmed.dicom.outputs import write_case_dicom
 
     if series is None:
         logger.info("%s: no DICOM SEG/SR written: the input %s is not a DICOM series (a SEG "
                     "references the source's DICOM instances)", cid, study.name)
         return None
-    algorithm = Algorithm(model=str(provenance["model"]),
-                          checkpoint_sha256=str(provenance["checkpoint_sha256"]),
-                          capsmed_version=__version__, options=f"tta={int(bool(tta))}")
-    if task == "segmentation":
-        return write_dicom_outputs(out_dir, stem, cid, series, algorithm, labels=names,
-                                   prediction=out["pred"], affine=out["affine"],
-                                   volumes_ml=report_info["volumes_ml"], sink=sink)
-    return write_dicom_outputs(out_dir, stem, cid, series, algorithm,
-                               probabilities=report_info["probabilities"], classes=names, sink=sink)
+    return write_case_dicom(out_dir, stem, cid, series, task, names, out,
+                            model=str(provenance["model"]),
+                            checkpoint_sha256=str(provenance["checkpoint_sha256"]), tta=tta,
+                            volumes=report_info.get("volumes_ml"),
+                            probabilities=report_info.get("probabilities"), sink=sink)

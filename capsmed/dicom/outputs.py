@@ -114,6 +114,71 @@ def write_dicom_outputs(out_dir: Path, stem: str, case_id: str, series: SourceSe
     return out
 
 
+def volumes_ml(pred: np.ndarray, affine: np.ndarray, names: Any) -> dict[str, float]:
+    """Predicted volume in mL per foreground label name (what the study report shows).
+
+    Args:
+        pred: ``(*S)`` label map.
+        affine: Its voxel-to-world matrix.
+        names: Label index -> name, as a checkpoint stores them.
+
+    Returns:
+        ``{name: mL}`` for every foreground label.
+    """
+    from capsmed.report.files import label_volumes_ml, name_map
+
+    labels = name_map({"labels": names}, "labels")
+    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    voxel_ml = float(np.prod(spacing)) / 1000.0  # as the report's Volume.voxel_ml
+    fg = [k for k in labels if k > 0]
+    return {labels[k]: v for k, v in label_volumes_ml(pred, voxel_ml, fg).items()}
+
+
+def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSeries, task: str,
+                     names: Any, out: Mapping[str, Any], *, model: str, checkpoint_sha256: str,
+                     tta: bool = False, volumes: Mapping[str, float] | None = None,
+                     probabilities: Sequence[float] | None = None,
+                     sink: Sink | None = None) -> Path:
+    """SEG/SR of one predicted case, from what the inference functions return.
+
+    Shared by ``capsmed predict`` and ``capsmed evaluate`` (``evaluate.dicom_out``).
+
+    Args:
+        out_dir: Folder of the case's other outputs.
+        stem: File-name stem of the case's outputs.
+        case_id: Case id.
+        series: The checked source series.
+        task: ``segmentation`` or ``classification``.
+        names: Label or class index -> name (as the checkpoint stores them).
+        out: ``predict_segmentation_case`` (``pred``, ``affine``) or
+            ``predict_classification_case`` (``probs``) output.
+        model: Model name.
+        checkpoint_sha256: SHA-256 of the checkpoint.
+        tta: Whether test-time augmentation ran (part of the UIDs).
+        volumes: Segmentation: structure name -> mL as the report shows them; computed from the
+            prediction when None.
+        probabilities: Classification: class probabilities; ``out["probs"]`` when None.
+        sink: Stores the objects and returns where.
+
+    Returns:
+        Path of the record ``{stem}_dicom.json``.
+    """
+    from capsmed import __version__
+    from capsmed.report.files import name_map
+
+    algorithm = Algorithm(model=model, checkpoint_sha256=checkpoint_sha256,
+                          capsmed_version=__version__, options=f"tta={int(bool(tta))}")
+    labels = name_map({"names": names}, "names")
+    if task == "segmentation":
+        vols = volumes if volumes is not None else volumes_ml(out["pred"], out["affine"], names)
+        return write_dicom_outputs(out_dir, stem, case_id, series, algorithm, labels=labels,
+                                   prediction=out["pred"], affine=out["affine"], volumes_ml=vols,
+                                   sink=sink)
+    probs = probabilities if probabilities is not None else [float(p) for p in out["probs"]]
+    return write_dicom_outputs(out_dir, stem, case_id, series, algorithm, probabilities=probs,
+                               classes=labels, sink=sink)
+
+
 def read_dicom_record(path: Path) -> dict[str, Any]:
     """Read a study's DICOM record (see the module docstring); the report's only source of it."""
     return json.loads(Path(path).read_text())
