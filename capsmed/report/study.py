@@ -659,6 +659,11 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
             if c is not None and is_number(row.get(c)):
                 true_vols[name] = float(row[c])
         study["volumes_ml"], study["volumes_true_ml"] = vols, true_vols
+        pred = _as_path(study["prediction"])
+        stem = pred.name.removesuffix(".gz").removesuffix(".nii") if pred else ""
+        record = pred.with_name(stem + "_dicom.json") if pred else None
+        if record is not None and record.is_file():  # evaluate.dicom_out wrote a SEG/SR
+            study["dicom"] = str(record)
         metrics = {}
         for c in cols:
             base = c.split("_")[0]
