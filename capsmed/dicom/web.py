@@ -12,9 +12,11 @@ Every failure is one :class:`~capsmed.errors.CapsmedError` line naming the serve
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -177,3 +179,94 @@ class DicomWeb:
         except Exception as exc:  # noqa: BLE001
             raise CapsmedError(f"{self.url}: storing {uids} failed: {_http_problem(exc)}") from None
         return self.url
+
+
+#: What a dataset source CSV of DICOMweb studies may hold.
+SOURCE_COLUMNS = ("case_id", "study_uid", "series_uid", "label", "class", "patient_id")
+CACHE_MARKER = "retrieved.json"
+
+
+def cache_dicomweb_dataset(csv_path: Path, url: str, cache: Path) -> Path:
+    """Retrieve the series a CSV lists from a DICOMweb server, once, and write a local manifest.
+
+    The CSV has ``case_id``, ``study_uid``, optional ``series_uid`` (default: the study's only image
+    series), ``class`` and/or ``label`` (a NIfTI mask, relative to the CSV) and optional
+    ``patient_id``. Each series goes to ``cache/<study>/<series>/`` with a ``retrieved.json`` marker;
+    a series whose marker is there is not retrieved again. The manifest ``cache/manifest.csv``
+    names the local series folders, so the dataset then reads as a ``dicom`` source.
+
+    Args:
+        csv_path: The CSV of studies.
+        url: The DICOMweb server.
+        cache: The dataset's cache folder (e.g. ``results/{ds}/data/dicomweb``).
+
+    Returns:
+        Path of the local manifest.
+
+    Raises:
+        CapsmedError: The CSV is unreadable or lacks columns; a study or series is missing, is not
+            an image series, or the server fails (one line naming the UID).
+    """
+    csv_path = Path(csv_path).resolve()
+    try:
+        with open(csv_path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CapsmedError(f"{csv_path}: cannot be read ({exc})") from None
+    if not rows or not {"case_id", "study_uid"} <= set(rows[0]):
+        raise CapsmedError(f"{csv_path}: needs a header with case_id and study_uid (and class "
+                           "and/or label, optional series_uid, patient_id) and one row per case")
+    extra = sorted(set(rows[0]) - set(SOURCE_COLUMNS))
+    if extra:
+        raise CapsmedError(f"{csv_path}: unknown column(s) {', '.join(extra)}; allowed: "
+                           f"{', '.join(SOURCE_COLUMNS)}")
+    server = DicomWeb(url)
+    out_rows = []
+    for row in rows:
+        study = (row.get("study_uid") or "").strip()
+        series = (row.get("series_uid") or "").strip() or None
+        cached = _cached_series(Path(cache), study, series)
+        if cached is None:
+            uids = server.image_series(study, series)
+            if len(uids) != 1:
+                raise CapsmedError(f"{server.url}: study {study} has {len(uids)} image series; "
+                                   "name one in the series_uid column")
+            cached = server.fetch_series(study, uids[0], Path(cache))
+            (cached / CACHE_MARKER).write_text(json.dumps(
+                {"url": server.url, "study_uid": study, "series_uid": uids[0],
+                 "instances": len(list(cached.glob("*.dcm")))}) + "\n")
+        else:
+            logger.info("%s: series of study %s already cached in %s", row["case_id"], study,
+                        cached)
+        local: dict[str, str] = {"case_id": row["case_id"], "image": str(cached)}
+        if row.get("label"):
+            local["label"] = str((csv_path.parent / row["label"]).resolve())
+        for key in ("class", "patient_id"):
+            if row.get(key) not in (None, ""):
+                local[key] = row[key]
+        out_rows.append(local)
+    fields = [k for k in ("case_id", "image", "label", "class", "patient_id")
+              if any(k in r for r in out_rows)]
+    manifest = Path(cache) / "manifest.csv"
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(out_rows)
+    return manifest
+
+
+def _cached_series(cache: Path, study: str, series: str | None) -> Path | None:
+    """The cached folder of a study's series when a complete retrieval is recorded there."""
+    folder = cache / safe_name(study)
+    if not folder.is_dir():
+        return None
+    for marker in sorted(folder.glob(f"*/{CACHE_MARKER}")):
+        try:
+            doc: Mapping[str, Any] = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if series in (None, doc.get("series_uid")) and \
+                len(list(marker.parent.glob("*.dcm"))) == doc.get("instances"):
+            return marker.parent
+    return None

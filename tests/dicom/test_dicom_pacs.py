@@ -194,3 +194,42 @@ def _bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def test_dicomweb_dataset_source_is_cached_once_then_read_as_dicom(orthanc, tmp_path):
+    from capsmed.config import validate_config
+    from capsmed.data.sources import prepare_dataset
+    from capsmed.errors import CapsmedError
+    from tests.dicom.dicom_helpers import blob_volume, oblique_mr_affine, write_mr_series
+
+    url, rest = orthanc
+    rows = ["case_id,study_uid,series_uid,class"]
+    for k in range(3):
+        image, _ = blob_volume((16, 18, 10), seed=k)
+        folder = write_mr_series(image * 400 + 400, oblique_mr_affine((16, 18, 10)),
+                                 tmp_path / "src" / f"s{k}", seed=f"source{k}", patient_id=f"Q{k}")
+        study = upload(rest, folder)
+        series = str(pydicom.dcmread(next(folder.glob("*.dcm"))).SeriesInstanceUID)
+        rows.append(f"c{k},{study},{series if k else ''},{k % 2}")  # c0: the study's only series
+    listing = tmp_path / "studies.csv"
+    listing.write_text("\n".join(rows) + "\n")
+    cfg = validate_config({"datasets": {"pacs": {
+        "source": "dicomweb", "dicomweb_url": url, "path": str(listing),
+        "task": "classification", "spatial_dims": 3}}})
+    out = tmp_path / "results/pacs/data"
+    doc = prepare_dataset(cfg["datasets"]["pacs"], out, 0)
+    assert [c["case_id"] for c in doc["cases"]] == ["c0", "c1", "c2"]
+    assert [c["class"] for c in doc["cases"]] == [0, 1, 0]
+    assert [c["patient_id"] for c in doc["cases"]] == ["Q0", "Q1", "Q2"]
+    for c in doc["cases"]:
+        assert Path(c["image"]).is_relative_to(out / "dicomweb")
+        assert len(list(Path(c["image"]).glob("*.dcm"))) == 10
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "dicomweb").rglob("*.dcm")}
+    # cached: the second run reads nothing from the server (a dead URL would fail otherwise)
+    dead = dict(cfg["datasets"]["pacs"], dicomweb_url="http://127.0.0.1:9/dicom-web")
+    assert prepare_dataset(dead, out, 0)["cases"] == doc["cases"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "dicomweb").rglob("*.dcm")} == stamps
+    # a study that is not on the server: one line naming it
+    listing.write_text(rows[0] + "\nc9,1.2.3.9,,0\n")
+    with pytest.raises(CapsmedError, match=r"study 1\.2\.3\.9 not found"):
+        prepare_dataset(cfg["datasets"]["pacs"], tmp_path / "other", 0)
