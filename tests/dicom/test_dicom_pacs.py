@@ -7,6 +7,7 @@ the install command; with CAPSMED_REQUIRE_PACS=1 (CI) they fail instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,16 +54,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    """``(dicomweb_url, rest_url)`` of a fresh Orthanc; stopped by pid afterwards."""
+@contextlib.contextmanager
+def running_orthanc(root: Path, **settings):
+    """Start Orthanc on free ports with storage under ``root``; yield its REST URL; stop it by pid.
+
+    Args:
+        root: Throw-away folder for the config, the storage and the log.
+        settings: Extra Orthanc settings (e.g. authentication).
+    """
     binary, _ = _missing_or_skip()
-    root = tmp_path_factory.mktemp("orthanc")
+    root.mkdir(parents=True, exist_ok=True)
     http, dicom = _free_port(), _free_port()
     config = {"Name": "capsmed-test", "StorageDirectory": str(root / "db"),
               "IndexDirectory": str(root / "db"), "HttpPort": http, "DicomPort": dicom,
               "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-              "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+              "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+              **settings}
     (root / "orthanc.json").write_text(json.dumps(config, indent=2))
     log = open(root / "orthanc.log", "w")
     proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log,
@@ -72,14 +79,14 @@ def orthanc(tmp_path_factory):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(f"{rest}/plugins/dicom-web", timeout=2).ok:
+                if requests.get(f"{rest}/system", timeout=2).status_code in (200, 401):
                     break
             except requests.ConnectionError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"Orthanc did not start:\n{(root / 'orthanc.log').read_text()[-2000:]}")
             time.sleep(0.3)
-        yield f"{rest}/dicom-web", rest
+        yield rest
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         try:
@@ -88,6 +95,14 @@ def orthanc(tmp_path_factory):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """``(dicomweb_url, rest_url)`` of a fresh Orthanc without authentication."""
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as rest:
+        assert requests.get(f"{rest}/plugins/dicom-web", timeout=10).ok
+        yield f"{rest}/dicom-web", rest
 
 
 def upload(rest: str, folder: Path) -> str:
@@ -233,3 +248,40 @@ def test_dicomweb_dataset_source_is_cached_once_then_read_as_dicom(orthanc, tmp_
     listing.write_text(rows[0] + "\nc9,1.2.3.9,,0\n")
     with pytest.raises(CapsmedError, match=r"study 1\.2\.3\.9 not found"):
         prepare_dataset(cfg["datasets"]["pacs"], tmp_path / "other", 0)
+
+
+def test_credentials_from_netrc_or_environment_against_an_orthanc_that_needs_them(
+        tmp_path, seg_checkpoint, oblique_series, monkeypatch, capsys):
+    for key in ("CAPSMED_DICOMWEB_TOKEN", "CAPSMED_DICOMWEB_USER", "CAPSMED_DICOMWEB_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with running_orthanc(tmp_path / "orthanc", AuthenticationEnabled=True,
+                         RegisteredUsers={"alice": "s3cret-pw"}) as rest:
+        url = f"{rest}/dicom-web"
+        files = sorted(oblique_series.glob("*.dcm"))
+        for f in files:
+            requests.post(f"{rest}/instances", data=f.read_bytes(), auth=("alice", "s3cret-pw"),
+                          timeout=30).raise_for_status()
+        study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        log = tmp_path / "predict.log"
+        args = ["--log", log, "predict", "--model", seg_checkpoint, "--dicomweb", url,
+                "--study", study, "--out", tmp_path / "out"]
+        # no credentials: one line with the HTTP status, naming the study
+        assert run_cli(*args) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if "capsmed: error" in x]
+        assert len(err) == 1 and f"study {study}: HTTP 401" in err[0]
+        # a netrc entry for the host
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login alice password s3cret-pw\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        assert run_cli(*args) == 0
+        # the environment
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        monkeypatch.setenv("CAPSMED_DICOMWEB_USER", "alice")
+        monkeypatch.setenv("CAPSMED_DICOMWEB_PASSWORD", "s3cret-pw")
+        assert run_cli("-vv", *args, "--store") == 0
+        assert "s3cret-pw" not in capsys.readouterr().err
+        assert "s3cret-pw" not in log.read_text()
+        stats = requests.get(f"{rest}/statistics", auth=("alice", "s3cret-pw"), timeout=10).json()
+        assert stats["CountInstances"] == len(files) + 2  # the SEG and the SR
