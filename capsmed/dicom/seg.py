@@ -67,6 +67,23 @@ def label_code(index: int, name: str):
     return Code(f"L{index}", PRIVATE_SCHEME, name[:64] or f"label {index}")
 
 
+def declare_private_scheme(ds) -> None:
+    """Name the private coding scheme in the Coding Scheme Identification Sequence (SOP Common).
+
+    Args:
+        ds: A dataset that uses codes of :data:`PRIVATE_SCHEME` (changed in place).
+    """
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = "capsmed label and class names"
+    item.CodingSchemeResponsibleOrganization = "capsmed"
+    items = [i for i in ds.get("CodingSchemeIdentificationSequence", [])
+             if i.get("CodingSchemeDesignator") != PRIVATE_SCHEME]
+    ds.CodingSchemeIdentificationSequence = [*items, item]
+
+
 def fix_dates(ds, series: SourceSeries, algorithm: Algorithm) -> None:
     """Pin what highdicom takes from the clock or a random source, for byte-identical reruns.
 
@@ -86,6 +103,7 @@ def fix_dates(ds, series: SourceSeries, algorithm: Algorithm) -> None:
                        ("InstanceCreationTime", time)):
         if key in ds or key in ("ContentDate", "ContentTime"):
             setattr(ds, key, value)
+    declare_private_scheme(ds)
     uid = algorithm.uid(f"dimension-organization-{ds.SOPClassUID}", series)
     for elem in ds.iterall():
         if elem.keyword == "ContributionDateTime":

@@ -66,6 +66,8 @@ def check_dicom_outputs(out: Path, stem: str, series: Path) -> dict:
     for key in ("PatientID", "PatientName", "StudyInstanceUID", "FrameOfReferenceUID"):
         assert str(seg.get(key)) == str(sources[0].get(key)), key
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["anterior", "posterior"]
+    assert [i.CodingSchemeDesignator for i in seg.CodingSchemeIdentificationSequence] == \
+        ["99CAPSMED"]  # the private scheme of the label codes is declared
     assert str(seg.SOPInstanceUID) == kinds["SEG"]["sop_instance_uid"]
     # the SR: the report's volumes, the SEG referenced, the algorithm named
     sr_path = out / kinds["SR"]["file"]
