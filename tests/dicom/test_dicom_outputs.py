@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -12,78 +11,9 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from pydicom.sr.codedict import codes
 
-from tests.dicom.dicom_helpers import seg_volume_on_nifti_grid
+from tests.dicom.dicom_helpers import check_dicom_outputs, referenced_uids
 from tests.pipeline_helpers import run_cli
-
-
-def referenced_uids(ds) -> set[str]:
-    """Every ReferencedSOPInstanceUID anywhere in a dataset."""
-    found = set()
-    for elem in ds.iterall():
-        if elem.keyword == "ReferencedSOPInstanceUID":
-            found.add(str(elem.value))
-    return found
-
-
-def sr_volumes(path: Path) -> dict[str, float]:
-    """Structure name -> volume in mL from a TID 1500 SR, read with highdicom."""
-    sr = hd.sr.srread(path)
-    out = {}
-    for group in sr.content.get_volumetric_roi_measurement_groups():
-        (m,) = group.get_measurements(name=codes.SCT.Volume)
-        assert m.unit.value == "mL"
-        out[str(group.tracking_identifier)] = float(m.value)
-    return out
-
-
-def report_volumes(html: Path) -> dict[str, str]:
-    """Structure name -> the volume text ('0.58 mL') the study report shows on its cards."""
-    text = html.read_text()
-    return dict(re.findall(r'<div class="k">([^<]+) volume</div><div class="v">([^<]+)</div>', text))
-
-
-def check_dicom_outputs(out: Path, stem: str, series: Path) -> dict:
-    """What every SEG/SR pair must satisfy; returns the record."""
-    record = json.loads((out / f"{stem}_dicom.json").read_text())
-    kinds = {o["kind"]: o for o in record["objects"]}
-    assert set(kinds) == {"SEG", "SR"}
-    seg = hd.seg.segread(out / kinds["SEG"]["file"])
-    nifti = out / f"{stem}_seg.nii.gz"
-    pred = np.asarray(nib.load(str(nifti)).dataobj)
-    assert np.count_nonzero(pred) > 0, "the model found nothing: the test would check too little"
-    # voxel for voxel, in the source geometry (highdicom assembles the SEG, nibabel reorients)
-    labels, affine = seg_volume_on_nifti_grid(seg, nifti)
-    np.testing.assert_allclose(affine, nib.load(str(nifti)).affine, atol=1e-3)
-    np.testing.assert_array_equal(labels, pred)
-    # every source slice is referenced, frame by frame, and the identity is the source's
-    sources = [pydicom.dcmread(f) for f in sorted(series.glob("*.dcm"))]
-    src_uids = [str(d.SOPInstanceUID) for d in sources]
-    per_slice = seg.get_pixels_by_source_instance(source_sop_instance_uids=src_uids,
-                                                  combine_segments=True, skip_overlap_checks=True)
-    assert np.count_nonzero(per_slice) == np.count_nonzero(pred)
-    for key in ("PatientID", "PatientName", "StudyInstanceUID", "FrameOfReferenceUID"):
-        assert str(seg.get(key)) == str(sources[0].get(key)), key
-    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["anterior", "posterior"]
-    assert [i.CodingSchemeDesignator for i in seg.CodingSchemeIdentificationSequence] == \
-        ["99CAPSMED"]  # the private scheme of the label codes is declared
-    assert str(seg.SOPInstanceUID) == kinds["SEG"]["sop_instance_uid"]
-    # the SR: the report's volumes, the SEG referenced, the algorithm named
-    sr_path = out / kinds["SR"]["file"]
-    vols = sr_volumes(sr_path)
-    shown = report_volumes(out / f"{stem}.html")
-    assert set(vols) == set(shown) == {"anterior", "posterior"}
-    spacing = np.sqrt((nib.load(str(nifti)).affine[:3, :3] ** 2).sum(0))
-    for k, name in ((1, "anterior"), (2, "posterior")):
-        assert vols[name] == pytest.approx(np.count_nonzero(pred == k) * np.prod(spacing) / 1000)
-        assert shown[name] == f"{vols[name]:.2f} mL"
-    sr = pydicom.dcmread(sr_path)
-    assert str(seg.SOPInstanceUID) in referenced_uids(sr)
-    assert str(sr.StudyInstanceUID) == str(sources[0].StudyInstanceUID)
-    text = " ".join(str(e.value) for e in sr.iterall() if e.VR in ("UT", "LO", "SH", "LT"))
-    assert "unet" in text and "checkpoint_sha256=" in text and "capsmed" in text
-    return record
 
 
 def test_oblique_anisotropic_series_gives_seg_on_its_slices_and_sr(seg_checkpoint, oblique_series,

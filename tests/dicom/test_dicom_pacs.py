@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import requests
 
-from tests.dicom.test_dicom_outputs import check_dicom_outputs
+from tests.dicom.dicom_helpers import check_dicom_outputs
 from tests.pipeline_helpers import run_cli
 
 pytestmark = pytest.mark.pacs
@@ -134,6 +134,7 @@ def test_series_in_from_orthanc_seg_and_sr_back_into_it(orthanc, seg_checkpoint,
     assert run_cli("-q", "predict", "--model", seg_checkpoint, "--dicomweb", url, "--study", study,
                    "--series", series_uid, "--store", "--out", out) == 0
     record = check_dicom_outputs(out, series_uid, series)
+    assert url in (out / f"{series_uid}.html").read_text()  # the report says where they went
     from dicomweb_client.api import DICOMwebClient
 
     client = DICOMwebClient(url)
