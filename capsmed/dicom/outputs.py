@@ -2,7 +2,7 @@
 
 ``capsmed predict --dicom-out`` calls :func:`write_dicom_outputs` once per study after the NIfTI /
 probability outputs exist. The record, ``{stem}_dicom.json`` beside the other outputs, is the one home
-of these facts: the study report reads it (:func:`read_dicom_record`).
+of these facts: the study report reads it (``StudyInput.dicom``).
 
 Record shape::
 
@@ -177,8 +177,3 @@ def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSerie
     probs = probabilities if probabilities is not None else [float(p) for p in out["probs"]]
     return write_dicom_outputs(out_dir, stem, case_id, series, algorithm, probabilities=probs,
                                classes=labels, sink=sink)
-
-
-def read_dicom_record(path: Path) -> dict[str, Any]:
-    """Read a study's DICOM record (see the module docstring); the report's only source of it."""
-    return json.loads(Path(path).read_text())

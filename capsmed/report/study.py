@@ -295,7 +295,7 @@ def _dicom_section(record_path: Any) -> dict[str, Any] | None:
             for obj in record.get("objects") or []]
     source = record.get("source") or {}
     paragraphs = [f"Derived from series {source.get('series_instance_uid', '?')} of study "
-                  f"{source.get('study_instance_uid', '?')}; files are next to this report."]
+                  f"{source.get('study_instance_uid', '?')}; the files are in {path.parent}."]
     return b.section("dicom", "DICOM objects", paragraphs=paragraphs,
                      tables=[b.table(["Object", "SOP Instance UID", "Series Instance UID", "File",
                                       "Stored to"], rows)])
