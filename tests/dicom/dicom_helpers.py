@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -13,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -266,3 +274,78 @@ def check_dicom_outputs(out: Path, stem: str, series: Path) -> dict:
     text = " ".join(str(e.value) for e in sr.iterall() if e.VR in ("UT", "LO", "SH", "LT"))
     assert "unet" in text and "checkpoint_sha256=" in text and "capsmed" in text
     return record
+
+
+# ------------------------------------------------------------------ a throw-away Orthanc
+
+INSTALL = "sudo bash .ci/pacs/install.sh   (apt-get install orthanc orthanc-dicomweb dicom3tools)"
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def which(name: str) -> str | None:
+    """A program on PATH or in the sbin folders (Debian installs Orthanc in /usr/sbin)."""
+    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin:/sbin"
+    return shutil.which(name, path=path)
+
+
+def pacs_tools() -> tuple[str, str]:
+    """Paths of ``Orthanc`` and ``dciodvfy``; skips (or fails under CAPSMED_REQUIRE_PACS=1)."""
+    orthanc, dciodvfy = which("Orthanc"), which("dciodvfy")
+    missing = [n for n, p in (("Orthanc", orthanc), ("dciodvfy", dciodvfy),
+                              (str(PLUGIN), PLUGIN.is_file() or None)) if not p]
+    if missing:
+        msg = f"needs {', '.join(missing)}; install with: {INSTALL}"
+        if os.environ.get("CAPSMED_REQUIRE_PACS") == "1":
+            pytest.fail(f"CAPSMED_REQUIRE_PACS=1 but {msg}")
+        pytest.skip(msg)
+    return orthanc, dciodvfy
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_orthanc(root: Path, **settings):
+    """Start Orthanc on free ports with storage under ``root``; yield its REST URL; stop it by pid.
+
+    Args:
+        root: Throw-away folder for the config, the storage and the log.
+        settings: Extra Orthanc settings (e.g. authentication).
+    """
+    binary, _ = pacs_tools()
+    root.mkdir(parents=True, exist_ok=True)
+    http, dicom = free_port(), free_port()
+    config = {"Name": "capsmed-test", "StorageDirectory": str(root / "db"),
+              "IndexDirectory": str(root / "db"), "HttpPort": http, "DicomPort": dicom,
+              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+              "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+              **settings}
+    (root / "orthanc.json").write_text(json.dumps(config, indent=2))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=root)
+    rest = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{rest}/system", timeout=2).status_code in (200, 401):
+                    break
+            except requests.ConnectionError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"Orthanc did not start:\n{(root / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield rest
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

@@ -7,14 +7,8 @@ the install command; with CAPSMED_REQUIRE_PACS=1 (CI) they fail instead.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import highdicom as hd
@@ -22,80 +16,10 @@ import pydicom
 import pytest
 import requests
 
-from tests.dicom.dicom_helpers import check_dicom_outputs
+from tests.dicom.dicom_helpers import check_dicom_outputs, pacs_tools, running_orthanc
 from tests.pipeline_helpers import run_cli
 
 pytestmark = pytest.mark.pacs
-
-INSTALL = "sudo bash .ci/pacs/install.sh   (apt-get install orthanc orthanc-dicomweb dicom3tools)"
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def _which(name: str) -> str | None:
-    path = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/local/sbin:/sbin"
-    return shutil.which(name, path=path)
-
-
-def _missing_or_skip() -> tuple[str, str]:
-    orthanc, dciodvfy = _which("Orthanc"), _which("dciodvfy")
-    missing = [n for n, p in (("Orthanc", orthanc), ("dciodvfy", dciodvfy),
-                              (str(PLUGIN), PLUGIN.is_file() or None)) if not p]
-    if missing:
-        msg = f"needs {', '.join(missing)}; install with: {INSTALL}"
-        if os.environ.get("CAPSMED_REQUIRE_PACS") == "1":
-            pytest.fail(f"CAPSMED_REQUIRE_PACS=1 but {msg}")
-        pytest.skip(msg)
-    return orthanc, dciodvfy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_orthanc(root: Path, **settings):
-    """Start Orthanc on free ports with storage under ``root``; yield its REST URL; stop it by pid.
-
-    Args:
-        root: Throw-away folder for the config, the storage and the log.
-        settings: Extra Orthanc settings (e.g. authentication).
-    """
-    binary, _ = _missing_or_skip()
-    root.mkdir(parents=True, exist_ok=True)
-    http, dicom = _free_port(), _free_port()
-    config = {"Name": "capsmed-test", "StorageDirectory": str(root / "db"),
-              "IndexDirectory": str(root / "db"), "HttpPort": http, "DicomPort": dicom,
-              "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-              "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-              **settings}
-    (root / "orthanc.json").write_text(json.dumps(config, indent=2))
-    log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen([binary, str(root / "orthanc.json")], stdout=log,
-                            stderr=subprocess.STDOUT, cwd=root)
-    rest = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{rest}/system", timeout=2).status_code in (200, 401):
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Orthanc did not start:\n{(root / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-        yield rest
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
@@ -118,7 +42,7 @@ def instance_count(rest: str) -> int:
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
-    _, binary = _missing_or_skip()
+    _, binary = pacs_tools()
     res = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
     return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
 

@@ -71,3 +71,15 @@ def test_unreachable_server_is_one_line_naming_the_study_and_no_password_in_the_
 def test_study_options_need_a_server(tmp_path, capsys):
     assert run_cli("predict", "--model", tmp_path / "best.pt", "--study", "1.2.3") == 2
     assert "need --dicomweb URL" in capsys.readouterr().err
+
+
+def test_pacs_tests_skip_with_the_install_command_or_fail_when_ci_requires_them(monkeypatch):
+    from tests.dicom import dicom_helpers
+
+    monkeypatch.setattr(dicom_helpers, "which", lambda name: None)
+    monkeypatch.delenv("CAPSMED_REQUIRE_PACS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"\.ci/pacs/install\.sh"):
+        dicom_helpers.pacs_tools()
+    monkeypatch.setenv("CAPSMED_REQUIRE_PACS", "1")
+    with pytest.raises(pytest.fail.Exception, match="CAPSMED_REQUIRE_PACS=1 but needs Orthanc"):
+        dicom_helpers.pacs_tools()
