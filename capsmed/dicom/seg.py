@@ -1,8 +1,10 @@
 """DICOM Segmentation of a predicted label map, in the source series' geometry (highdicom).
 
 One segment per foreground label, with its name and a coded segmented property; every frame
-references the source slice it lies on. Patient and study identity come from the source slices
-(highdicom copies them); UIDs and dates are derived from the inputs, so a rerun writes the same bytes.
+references the source slice it lies on. The segmentation type is BINARY, which every viewer and
+dicom3tools' ``dciodvfy`` know (the newer Label Map Segmentation SOP class is not yet widely read).
+Patient and study identity come from the source slices (highdicom copies them); UIDs and dates are
+derived from the inputs, so a rerun writes the same bytes.
 """
 
 from __future__ import annotations
