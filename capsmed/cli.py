@@ -14,6 +14,7 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed report-dataset -c config/config.yaml -d demo_seg3d
     capsmed summarize  -c config/config.yaml
     capsmed predict --model results/demo_seg3d/models/ucaps/best.pt STUDY.nii.gz ...
+    capsmed predict --model best.pt --dicomweb URL --study UID [--series UID] --store
     capsmed models
 
 Bad input ends with one line per problem on stderr and a non-zero exit, never a traceback.
@@ -217,8 +218,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Run a trained model on new studies: predictions and a report per study."""
     from capsmed.predict import predict_studies
 
-    predict_studies(Path(args.model), [Path(s) for s in args.studies], Path(args.out),
-                    device=args.device, tta=args.tta)
+    studies = [Path(s) for s in args.studies]
+    dicom_out, sink = args.dicom_out, None
+    if args.dicomweb:
+        from capsmed.dicom.web import DicomWeb
+
+        if not args.study:
+            raise CapsmedError("--dicomweb needs --study UID")
+        server = DicomWeb(args.dicomweb)
+        studies += server.fetch_study(args.study, args.series, Path(args.out) / "dicomweb")
+        dicom_out = True
+        sink = server.store if args.store else None
+    elif args.study or args.series or args.store:
+        raise CapsmedError("--study, --series and --store need --dicomweb URL")
+    if not studies:
+        raise CapsmedError("no studies given: name NIfTI files or DICOM series folders, or use "
+                           "--dicomweb URL --study UID")
+    predict_studies(Path(args.model), studies, Path(args.out), device=args.device, tta=args.tta,
+                    dicom_out=dicom_out, sink=sink)
     return 0
 
 
@@ -312,10 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict new studies with a trained model")
     p.add_argument("--model", required=True, help="checkpoint (best.pt) written by training")
-    p.add_argument("studies", nargs="+", help="NIfTI files or DICOM series folders")
+    p.add_argument("studies", nargs="*", help="NIfTI files or DICOM series folders")
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tta", action="store_true", help="test-time flips and an uncertainty map")
+    p.add_argument("--dicom-out", action="store_true",
+                   help="for DICOM series inputs also write a DICOM SEG and a DICOM SR (TID 1500)")
+    p.add_argument("--dicomweb", metavar="URL",
+                   help="DICOMweb server to read the study from (credentials: environment or "
+                        "netrc, see README); implies --dicom-out")
+    p.add_argument("--study", metavar="UID", help="with --dicomweb: StudyInstanceUID")
+    p.add_argument("--series", metavar="UID",
+                   help="with --dicomweb: one SeriesInstanceUID (default: every image series)")
+    p.add_argument("--store", action="store_true",
+                   help="with --dicomweb: store the SEG and SR back on the server (STOW-RS)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("models", help="list the models")

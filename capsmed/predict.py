@@ -3,7 +3,9 @@
 The checkpoint carries everything inference needs (model name and arguments, preprocessing plan, label
 or class names), so a user passes only the checkpoint and the studies. For each study it writes the
 segmentation (NIfTI with the input's shape and affine; with ``--tta`` an uncertainty map too) or the
-class probabilities (one CSV row per study), and a diagnostic report.
+class probabilities (one CSV row per study), and a diagnostic report. With ``dicom_out`` it also writes,
+for DICOM series inputs, a DICOM SEG and a TID 1500 SR (:mod:`capsmed.dicom`), and stores them on a
+DICOMweb server when given a sink; NIfTI inputs get no DICOM objects (a SEG needs source instances).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +55,8 @@ def _check_study(path: Path, spatial_dims: int) -> None:
 
 
 def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, device: str = "auto",
-                    tta: bool = False) -> list[dict]:
+                    tta: bool = False, dicom_out: bool = False,
+                    sink: Callable[[Sequence[Any]], str] | None = None) -> list[dict]:
     """Predict each study and write outputs and reports under ``out_dir``.
 
     Args:
@@ -60,14 +65,22 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         out_dir: Output folder (created).
         device: ``auto``, ``cpu`` or ``cuda``.
         tta: Test-time flips and an uncertainty map (segmentation).
+        dicom_out: For DICOM series inputs, also write a DICOM SEG (segmentation) and SR, and a
+            ``{id}_dicom.json`` record of them. Every DICOM series is checked first (one volume: one
+            orientation, no missing slice), so a bad one stops the run before anything is written.
+        sink: Stores each study's SEG/SR (e.g. :meth:`capsmed.dicom.web.DicomWeb.store`) and
+            returns where; needs ``dicom_out``.
 
     Returns:
-        One dict per study: ``case_id``, ``report`` and ``prediction`` path or ``probabilities``.
+        One dict per study: ``case_id``, ``report`` and ``prediction`` path or ``probabilities``,
+        and ``dicom`` (the record's path) when DICOM objects were written.
 
     Raises:
-        CapsmedError: Missing or unreadable studies or checkpoint, naming the file.
+        CapsmedError: Missing or unreadable studies or checkpoint, naming the file; a DICOM series
+            that is no proper volume, naming its UID.
     """
     from capsmed.data.transforms import build_preprocess_transforms
+    from capsmed.dicom.outputs import volumes_ml
     from capsmed.report import write_study_report
     from capsmed.train.checkpoint import build_model, load_checkpoint
     from capsmed.train.inference import (
@@ -81,6 +94,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
     plan, task, names = ckpt["plan"], ckpt["task"], ckpt["names"]
     for study in studies:
         _check_study(Path(study), int(plan["spatial_dims"]))
+    sources = _dicom_sources(studies) if dicom_out else {}
     dev = select_device(device)
     model = build_model(ckpt).to(dev)
     preprocess = build_preprocess_transforms(plan)
@@ -119,7 +133,8 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         if task == "segmentation":
             pred_path = out_dir / f"{stem}_seg.nii.gz"
             save_nifti(out["pred"], out["affine"], pred_path)
-            report_info.update(prediction=str(pred_path), labels=names)
+            report_info.update(prediction=str(pred_path), labels=names,
+                               volumes_ml=volumes_ml(out["pred"], out["affine"], names))
             if out["uncertainty"] is not None:
                 unc_path = out_dir / f"{stem}_uncertainty.nii.gz"
                 save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
@@ -138,6 +153,12 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
             rows.append({"case_id": cid, "image": item["image"],
                          "predicted": int(np.argmax(probs)),
                          **{f"prob_{k}": p for k, p in enumerate(probs)}})
+        if dicom_out:
+            record = _write_dicom(out_dir, stem, cid, study, sources.get(study), task, names, out,
+                                  report_info, provenance, tta, sink)
+            if record is not None:
+                report_info["dicom"] = str(record)
+                result["dicom"] = str(record)
         report = write_study_report(out_dir / f"{stem}.html", report_info)
         result["report"] = str(report)
         results.append(result)
@@ -149,3 +170,27 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         writer.writerows(rows)
         atomic_write_text(out_dir / "probabilities.csv", buf.getvalue())
     return results
+
+
+def _dicom_sources(studies: list[Path]) -> dict[Path, Any]:
+    """Read and check every DICOM series input before anything is predicted or stored."""
+    from capsmed.dicom.series import load_series
+
+    return {Path(s): load_series(Path(s)) for s in studies if Path(s).is_dir()}
+
+
+def _write_dicom(out_dir: Path, stem: str, cid: str, study: Path, series: Any, task: str,
+                 names: Any, out: dict, report_info: dict, provenance: dict, tta: bool,
+                 sink: Callable[[Sequence[Any]], str] | None) -> Path | None:
+    """Write (and maybe store) one study's SEG and SR; None, with one log line, for NIfTI inputs."""
+    from capsmed.dicom.outputs import write_case_dicom
+
+    if series is None:
+        logger.info("%s: no DICOM SEG/SR written: the input %s is not a DICOM series (a SEG "
+                    "references the source's DICOM instances)", cid, study.name)
+        return None
+    return write_case_dicom(out_dir, stem, cid, series, task, names, out,
+                            model=str(provenance["model"]),
+                            checkpoint_sha256=str(provenance["checkpoint_sha256"]), tta=tta,
+                            volumes=report_info.get("volumes_ml"),
+                            probabilities=report_info.get("probabilities"), sink=sink)

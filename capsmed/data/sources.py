@@ -3,7 +3,8 @@
 ``prepare_dataset`` validates the source (every problem at once), materialises the synthetic demo
 and MedMNIST archives as NIfTI under ``out_dir/images`` (and ``out_dir/labels``), and references
 file-based sources (MSD folders, CSV manifests, DICOM folders) in place, never copying or changing
-them. It writes ``out_dir/cases.json``::
+them; a ``dicomweb`` source's series are retrieved once into ``out_dir/dicomweb`` and then read as
+a ``dicom`` source. It writes ``out_dir/cases.json``::
 
     {"task": "segmentation" | "classification",
      "spatial_dims": 2 | 3,
@@ -124,6 +125,23 @@ def _npz_cases(scan: Scan, out_dir: Path) -> list[dict]:
     return cases
 
 
+def _cache_dicomweb(ds_cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Source ``dicomweb``: retrieve the listed series once, then read them as a ``dicom`` source.
+
+    The series go to ``out_dir/dicomweb`` (see :func:`capsmed.dicom.web.cache_dicomweb_dataset`).
+    """
+    from capsmed.data._io import resolve
+    from capsmed.dicom.web import cache_dicomweb_dataset
+
+    if not ds_cfg.get("path") or not ds_cfg.get("dicomweb_url"):
+        raise CapsmedError("dataset config: source dicomweb needs 'path' (a CSV of study/series "
+                           "UIDs) and 'dicomweb_url'")
+    manifest = cache_dicomweb_dataset(resolve(ds_cfg["path"]), str(ds_cfg["dicomweb_url"]),
+                                      out_dir / "dicomweb")
+    return {**{k: v for k, v in ds_cfg.items() if k != "dicomweb_url"}, "source": "dicom",
+            "path": str(manifest)}
+
+
 def prepare_dataset(ds_cfg: Mapping[str, Any], out_dir: str | os.PathLike, seed: int) -> dict:
     """Validate a dataset source, materialise it if needed and write ``out_dir/cases.json``.
 
@@ -143,6 +161,8 @@ def prepare_dataset(ds_cfg: Mapping[str, Any], out_dir: str | os.PathLike, seed:
         CapsmedError: the config or the data has problems; the message lists every one, one per
             line, naming the file.
     """
+    if isinstance(ds_cfg, Mapping) and ds_cfg.get("source") == "dicomweb":
+        ds_cfg = _cache_dicomweb(ds_cfg, Path(out_dir).resolve())
     ds_cfg = normalise_config(ds_cfg) if isinstance(ds_cfg, Mapping) else ds_cfg
     problems, scan = scan_config(ds_cfg)
     if problems or scan is None:

@@ -110,6 +110,10 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
                else ""}
         fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
         row.update(M.segmentation_case_metrics(pred, label, fg, spacing))
+        if ctx.get("dicom") and Path(case["image"]).is_dir():
+            volumes = {str(names[k] if k in names else names[str(k)]): row[f"volume_ml_{v}"]
+                       for k, v in fg.items() if f"volume_ml_{v}" in row}
+            _write_dicom(case, name, task, names, out, ctx, volumes=volumes or None)
     else:
         axes = classification_tta_axes(ctx["plan"]) if ctx["icfg"].get("tta") else []
         out = predict_classification_case(model, case, ctx["preprocess"], ctx["device"], axes)
@@ -122,6 +126,8 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
         if out["lengths"] is not None:
             for k, v in enumerate(out["lengths"]):
                 row[f"length_{k}"] = float(v)
+        if ctx.get("dicom") and Path(case["image"]).is_dir():
+            _write_dicom(case, safe_name(case["case_id"]), task, names, out, ctx)
         row["reconstruction"] = ""
         if out["reconstruction"] is not None and ctx["stage"] == "test":
             rpath = pred_dir / f"{safe_name(case['case_id'])}_recon.npy"
@@ -129,6 +135,17 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
             row["reconstruction"] = str(rpath.relative_to(layout.results))
     row["_seconds"] = seconds
     return row
+
+
+def _write_dicom(case: dict, stem: str, task: str, names: Any, out: dict, ctx: dict[str, Any],
+                 volumes: dict[str, float] | None = None) -> None:
+    """``evaluate.dicom_out``: the case's DICOM SEG/SR beside its prediction (DICOM inputs only)."""
+    from capsmed.dicom.outputs import write_case_dicom
+    from capsmed.dicom.series import load_series
+
+    write_case_dicom(ctx["pred_dir"], stem, str(case["case_id"]), load_series(Path(case["image"])),
+                     task, names, out, tta=bool(ctx["icfg"].get("tta")), volumes=volumes,
+                     **ctx["dicom"])
 
 
 def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
@@ -261,7 +278,13 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         model = build_model(ckpt).to(device)
         ctx = {"plan": ckpt["plan"], "preprocess": build_preprocess_transforms(ckpt["plan"]),
                "device": device, "icfg": icfg, "names": names, "layout": layout,
-               "pred_dir": pred_dir, "stage": stage}
+               "pred_dir": pred_dir, "stage": stage,
+               "dicom": {"model": model_name, "checkpoint_sha256": ckpt_sha}
+               if cfg["evaluate"].get("dicom_out") else None}
+        if ctx["dicom"] and not any(Path(c["image"]).is_dir() for c in cases):
+            logger.info("%s/%s: evaluate.dicom_out writes no DICOM SEG/SR: no %s case is a "
+                        "DICOM series (a SEG references the source's DICOM instances)",
+                        dataset, stage, stage)
         for c in cases:
             rows.append(_case_row(task, model, c, ctx))
         peak = peak_memory_mb(device)

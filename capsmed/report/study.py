@@ -92,6 +92,8 @@ class StudyInput(TypedDict, total=False):
             listed too.
         links: Navigation ``[{"text", "href"}]``; hrefs are relative to the report file (others are
             dropped).
+        dicom: ``{id}_dicom.json`` written by ``capsmed predict --dicom-out``: the DICOM SEG/SR
+            objects (SOP Instance UIDs) and where they were stored.
     """
 
     case_id: str
@@ -117,6 +119,7 @@ class StudyInput(TypedDict, total=False):
     case_metrics: Mapping[str, float]
     provenance: Mapping[str, Any]
     links: Sequence[Mapping[str, str]]
+    dicom: str | Path | None
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -270,6 +273,32 @@ def _provenance_section(prov: Mapping[str, Any], study: Mapping[str, Any]) -> di
                               caption="Package versions"))
     paragraphs = [] if prov else ["No provenance was recorded for this study."]
     return b.section("provenance", "Provenance", paragraphs=paragraphs, tables=tables)
+
+
+def _dicom_section(record_path: Any) -> dict[str, Any] | None:
+    """The DICOM objects ``capsmed predict`` wrote for the study and where they went.
+
+    Reads the ``{id}_dicom.json`` record written by :mod:`capsmed.dicom.outputs` (no DICOM library
+    needed); None when there is none.
+    """
+    path = _as_path(record_path)
+    if path is None:
+        return None
+    try:
+        record = read_json(path, required=True)
+    except CapsmedError as exc:
+        logger.warning("%s", exc)
+        return None
+    rows = [b.row([obj.get("kind", ""), obj.get("sop_instance_uid", ""),
+                   obj.get("series_instance_uid", ""), obj.get("file", ""),
+                   ", ".join(obj.get("stored_to") or []) or "not stored (local file only)"])
+            for obj in record.get("objects") or []]
+    source = record.get("source") or {}
+    paragraphs = [f"Derived from series {source.get('series_instance_uid', '?')} of study "
+                  f"{source.get('study_instance_uid', '?')}; the files are in {path.parent}."]
+    return b.section("dicom", "DICOM objects", paragraphs=paragraphs,
+                     tables=[b.table(["Object", "SOP Instance UID", "Series Instance UID", "File",
+                                      "Stored to"], rows)])
 
 
 # ----------------------------------------------------------------------------- the page
@@ -552,6 +581,9 @@ def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) ->
     sections = list(parts["sections"])
     if capsule is not None:
         sections.append(capsule)
+    dicom = _dicom_section(study.get("dicom"))
+    if dicom is not None:
+        sections.append(dicom)
     sections.append(_provenance_section(study.get("provenance") or {}, study))
     nav = []
     for item in study.get("links") or []:
@@ -627,6 +659,11 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
             if c is not None and is_number(row.get(c)):
                 true_vols[name] = float(row[c])
         study["volumes_ml"], study["volumes_true_ml"] = vols, true_vols
+        pred = _as_path(study["prediction"])
+        stem = pred.name.removesuffix(".gz").removesuffix(".nii") if pred else ""
+        record = pred.with_name(stem + "_dicom.json") if pred else None
+        if record is not None and record.is_file():  # evaluate.dicom_out wrote a SEG/SR
+            study["dicom"] = str(record)
         metrics = {}
         for c in cols:
             base = c.split("_")[0]

@@ -1,0 +1,179 @@
+"""Write one study's DICOM SEG and SR, and record what was written and where it went.
+
+``capsmed predict --dicom-out`` calls :func:`write_dicom_outputs` once per study after the NIfTI /
+probability outputs exist. The record, ``{stem}_dicom.json`` beside the other outputs, is the one home
+of these facts: the study report reads it (``StudyInput.dicom``).
+
+Record shape::
+
+    {"case_id": "...", "source": {"study_instance_uid", "series_instance_uid", "folder"},
+     "objects": [{"kind": "SEG", "file": "case_seg.dcm", "sop_class_uid", "sop_instance_uid",
+                  "series_instance_uid", "stored_to": ["https://pacs/dicom-web"]}, ...]}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsmed.dicom.seg import Algorithm, build_seg
+from capsmed.dicom.series import SourceSeries
+from capsmed.dicom.sr import build_classification_sr, build_segmentation_sr
+
+logger = logging.getLogger(__name__)
+
+#: File name suffix of the record next to a study's other outputs.
+RECORD_SUFFIX = "_dicom.json"
+
+#: Stores a list of datasets somewhere and returns where (e.g. a DICOMweb URL).
+Sink = Callable[[Sequence[Any]], str]
+
+
+def dataset_bytes(ds) -> bytes:
+    """The DICOM file (Part 10, with preamble and meta header) of a dataset."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write a file atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_dicom_outputs(out_dir: Path, stem: str, case_id: str, series: SourceSeries,
+                        algorithm: Algorithm, *, labels: Mapping[int, str] | None = None,
+                        prediction: np.ndarray | None = None, affine: np.ndarray | None = None,
+                        volumes_ml: Mapping[str, float] | None = None,
+                        probabilities: Sequence[float] | None = None,
+                        classes: Mapping[int, str] | None = None,
+                        sink: Sink | None = None) -> Path:
+    """Write the SEG (segmentation) and the SR of one study, optionally store them, record both.
+
+    Args:
+        out_dir: Output folder of ``capsmed predict``.
+        stem: File-name stem of the study's outputs.
+        case_id: Study id.
+        series: The checked source series.
+        algorithm: The model that made the prediction.
+        labels: Segmentation: label index -> name.
+        prediction: Segmentation: ``(X, Y, Z)`` label map as written to NIfTI.
+        affine: Segmentation: its RAS affine.
+        volumes_ml: Segmentation: structure name -> volume in mL (as the study report shows).
+        probabilities: Classification: one probability per class.
+        classes: Classification: class index -> name.
+        sink: Stores the objects (STOW-RS) and returns where; None keeps them local.
+
+    Returns:
+        Path of the record ``{stem}_dicom.json``.
+    """
+    objects: list[tuple[str, Any]] = []
+    if prediction is not None:
+        seg = build_seg(prediction, affine, series, labels or {}, algorithm)
+        objects.append(("SEG", seg))
+        objects.append(("SR", build_segmentation_sr(seg, series, volumes_ml or {}, labels or {},
+                                                    algorithm)))
+    else:
+        objects.append(("SR", build_classification_sr(series, probabilities or [], classes or {},
+                                                      algorithm)))
+    entries = []
+    for kind, ds in objects:
+        path = Path(out_dir) / f"{stem}_{kind.lower()}.dcm"
+        _atomic_write(path, dataset_bytes(ds))
+        entries.append({"kind": kind, "file": path.name, "sop_class_uid": str(ds.SOPClassUID),
+                        "sop_instance_uid": str(ds.SOPInstanceUID),
+                        "series_instance_uid": str(ds.SeriesInstanceUID), "stored_to": []})
+        logger.info("%s: wrote DICOM %s %s", case_id, kind, path)
+    if sink is not None:
+        where = sink([ds for _, ds in objects])
+        for entry in entries:
+            entry["stored_to"].append(where)
+        logger.info("%s: stored %s to %s", case_id, " and ".join(k for k, _ in objects), where)
+    record = {"case_id": case_id,
+              "source": {"study_instance_uid": series.study_uid,
+                         "series_instance_uid": series.series_uid, "folder": str(series.folder)},
+              "objects": entries}
+    out = Path(out_dir) / f"{stem}{RECORD_SUFFIX}"
+    _atomic_write(out, (json.dumps(record, indent=2) + "\n").encode())
+    return out
+
+
+def volumes_ml(pred: np.ndarray, affine: np.ndarray, names: Any) -> dict[str, float]:
+    """Predicted volume in mL per foreground label name (what the study report shows).
+
+    Args:
+        pred: ``(*S)`` label map.
+        affine: Its voxel-to-world matrix.
+        names: Label index -> name, as a checkpoint stores them.
+
+    Returns:
+        ``{name: mL}`` for every foreground label.
+    """
+    from capsmed.report.files import label_volumes_ml, name_map
+
+    labels = name_map({"labels": names}, "labels")
+    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    voxel_ml = float(np.prod(spacing)) / 1000.0  # as the report's Volume.voxel_ml
+    fg = [k for k in labels if k > 0]
+    return {labels[k]: v for k, v in label_volumes_ml(pred, voxel_ml, fg).items()}
+
+
+def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSeries, task: str,
+                     names: Any, out: Mapping[str, Any], *, model: str, checkpoint_sha256: str,
+                     tta: bool = False, volumes: Mapping[str, float] | None = None,
+                     probabilities: Sequence[float] | None = None,
+                     sink: Sink | None = None) -> Path:
+    """SEG/SR of one predicted case, from what the inference functions return.
+
+    Shared by ``capsmed predict`` and ``capsmed evaluate`` (``evaluate.dicom_out``).
+
+    Args:
+        out_dir: Folder of the case's other outputs.
+        stem: File-name stem of the case's outputs.
+        case_id: Case id.
+        series: The checked source series.
+        task: ``segmentation`` or ``classification``.
+        names: Label or class index -> name (as the checkpoint stores them).
+        out: ``predict_segmentation_case`` (``pred``, ``affine``) or
+            ``predict_classification_case`` (``probs``) output.
+        model: Model name.
+        checkpoint_sha256: SHA-256 of the checkpoint.
+        tta: Whether test-time augmentation ran (part of the UIDs).
+        volumes: Segmentation: structure name -> mL as the report shows them; computed from the
+            prediction when None.
+        probabilities: Classification: class probabilities; ``out["probs"]`` when None.
+        sink: Stores the objects and returns where.
+
+    Returns:
+        Path of the record ``{stem}_dicom.json``.
+    """
+    from capsmed import __version__
+    from capsmed.report.files import name_map
+
+    algorithm = Algorithm(model=model, checkpoint_sha256=checkpoint_sha256,
+                          capsmed_version=__version__, options=f"tta={int(bool(tta))}")
+    labels = name_map({"names": names}, "names")
+    if task == "segmentation":
+        vols = volumes if volumes is not None else volumes_ml(out["pred"], out["affine"], names)
+        return write_dicom_outputs(out_dir, stem, case_id, series, algorithm, labels=labels,
+                                   prediction=out["pred"], affine=out["affine"], volumes_ml=vols,
+                                   sink=sink)
+    probs = probabilities if probabilities is not None else [float(p) for p in out["probs"]]
+    return write_dicom_outputs(out_dir, stem, case_id, series, algorithm, probabilities=probs,
+                               classes=labels, sink=sink)
