@@ -6,14 +6,14 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed prepare    -c config/config.yaml -d demo_seg3d
     capsmed preprocess -c config/config.yaml -d demo_seg3d
     capsmed split      -c config/config.yaml -d demo_seg3d
-    capsmed train      -c config/config.yaml -d demo_seg3d -m ucaps
-    capsmed evaluate   -c config/config.yaml -d demo_seg3d -m ucaps -s test
-    capsmed crossval   -c config/config.yaml -d DATASET -m ucaps   (datasets with split.folds > 1)
-    capsmed report     -c config/config.yaml -d demo_seg3d -m ucaps -s test
-    capsmed report-studies -c config/config.yaml -d demo_seg3d -m ucaps
+    capsmed train      -c config/config.yaml -d demo_seg3d -m capsunet
+    capsmed evaluate   -c config/config.yaml -d demo_seg3d -m capsunet -s test
+    capsmed crossval   -c config/config.yaml -d DATASET -m capsunet   (datasets with split.folds > 1)
+    capsmed report     -c config/config.yaml -d demo_seg3d -m capsunet -s test
+    capsmed report-studies -c config/config.yaml -d demo_seg3d -m capsunet
     capsmed report-dataset -c config/config.yaml -d demo_seg3d
     capsmed summarize  -c config/config.yaml
-    capsmed predict --model results/demo_seg3d/models/ucaps/best.pt STUDY.nii.gz ...
+    capsmed predict --model results/demo_seg3d/models/capsunet/best.pt STUDY.nii.gz ...
     capsmed predict --model best.pt --dicomweb URL --study UID [--series UID] --store
     capsmed models
 

@@ -65,6 +65,9 @@ class UCaps(CapsmedModel):
         decoder_channels: five widths, see above.
         routing_iterations: routing iterations of the encoder capsule layers.
         reconstruction_hidden: widths of the 1x1 reconstruction convolutions.
+        shared_votes: one vote convolution shared by all input capsule types (3D-UCaps'
+            ``ConvSlimCapsule3D`` default, fewer parameters); False gives every input type its
+            own kernels, as the 3D-UCaps hippocampus configuration does.
 
     Raises:
         ValueError: when a tuple has the wrong length or a width or kernel is out of range.
@@ -91,6 +94,7 @@ class UCaps(CapsmedModel):
         decoder_channels: Sequence[int] = (64, 64, 32, 32, 16),
         routing_iterations: int = 3,
         reconstruction_hidden: Sequence[int] = (16, 32),
+        shared_votes: bool = True,
     ) -> None:
         super().__init__(spatial_dims, in_channels, out_channels)
         if len(stem_channels) < 1:
@@ -129,7 +133,7 @@ class UCaps(CapsmedModel):
         self.stem = nn.Sequential(*stem)
         self.primary = ConvCapsule(
             dims, 1, c_in, primary_capsules, primary_dim, kernel_size=3, stride=1, padding=1,
-            routing_iterations=1, agreement="cosine", shared_votes=True,
+            routing_iterations=1, agreement="cosine", shared_votes=shared_votes,
         )
         caps = [primary_capsules, *[int(c) for c in encoder_capsules], out_channels]
         pose = [primary_dim, *[int(d) for d in encoder_dims]]
@@ -137,7 +141,7 @@ class UCaps(CapsmedModel):
             ConvCapsule(
                 dims, caps[i], pose[i], caps[i + 1], pose[i + 1], kernel_size=3,
                 stride=2 if i % 2 == 0 else 1, padding=1, routing_iterations=routing_iterations,
-                agreement="cosine", shared_votes=True,
+                agreement="cosine", shared_votes=shared_votes,
             )
             for i in range(6)
         )

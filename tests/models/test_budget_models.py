@@ -197,3 +197,18 @@ def test_rescapsnet_linear_ablation_costs_the_same():
 def test_rescapsnet_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_model("rescapsnet", 2, 1, 2, **kwargs)
+
+
+def test_ucaps_paper_configuration_of_the_example_builds():
+    """The example config's 3D-UCaps at the paper's widths, one vote kernel per input type."""
+    import yaml
+
+    from tests.conftest import REPO_ROOT
+
+    cfg = yaml.safe_load((REPO_ROOT / "config/examples/msd_hippocampus.yaml").read_text())
+    args = cfg["models"]["ucaps"]["args"]
+    with torch.device("meta"):
+        paper = get_model("ucaps", 3, 1, 3, **args)
+        narrow = get_model("ucaps", 3, 1, 3)
+    assert not paper.encoder[0].shared_votes and narrow.encoder[0].shared_votes
+    assert paper.num_parameters() > 5 * narrow.num_parameters()

@@ -1,0 +1,98 @@
+"""Routing at work: coupling statistics of trained capsule models on their test cases (issue 12).
+
+For every capsule model in the given results folders whose layers route (``capsunet``,
+``rescapsnet`` and their variants), runs each test case through the model as the evaluation
+preprocesses it and summarises the couplings of every routing layer with
+:func:`capsmed.layers.coupling_statistics`: the mean of the largest coupling of each input capsule
+(``1/J`` for uniform couplings, 1 for a one-hot choice) and the coupling entropy over ``log J``
+(1 uniform, 0 one-hot). One routing iteration gives exactly ``1/J`` and 1.
+
+    python benchmarks/routing_stats.py benchmarks/out/msd_hippocampus_seed0 [more folders]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from capsmed.data.transforms import build_preprocess_transforms
+from capsmed.layers import coupling_statistics
+from capsmed.paths import Layout, read_json
+from capsmed.train.checkpoint import build_model, load_checkpoint
+
+ROUTED = ("capsunet", "rescapsnet")
+
+
+def case_couplings(model: torch.nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
+    """Couplings of every routing layer for one preprocessed image ``(C, *S)``."""
+    x = image[None]
+    if hasattr(model, "encode"):  # capsunet: pad to a multiple of 8, the whole volume at once
+        pad = []
+        for s in reversed(x.shape[2:]):
+            pad += [0, (-s) % 8]
+        _, couplings = model.encode(F.pad(x, pad), return_coupling=True)
+        return couplings
+    return [model.couplings(x)]
+
+
+def model_stats(results: Path, dataset: str, model_name: str) -> list[dict] | None:
+    """Per routing layer: coupling statistics pooled over the test cases (None: no routing)."""
+    layout = Layout(results)
+    ckpt = load_checkpoint(layout.model_dir(dataset, model_name) / "best.pt")
+    spec = ckpt["model"]
+    if spec["name"] not in ROUTED or spec["args"].get("capsule_block", "capsule") != "capsule":
+        return None
+    model = build_model(ckpt)
+    preprocess = build_preprocess_transforms(ckpt["plan"])
+    cases = read_json(layout.cases(dataset), "case list")["cases"]
+    test = set(read_json(layout.splits(dataset), "splits")["test"])
+    per_layer: dict[int, list[dict]] = {}
+    with torch.no_grad():
+        for case in cases:
+            if case["case_id"] not in test:
+                continue
+            image = preprocess({"image": case["image"]})["image"]
+            for k, c in enumerate(case_couplings(model, torch.as_tensor(image).float())):
+                per_layer.setdefault(k, []).append(coupling_statistics(c, dim=2))
+    rows = []
+    for k, stats in sorted(per_layer.items()):
+        rows.append({"layer": k, "outputs": stats[0]["outputs"],
+                     "iterations": spec["args"].get("routing_iterations", 3),
+                     "max_coupling": statistics.mean(s["max_coupling"] for s in stats),
+                     "entropy": statistics.mean(s["entropy"] for s in stats), "cases": len(stats)})
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", type=Path, nargs="+", help="results folders (one per seed)")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    table: dict[tuple[str, str, int], list[dict]] = {}
+    for results in args.results:
+        summary = json.loads((results / "summary.json").read_text())
+        for dataset, doc in summary["datasets"].items():
+            for model_name in doc["models"]:
+                rows = model_stats(results, dataset, model_name)
+                for row in rows or []:
+                    table.setdefault((dataset, model_name, row["layer"]), []).append(row)
+    print("| dataset | model | routing layer | J | iterations | mean largest coupling (1/J) | "
+          "entropy / log J | seeds |")
+    print("| --- | --- | ---: | ---: | ---: | --- | --- | ---: |")
+    for (dataset, model_name, layer), rows in table.items():
+        j = rows[0]["outputs"]
+        mc = statistics.mean(r["max_coupling"] for r in rows)
+        ent = statistics.mean(r["entropy"] for r in rows)
+        print(f"| {dataset} | {model_name} | {layer} | {j} | {rows[0]['iterations']} | "
+              f"{mc:.3f} ({1 / j:.3f}) | {ent:.3f} | {len(rows)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
