@@ -493,6 +493,7 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
         "dataset": dataset, "model": model_name, "model_class": model_class(cfg, model_name),
         "task": task, "params": n_params,
         "flops": estimate_flops(model.cpu(), in_channels, patch), "select": tcfg["select"],
+        "checkpoint_epoch": len(history) if tcfg["select"] == "last" else best_epoch,
         "train_seconds": round(train_seconds, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "epochs": len(history), "best_epoch": best_epoch, "best_metric": best_metric,
         "metric_name": base["metric_name"], "seed": seed, "versions": base["versions"],

@@ -213,6 +213,7 @@ def test_ema_select_last_and_resume(tmp_path):
     model_dir = tmp_path / "ref" / "ds" / "models" / "seed_cnn"
     best, last = load_checkpoint(model_dir / "best.pt"), load_checkpoint(model_dir / "last.pt")
     assert record["select"] == "last" and best["epoch"] == last["epoch"] == 3
+    assert record["checkpoint_epoch"] == 3
     for key, value in best["state_dict"].items():
         assert torch.equal(value, last["state_dict"][key])  # the EMA weights, in both
     assert last["ema"]["steps"] == 3 * 2
