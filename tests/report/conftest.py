@@ -100,6 +100,18 @@ def _train_json(path: Path, model: str, seed: int = 0) -> None:
     _write_json(path, doc)
 
 
+def _preprocess(ds_dir: Path, size_divisible: int, fixed_size: int | None) -> None:
+    """fingerprint.json and plan.json as ``capsmed preprocess`` writes them (the real writers)."""
+    from capsmed.data.fingerprint import compute_fingerprint, make_plan
+
+    cases_doc = json.loads((ds_dir / "data" / "cases.json").read_text())
+    fp = compute_fingerprint(cases_doc)
+    _write_json(ds_dir / "preprocessed" / "fingerprint.json", fp)
+    _write_json(ds_dir / "preprocessed" / "plan.json",
+                make_plan(fp, {"preprocess": {"normalization": "zscore"}}, size_divisible,
+                          fixed_size))
+
+
 def _splits(ds_dir: Path, train: list[str], val: list[str], test: list[str]) -> None:
     _write_json(ds_dir / "splits.json", {"seed": 0, "config_hash": "123", "test": test,
                                          "folds": [{"train": train, "val": val}]})
@@ -140,19 +152,7 @@ def make_segmentation(root: Path) -> None:
         "cases": [{"case_id": c, "image": images[c], "label": labels[c], "patient_id": c}
                   for c in all_ids]})
     _splits(ds, train_ids, val_ids, test_ids)
-    _write_json(ds / "preprocessed" / "fingerprint.json", {
-        "task": "segmentation", "modality": "MRI", "n_cases": len(all_ids) + 1,
-        "cases": [{"case_id": c, "shape": list(SHAPE),
-                   "spacing": list(SPACING) if i != 2 else [4.0, 1.0, 2.0],
-                   "intensity_percentiles": {"0.5": 75.0 + i, "50": 101.0, "99.5": 190.0 + i}}
-                  for i, c in enumerate(all_ids)],
-        "label_counts": {"0": 2000, "1": 400, "2": 120},
-        "rejected": [{"case_id": "case_bad", "reason": "label shape 16x20x11 differs from image "
-                                                       "shape 16x20x12"}],
-        "median_spacing": list(SPACING)})
-    _write_json(ds / "preprocessed" / "plan.json", {
-        "spacing": list(SPACING), "patch_size": [16, 16, 16], "normalization": "zscore",
-        "spatial_dims": 3, "task": "segmentation"})
+    _preprocess(ds, size_divisible=8, fixed_size=None)
     stages = {"train": train_ids, "val": val_ids, "test": test_ids}
     for m_i, model in enumerate(SEG_MODELS):
         mdir = ds / "models" / model
@@ -233,11 +233,7 @@ def make_classification(root: Path) -> None:
         "cases": [{"case_id": c, "image": images[c], "class": truth[c], "patient_id": c}
                   for c in all_ids]})
     _splits(ds, train_ids, val_ids, test_ids)
-    _write_json(ds / "preprocessed" / "fingerprint.json", {
-        "task": "classification", "cases": [{"case_id": c, "shape": [28, 28],
-                                             "spacing": [1.0, 1.0], "class": truth[c]}
-                                            for c in all_ids],
-        "class_counts": {"0": 6, "1": 6}, "rejected": []})
+    _preprocess(ds, size_divisible=1, fixed_size=28)
     stages = {"train": train_ids, "val": val_ids, "test": test_ids}
     for m_i, model in enumerate(CLS_MODELS):
         mdir = ds / "models" / model
