@@ -31,9 +31,9 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg: Validated configuration.
 
     Returns:
-        ``{"datasets": {name: {"task", "models": {model: {"params", "stages": {stage: {"metrics",
-        "ci95", "report"}}, "studies": {case_id: path}}}}}}`` with paths relative to the results
-        folder; stages or models whose files are missing are left out (with a warning). With
+        ``{"datasets": {name: {"task", "models": {model: {"family", "params", "stages": {stage:
+        {"metrics", "ci95", "report"}}, "studies": {case_id: path}}}}}}`` with paths relative to
+        the results folder; stages or models whose files are missing are left out (with a warning). With
         several folds the stages are those of the reported fold (``split.fold``, recorded as
         ``fold``) and ``cross_validation`` holds ``cv/{model}.json`` (``folds``, ``mean``, ``sd``,
         ``path``).
@@ -49,7 +49,8 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
                 logger.warning("%s/%s: no train.json, left out of the summary", ds, model)
                 continue
             m: dict[str, Any] = {
-                "params": train["params"], "flops": train.get("flops"),
+                "family": train.get("family"), "params": train["params"],
+                "flops": train.get("flops"),
                 "train_seconds": train.get("train_seconds"),
                 "peak_memory_mb": train.get("peak_memory_mb"),
                 "stages": {}, "studies": {},

@@ -31,27 +31,24 @@ from capsmed.report.stage import PRIMARY_METRICS, headline_text, primary_metric
 
 logger = logging.getLogger(__name__)
 
-#: Capsule models of the registry; any other model whose name contains "caps" counts too.
-CAPSULE_MODELS = frozenset({"capsnet", "efficient_capsnet", "segcaps", "ucaps"})
 _COST_KEYS = ("params", "flops", "train_seconds", "inference_seconds_per_case", "peak_memory_mb")
+#: Display names of the model families ``train.json`` records (``CapsmedModel.family``).
+FAMILY_LABELS = {"capsule": "capsule", "cnn": "CNN"}
 
 
-def is_capsule(model: str, train: Mapping[str, Any] | None = None) -> bool:
-    """Whether a model is a capsule network.
+def model_family(train: Mapping[str, Any] | None) -> str | None:
+    """The family ``capsmed train`` recorded for a model: ``"capsule"``, ``"cnn"`` or None.
 
-    ``train.json`` decides when it says so (``"family": "capsule"|"cnn"``, ``"is_capsule"``, or
-    ``"output_kind": "lengths"``); otherwise the registry names (:data:`CAPSULE_MODELS`) and any
-    name containing ``caps``.
+    ``train.json`` (and the model entry of ``summary.json``) carries ``"family"``, the
+    ``family`` class attribute of the model's registry class; without it the family is unknown.
     """
-    train = train or {}
-    family = str(train.get("family", "")).lower()
-    if family:
-        return family.startswith("caps")
-    if isinstance(train.get("is_capsule"), bool):
-        return bool(train["is_capsule"])
-    if train.get("output_kind") == "lengths":
-        return True
-    return model.lower() in CAPSULE_MODELS or "caps" in model.lower()
+    family = (train or {}).get("family")
+    return family if family in FAMILY_LABELS else None
+
+
+def family_label(family: str | None) -> str:
+    """``"capsule"``, ``"CNN"`` or ``"unknown"`` for a :func:`model_family` value."""
+    return FAMILY_LABELS.get(family or "", "unknown")
 
 
 _RATIO_WORDS = {"params": ("fewer parameters", "more parameters"),
@@ -60,6 +57,9 @@ _RATIO_WORDS = {"params": ("fewer parameters", "more parameters"),
                 "inference_seconds_per_case": ("faster inference per case",
                                                "slower inference per case"),
                 "peak_memory_mb": ("less peak training memory", "more peak training memory")}
+
+
+_FAMILY_WORDS = {"capsule": "capsule network", "cnn": "CNN baseline"}
 
 
 def _ratio_text(key: str, a: float | None, b_: float | None) -> str | None:
@@ -91,7 +91,7 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
     scored.sort(key=value, reverse=not low)
     best = scored[0]
     out = [f"Best on the {stage} stage by {metric_label(metric)}: {best['model']} "
-           f"({'capsule network' if best['capsule'] else 'CNN baseline'}), "
+           f"({_FAMILY_WORDS.get(best['family'] or '', 'family unknown')}), "
            + headline_text(metric, best["metrics"][stage], best["ci95"].get(stage, {})) + "."]
     if len(scored) > 1:
         second = scored[1]
@@ -105,8 +105,8 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
             sentence += (" and the 95% intervals overlap, so this test set does not separate them"
                          if overlap else " and the 95% intervals do not overlap")
         out.append(sentence + ".")
-    caps = [e for e in scored if e["capsule"]]
-    cnns = [e for e in scored if not e["capsule"]]
+    caps = [e for e in scored if e["family"] == "capsule"]
+    cnns = [e for e in scored if e["family"] == "cnn"]
     if caps and cnns:
         c, n = caps[0], cnns[0]
         diff = value(c) - value(n)
@@ -222,7 +222,7 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
         if not metrics and not train:
             missing.append(model)
         entries.append({"model": model, "train": train, "metrics": metrics, "ci95": ci95,
-                        "costs": costs, "capsule": is_capsule(model, train)})
+                        "costs": costs, "family": model_family(train)})
     task = task or str(read_json(lay.dataset_dir / "data" / "cases.json").get("task") or "")
     judged = next((s for s in ("test", "val", "train")
                    if any(s in e["metrics"] for e in entries)), "test")
@@ -252,7 +252,7 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
             # Every stage with a metrics.json gets a stage report (written before or after this).
             href = rel_href(lay.stage_report(e["model"], stage), out.parent)
             cells = [b.cell(e["model"], href=href),
-                     "capsule" if e["capsule"] else "CNN"]
+                     family_label(e["family"])]
             for m in names:
                 v = e["metrics"][stage].get(m)
                 ci = fmt_ci(e["ci95"][stage].get(m), m)
@@ -272,7 +272,7 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     for e in entries:
         c, t = e["costs"], e["train"]
         rows.append(b.row([
-            e["model"], "capsule" if e["capsule"] else "CNN",
+            e["model"], family_label(e["family"]),
             b.num_cell(fmt_params(c.get("params"))), b.num_cell(fmt_flops(c.get("flops"))),
             b.num_cell(fmt_seconds(c.get("train_seconds"))),
             b.num_cell(f"{t.get('epochs', 'n/a')}"),
@@ -280,7 +280,7 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
             b.num_cell(fmt_mb(c.get("peak_memory_mb"))),
             b.num_cell(fmt_mb(c.get("inference_peak_memory_mb")))]))
     points = [fig.ModelPoint(
-        name=e["model"], capsule=e["capsule"],
+        name=e["model"], capsule=e["family"] == "capsule",
         metric=float(e["metrics"].get(judged, {}).get(metric, np.nan))
         if is_number(e["metrics"].get(judged, {}).get(metric)) else float("nan"),
         ci=tuple(e["ci95"].get(judged, {}).get(metric)) if fmt_ci(

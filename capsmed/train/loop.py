@@ -455,7 +455,8 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
             return {"partial": True, "epoch": epoch}
 
     record = {
-        "dataset": dataset, "model": model_name, "task": task, "params": n_params,
+        "dataset": dataset, "model": model_name, "task": task, "family": model.family,
+        "params": n_params,
         "flops": estimate_flops(model.cpu(), in_channels, patch),
         "train_seconds": round(train_seconds, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
         "epochs": len(history), "best_epoch": best_epoch, "best_metric": best_metric,

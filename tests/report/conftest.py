@@ -44,7 +44,7 @@ CLS_METRICS = {"capsnet": {"accuracy": 0.875, "balanced_accuracy": 0.867, "auc":
 CLS_CI = {"capsnet": {"auc": [0.712, 0.988], "accuracy": [0.62, 1.0]},
           "seed_cnn": {"auc": [0.61, 0.97], "accuracy": [0.5, 0.94]}}
 TRAIN = {"ucaps": {"params": 812345, "flops": 3.2e9, "train_seconds": 3725.0,
-                   "peak_memory_mb": 2048.0, "family": "capsule"},
+                   "peak_memory_mb": 2048.0},
          "unet": {"params": 4_808_917, "flops": 1.1e10, "train_seconds": 1800.0,
                   "peak_memory_mb": 3100.0},
          "capsnet": {"params": 161_000, "flops": 2.1e7, "train_seconds": 320.0,
@@ -92,7 +92,10 @@ def _history(path: Path, metric: str, rng: np.random.Generator, epochs: int = 6)
 
 
 def _train_json(path: Path, model: str, seed: int = 0) -> None:
-    doc = {"model": model, **TRAIN[model], "epochs": 6, "best_epoch": 5, "seed": seed,
+    from capsmed.models import MODEL_REGISTRY
+
+    doc = {"model": model, **TRAIN[model], "family": MODEL_REGISTRY[model].family, "epochs": 6,
+           "best_epoch": 5, "seed": seed,
            "versions": {"capsmed": "0.1.0", "torch": "2.13.0", "monai": "1.6.1",
                         "numpy": "2.4.6"},
            "config_hash": "c0ffee" + model, "checkpoint_sha256": "ab" * 32,
@@ -306,7 +309,8 @@ def rendered(results_root: Path) -> dict:
         out["comparison"][ds] = write_comparison_report(results_root, ds, list(models))
         ds_doc = {"task": task, "models": {}}
         for model in models:
-            m_doc = {"params": TRAIN[model]["params"], "flops": TRAIN[model]["flops"],
+            train = json.loads((results_root / ds / "models" / model / "train.json").read_text())
+            m_doc = {"family": train["family"], "params": train["params"], "flops": train["flops"],
                      "stages": {}, "studies": {}}
             for stage in ("train", "val", "test"):
                 path = write_stage_report(results_root, ds, model, stage)

@@ -170,6 +170,7 @@ def test_comparison_with_one_family_and_missing_model(tmp_path):
     edir = tmp_path / "ds" / "eval" / "unet" / "test"
     _json(edir / "metrics.json", {"task": "segmentation", "metrics": {"dice": 0.7},
                                   "ci95": {"dice": [0.6, 0.8]}})
+    _json(tmp_path / "ds" / "models" / "unet" / "train.json", {"family": "cnn", "params": 10})
     text = parse(write_comparison_report(tmp_path, "ds", ["unet", "ghost"])).text
     assert "Only CNN baselines were evaluated" in text
     assert "No train.json or metrics.json was found for: ghost." in text

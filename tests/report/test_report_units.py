@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from capsmed.errors import CapsmedError
-from capsmed.report import is_capsule, stats
+from capsmed.report import model_family, stats
 from capsmed.report.files import load_volume, read_json, read_table, resolve_path
 from capsmed.report.render import (
     fmt_ci,
@@ -81,12 +81,12 @@ def test_formatting():
     assert not lower_is_better("dice") and not lower_is_better("auc")
 
 
-def test_is_capsule():
-    assert is_capsule("ucaps") and is_capsule("efficient_capsnet") and is_capsule("my_caps_v2")
-    assert not is_capsule("unet") and not is_capsule("seed_cnn") and not is_capsule("densenet")
-    assert is_capsule("custom", {"family": "capsule"})
-    assert not is_capsule("capsnet", {"family": "cnn"})
-    assert is_capsule("x", {"output_kind": "lengths"})
+def test_model_family_reads_only_the_recorded_family():
+    assert model_family({"family": "capsule"}) == "capsule"
+    assert model_family({"family": "cnn"}) == "cnn"
+    # No guessing from names: without a recorded family it is unknown.
+    assert model_family({}) is None and model_family(None) is None
+    assert model_family({"family": "transformer"}) is None
 
 
 def test_read_table_keeps_ids_as_text(tmp_path):

@@ -2,6 +2,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,21 @@ def test_train_writes_checkpoints_history_and_record(prepared):
         load_checkpoint(model_dir / "best.pt")).parameters())
     assert record["flops"] > 0 and len(record["checkpoint_sha256"]) == 64
     assert 1 <= record["best_epoch"] <= 3
+
+
+def test_recorded_family_drives_the_comparison_page(tmp_path):
+    """train.json records the registry class's family; the comparison page reads it."""
+    from capsmed.report import write_comparison_report
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 1, "batch_size": 8},
+                      models=["seed_cnn", "capsnet"])
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    assert train_model(cfg, "ds", "capsnet")["family"] == "capsule"
+    assert train_model(cfg, "ds", "seed_cnn")["family"] == "cnn"
+    page = write_comparison_report(cfg["results"], "ds", ["capsnet", "seed_cnn", "custom"])
+    cells = re.findall(r"<tr[^>]*>\s*<td[^>]*>(\w+)</td>\s*<td[^>]*>(\w+)</td>", page.read_text())
+    assert ("capsnet", "capsule") in cells and ("seed_cnn", "CNN") in cells
+    assert ("custom", "unknown") in cells
 
 
 def test_two_runs_give_identical_numbers(tmp_path):
