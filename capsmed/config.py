@@ -8,9 +8,11 @@ the same way (JSON Schema draft 2020-12).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+#: Dataset sources that read files from ``path`` (every source but the synthetic generator).
+FILE_SOURCES = ("msd", "medmnist", "csv", "dicom")
 
 
 def _defaulting_validator():  # noqa: ANN202 - jsonschema validator class
@@ -40,14 +44,65 @@ def _defaulting_validator():  # noqa: ANN202 - jsonschema validator class
     return validators.extend(Draft202012Validator, {"properties": set_defaults})
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
 def load_schema() -> dict[str, Any]:
     """Read the configuration schema.
 
     Returns:
-        The schema as a dict.
+        The schema as a dict (a copy: the caller may change it).
     """
-    with open(SCHEMA_PATH, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+    return copy.deepcopy(_schema())
+
+
+def _schema_problems(validator: Any, instance: Any, source: str, prefix: str = "") -> list[str]:
+    """One ``source: key.path: message`` line per schema violation, sorted by key path."""
+    lines = []
+    for err in sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path]):
+        where = prefix + ".".join(str(p) for p in err.path)
+        lines.append(f"{source}: {where.rstrip('.') or '(top level)'}: {err.message}")
+    return lines
+
+
+def dataset_schema_problems(ds: Any, source: str = "dataset config") -> list[str]:
+    """Schema violations of the keys one dataset block sets (``$defs.dataset`` of the schema).
+
+    The same rules Snakemake's ``validate()`` and :func:`validate_config` apply to
+    ``datasets.NAME``, except that ``source`` and ``task`` may be left out (``capsmed validate
+    PATH`` infers them from the data).
+
+    Args:
+        ds: A dataset block, as written in a config (defaults need not be filled).
+        source: Prefix of each message.
+
+    Returns:
+        One line per problem naming the key and the rule, e.g. ``dataset config:
+        synthetic.num_cases: 1 is less than the minimum of 4``; empty when none.
+    """
+    from jsonschema import Draft202012Validator
+
+    schema = _schema()
+    sub = {k: v for k, v in schema["$defs"]["dataset"].items() if k != "required"}
+    sub["$defs"] = schema["$defs"]
+    return _schema_problems(Draft202012Validator(sub), ds, source)
+
+
+def dataset_defaults(section: str) -> dict[str, Any]:
+    """The schema's defaults of one block of a dataset config, e.g. ``"split"``.
+
+    Args:
+        section: A key of ``$defs.dataset.properties`` whose value is an object
+            (``synthetic``, ``preprocess``, ``split``).
+
+    Returns:
+        ``{key: default}`` for every key of that block that has a default.
+    """
+    props = _schema()["$defs"]["dataset"]["properties"][section]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
 
 
 def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
@@ -64,37 +119,69 @@ def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, An
         CapsmedError: Listing every schema violation with its key path.
     """
     cfg = copy.deepcopy(cfg)
-    schema = load_schema()
-    validator_cls = _defaulting_validator()
+    validator = _defaulting_validator()(_schema())
     # Two passes: the first fills defaults (which can create nested objects whose own defaults
     # the second pass fills); errors are read from the final pass.
-    for _ in range(2):
-        errors = sorted(validator_cls(schema).iter_errors(cfg), key=lambda e: list(e.path))
-    if errors:
-        lines = []
-        for err in errors:
-            where = ".".join(str(p) for p in err.path) or "(top level)"
-            lines.append(f"{source}: {where}: {err.message}")
+    list(validator.iter_errors(cfg))
+    lines = _schema_problems(validator, cfg, source)
+    if lines:
         raise CapsmedError("\n".join(lines))
     _check_semantics(cfg, source)
     return cfg
 
 
+def dataset_rule_problems(ds: Mapping[str, Any], where: str) -> list[str]:
+    """Rules across keys of one dataset block that JSON Schema cannot express.
+
+    Run after the schema check (:func:`dataset_schema_problems` or :func:`validate_config`) by
+    both :func:`validate_config` and ``capsmed validate``: sizes matching ``spatial_dims``, file
+    sources needing a path, a source's task, ``ct_window`` order, ``split.fold`` below
+    ``split.folds``. Keys left out (``None``) are not checked.
+
+    Args:
+        ds: A dataset block (defaults filled or not).
+        where: Prefix of each message, e.g. ``"config.yaml: datasets.demo"``.
+
+    Returns:
+        One line per problem, ``{where}: {key} ...``; empty when none.
+    """
+    problems = []
+    source, task, dims = ds.get("source"), ds.get("task"), ds.get("spatial_dims")
+    if source == "msd" and task == "classification":
+        problems.append(f"{where}: source msd is a segmentation source but task is "
+                        "classification")
+    if source == "medmnist" and task == "segmentation":
+        problems.append(f"{where}: source medmnist is a classification source but task is "
+                        "segmentation")
+    if source in FILE_SOURCES and not ds.get("path"):
+        problems.append(f"{where}: source {source} needs a path")
+    syn = ds.get("synthetic") if isinstance(ds.get("synthetic"), Mapping) else {}
+    pre = ds.get("preprocess") if isinstance(ds.get("preprocess"), Mapping) else {}
+    split = ds.get("split") if isinstance(ds.get("split"), Mapping) else {}
+    sized = [("preprocess.spacing", pre.get("spacing")), ("preprocess.patch_size",
+                                                          pre.get("patch_size"))]
+    if source == "synthetic":
+        sized.insert(0, ("synthetic.size", syn.get("size")))
+    for key, val in sized:
+        if dims in (2, 3) and isinstance(val, list) and len(val) != dims:
+            problems.append(f"{where}: {key} has {len(val)} values but spatial_dims is {dims}")
+    win = pre.get("ct_window")
+    if isinstance(win, list) and len(win) == 2 and all(
+            isinstance(v, int | float) for v in win) and not win[0] < win[1]:
+        problems.append(f"{where}: preprocess.ct_window must be [low, high] with low < high, "
+                        f"got {win!r}")
+    fold, folds = split.get("fold"), split.get("folds")
+    if isinstance(fold, int) and isinstance(folds, int) and fold >= folds:
+        problems.append(f"{where}: split.fold is {fold} but folds is {folds}")
+    return problems
+
+
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
-    """Checks JSON Schema cannot express (sizes matching spatial_dims, sources needing a path)."""
+    """Checks JSON Schema cannot express (:func:`dataset_rule_problems`; ``{data_root}``)."""
     problems = []
     for name, ds in cfg["datasets"].items():
-        dims = ds["spatial_dims"]
-        if ds["source"] == "synthetic":
-            size = ds["synthetic"]["size"]
-            if len(size) != dims:
-                problems.append(
-                    f"{source}: datasets.{name}.synthetic.size has {len(size)} values but "
-                    f"spatial_dims is {dims}"
-                )
-        elif not ds.get("path"):
-            problems.append(f"{source}: datasets.{name}: source {ds['source']} needs a path")
-        elif "{data_root}" in ds["path"]:
+        problems += dataset_rule_problems(ds, f"{source}: datasets.{name}")
+        if ds["source"] in FILE_SOURCES and ds.get("path") and "{data_root}" in ds["path"]:
             if not cfg.get("data_root"):
                 problems.append(
                     f"{source}: datasets.{name}.path uses {{data_root}} but data_root is not set "
@@ -103,18 +190,6 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
                 )
             else:
                 ds["path"] = ds["path"].replace("{data_root}", str(cfg["data_root"]).rstrip("/"))
-        for key in ("spacing", "patch_size"):
-            val = ds["preprocess"].get(key)
-            if val is not None and len(val) != dims:
-                problems.append(
-                    f"{source}: datasets.{name}.preprocess.{key} has {len(val)} values but "
-                    f"spatial_dims is {dims}"
-                )
-        if ds["split"]["fold"] >= ds["split"]["folds"]:
-            problems.append(
-                f"{source}: datasets.{name}.split.fold is {ds['split']['fold']} but folds is "
-                f"{ds['split']['folds']}"
-            )
     if problems:
         raise CapsmedError("\n".join(problems))
 

@@ -30,6 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from capsmed.config import (
+    FILE_SOURCES,
+    dataset_defaults,
+    dataset_rule_problems,
+    dataset_schema_problems,
+)
 from capsmed.data._io import (
     Volume,
     dicom_files,
@@ -43,9 +49,6 @@ from capsmed.data._io import (
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "msd", "medmnist", "csv", "dicom")
-TASKS = ("segmentation", "classification")
-NORMALIZATIONS = ("zscore", "ct", "percentile", "minmax")
 NPZ_SPLITS = ("train", "val", "test")
 DICOM_MANIFEST = "manifest.csv"
 _INT_RE = re.compile(r"^\s*[+-]?\d+(\.0*)?\s*$")
@@ -901,10 +904,10 @@ def scan_source(kind: str, path: Path, ds_cfg: Mapping[str, Any]) -> Scan:
 
 
 def normalise_config(ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a dataset config without ``None`` values (top level and one level down).
+    """A copy of a dataset config without ``None`` values, ``synthetic`` defaults filled in.
 
-    The config schema fills unset keys with ``null``; dropping them lets every reader apply its
-    own default.
+    The config schema fills unset keys with ``null``; dropping them lets a reader tell "unset"
+    from a value. The generator's settings take the schema's defaults (one home: the schema).
     """
     out: dict[str, Any] = {}
     for k, v in ds_cfg.items():
@@ -913,115 +916,29 @@ def normalise_config(ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(v, Mapping) and k in ("synthetic", "preprocess", "split"):
             v = {kk: vv for kk, vv in v.items() if vv is not None}
         out[k] = v
+    syn = out.get("synthetic", {})
+    if isinstance(syn, Mapping):
+        out["synthetic"] = {**{k: v for k, v in dataset_defaults("synthetic").items()
+                               if v is not None}, **syn}
     return out
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _config_problems(ds: Mapping[str, Any]) -> list[str]:
-    """Problems with the keys and values of a dataset config (no file is read)."""
-    p: list[str] = []
+    """Problems with the keys and values of a dataset config (no file is read but ``path``).
+
+    The schema's rules for ``datasets.NAME`` (:func:`capsmed.config.dataset_schema_problems`),
+    the rules across keys (:func:`capsmed.config.dataset_rule_problems`), then what only the
+    data side knows: the source path exists, label and class keys are integers.
+    """
     w = "dataset config"
+    p = dataset_schema_problems(ds, w)
+    p += dataset_rule_problems(ds, w)
     source = ds.get("source", "synthetic")
-    if source not in SOURCES:
-        p.append(f"{w}: source {source!r} is not one of {', '.join(SOURCES)}")
-    task = ds.get("task")
-    if task is not None and task not in TASKS:
-        p.append(f"{w}: task {task!r} is not one of {', '.join(TASKS)}")
-    if source == "msd" and task == "classification":
-        p.append(f"{w}: source msd is a segmentation source but task is classification")
-    if source == "medmnist" and task == "segmentation":
-        p.append(f"{w}: source medmnist is a classification source but task is segmentation")
-    dims = ds.get("spatial_dims")
-    if dims is not None and dims not in (2, 3):
-        p.append(f"{w}: spatial_dims must be 2 or 3, got {dims!r}")
-        dims = None
-    if source != "synthetic" and source in SOURCES:
-        if not ds.get("path"):
-            p.append(f"{w}: source {source} needs 'path'")
-        elif not resolve(ds["path"]).exists():
-            p.append(f"{resolve(ds['path'])}: does not exist (dataset config 'path')")
+    if source in FILE_SOURCES and ds.get("path") and not resolve(ds["path"]).exists():
+        p.append(f"{resolve(ds['path'])}: does not exist (dataset config 'path')")
     for key in ("labels", "classes"):
-        _int_keyed_mapping(ds.get(key), w, key, p)
-    if ds.get("modality") is not None and not isinstance(ds.get("modality"), str):
-        p.append(f"{w}: modality must be a string such as MRI or CT")
-    mc = ds.get("max_cases")
-    if mc is not None and (not _is_int(mc) or mc < 1):
-        p.append(f"{w}: max_cases must be null or an integer >= 1, got {mc!r}")
-    syn = ds.get("synthetic") or {}
-    if not isinstance(syn, Mapping):
-        p.append(f"{w}: synthetic must be a mapping")
-        syn = {}
-    if source == "synthetic":
-        n = syn.get("num_cases", 12)
-        if not _is_int(n) or n < 2:
-            p.append(f"{w}: synthetic.num_cases must be an integer >= 2, got {n!r}")
-        size = syn.get("size", [48, 48, 48] if (dims or 3) == 3 else [64, 64])
-        if not isinstance(size, (list, tuple)) or len(size) not in (2, 3) or not all(
-                _is_int(s) and s >= 8 for s in size):
-            p.append(f"{w}: synthetic.size must be 2 or 3 integers >= 8, got {size!r}")
-        elif dims is not None and len(size) != dims:
-            p.append(f"{w}: synthetic.size {list(size)} has {len(size)} axes but spatial_dims "
-                     f"is {dims}")
-        k = syn.get("num_classes", 3)
-        if not _is_int(k) or k < 2:
-            p.append(f"{w}: synthetic.num_classes must be an integer >= 2, got {k!r}")
-        if not _is_int(syn.get("seed", 0)):
-            p.append(f"{w}: synthetic.seed must be an integer")
-        noise = syn.get("noise", 0.1)
-        if not _is_num(noise) or noise < 0:
-            p.append(f"{w}: synthetic.noise must be a number >= 0, got {noise!r}")
-    pre = ds.get("preprocess") or {}
-    if not isinstance(pre, Mapping):
-        p.append(f"{w}: preprocess must be a mapping")
-        pre = {}
-    for key, integer in (("spacing", False), ("patch_size", True)):
-        val = pre.get(key)
-        if val is None:
-            continue
-        ok = isinstance(val, (list, tuple)) and all(
-            (_is_int(v) if integer else _is_num(v)) and v > 0 for v in val)
-        if not ok or (dims is not None and len(val) != dims):
-            p.append(f"{w}: preprocess.{key} must be null or {dims or 'spatial_dims'} positive "
-                     f"{'integers' if integer else 'numbers'}, got {val!r}")
-    norm = pre.get("normalization")
-    if norm is not None and norm not in NORMALIZATIONS:
-        p.append(f"{w}: preprocess.normalization {norm!r} is not one of "
-                 f"{', '.join(NORMALIZATIONS)}")
-    win = pre.get("ct_window")
-    if win is not None and not (isinstance(win, (list, tuple)) and len(win) == 2 and all(
-            _is_num(v) for v in win) and win[0] < win[1]):
-        p.append(f"{w}: preprocess.ct_window must be [low, high] with low < high, got {win!r}")
-    if not isinstance(pre.get("crop_foreground", True), bool):
-        p.append(f"{w}: preprocess.crop_foreground must be true or false")
-    isz = pre.get("image_size")
-    if isz is not None and (not _is_int(isz) or isz < 1):
-        p.append(f"{w}: preprocess.image_size must be null or a positive integer, got {isz!r}")
-    mps = pre.get("max_patch_size")
-    if mps is not None and not ((_is_int(mps) and mps > 0) or (
-            isinstance(mps, (list, tuple)) and all(_is_int(v) and v > 0 for v in mps))):
-        p.append(f"{w}: preprocess.max_patch_size must be a positive integer or list, got {mps!r}")
-    split = ds.get("split") or {}
-    if not isinstance(split, Mapping):
-        p.append(f"{w}: split must be a mapping")
-        split = {}
-    tf = split.get("test_fraction", 0.2)
-    if not _is_num(tf) or not 0 <= tf < 1:
-        p.append(f"{w}: split.test_fraction must be in [0, 1), got {tf!r}")
-    folds = split.get("folds", 1)
-    if not _is_int(folds) or folds < 1:
-        p.append(f"{w}: split.folds must be an integer >= 1, got {folds!r}")
-    vf = split.get("val_fraction", 0.2)
-    if not _is_num(vf) or not 0 < vf < 1:
-        p.append(f"{w}: split.val_fraction must be in (0, 1), got {vf!r}")
-    if not isinstance(split.get("use_official", True), bool):
-        p.append(f"{w}: split.use_official must be true or false")
+        if isinstance(ds.get(key), Mapping):  # other types are the schema's to report
+            _int_keyed_mapping(ds[key], w, key, p)
     return p
 
 
@@ -1042,10 +959,10 @@ def scan_config(ds_cfg: Mapping[str, Any]) -> tuple[list[str], Scan | None]:
         return problems, None
     source = ds_cfg.get("source", "synthetic")
     if source == "synthetic":
-        syn = ds_cfg.get("synthetic") or {}
+        syn = ds_cfg["synthetic"]
         task = ds_cfg.get("task") or "segmentation"
-        dims = ds_cfg.get("spatial_dims") or len(syn.get("size", [48, 48, 48]))
-        k = int(syn.get("num_classes", 3))
+        dims = ds_cfg.get("spatial_dims") or len(syn["size"])
+        k = int(syn["num_classes"])
         scan = Scan(kind="synthetic", path=Path("."), task=task, spatial_dims=dims,
                     modality=modality_name(ds_cfg.get("modality")))
         if task == "segmentation":
