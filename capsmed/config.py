@@ -322,14 +322,91 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
-    """Hash of everything that determines a trained model (data, split, preprocessing, training)."""
+def _dataset_inputs(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The config that determines a dataset's files: cases, fingerprint, plan and splits.
+
+    Everything in ``datasets.NAME`` but the models, their training and inference, and the split
+    keys that only choose which folds are trained and reported (``fold``, ``cross_validate``),
+    plus the global seed.
+    """
     ds = dataset_config(cfg, dataset)
+    data = {k: v for k, v in ds.items() if k not in ("models", "inference", "train")}
+    data["split"] = {k: v for k, v in (ds.get("split") or {}).items()
+                     if k not in ("fold", "cross_validate")}
+    return {"seed": cfg["seed"], "dataset": data}
+
+
+def dataset_hash(cfg: dict[str, Any], dataset: str) -> str:
+    """Hash of the config behind a dataset's files (the Snakefile's prepare / split params)."""
+    return config_hash(_dataset_inputs(cfg, dataset))
+
+
+def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
+    """Hash of everything that determines a trained model.
+
+    That is the dataset's inputs (:func:`dataset_hash`), the model, its arguments and its merged
+    training settings. ``split.fold`` is not part of it: each fold's model lives in its own
+    folder. The Snakefile's train params and the checkpoints' ``config_hash`` both use this one
+    definition.
+    """
     relevant = {
-        "seed": cfg["seed"],
-        "dataset": {k: v for k, v in ds.items() if k not in ("models", "inference")},
+        **_dataset_inputs(cfg, dataset),
         "model": model,
         "args": model_args(cfg, model),
         "train": train_config(cfg, dataset, model),
     }
     return config_hash(relevant)
+
+
+def evaluation_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
+    """Hash of what determines a model's evaluation: the trained model, inference, evaluate."""
+    return config_hash({"model": model_config_hash(cfg, dataset, model),
+                        "inference": inference_config(cfg, dataset),
+                        "evaluate": cfg["evaluate"]})
+
+
+def config_problems(cfg: dict[str, Any], source: str = "config") -> list[str]:
+    """What the schema cannot know and a run would find only after jobs ran.
+
+    Checked when Snakemake parses the workflow (``workflow/rules/common.smk``) and by
+    ``capsmed validate -c CONFIG``: every model name is in the registry and suits the dataset's
+    task, every model option is one its constructor takes, and every file source's ``path``
+    exists (relative paths from the working directory).
+
+    Args:
+        cfg: A validated configuration (:func:`validate_config`).
+        source: Name of the config file, for messages.
+
+    Returns:
+        One line per problem naming the key and the accepted values; empty when none.
+    """
+    from capsmed.models.registry import MODEL_REGISTRY, _accepted_kwargs
+
+    known = ", ".join(sorted(MODEL_REGISTRY))
+    problems = []
+    for name, ds in cfg["datasets"].items():
+        for model in ds["models"]:
+            cls = MODEL_REGISTRY.get(model)
+            if cls is None:
+                problems.append(f"{source}: datasets.{name}.models: unknown model {model!r}; "
+                                f"accepted: {known}")
+            elif cls.task != ds["task"]:
+                fits = ", ".join(sorted(m for m, c in MODEL_REGISTRY.items()
+                                        if c.task == ds["task"]))
+                problems.append(f"{source}: datasets.{name}.models: {model} is a {cls.task} model "
+                                f"but the task is {ds['task']}; accepted: {fits}")
+        if ds["source"] in FILE_SOURCES and ds.get("path"):
+            path = Path(ds["path"]).expanduser()
+            if not path.exists():
+                problems.append(f"{source}: datasets.{name}.path: {path} does not exist")
+    for model, settings in cfg["models"].items():
+        cls = MODEL_REGISTRY.get(model)
+        if cls is None:
+            problems.append(f"{source}: models.{model}: unknown model {model!r}; accepted: {known}")
+            continue
+        accepted = _accepted_kwargs(cls)
+        for option in settings.get("args", {}):
+            if option not in accepted:
+                problems.append(f"{source}: models.{model}.args: unknown option {option!r} of "
+                                f"{model}; accepted: {', '.join(accepted)}")
+    return problems

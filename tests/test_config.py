@@ -181,3 +181,24 @@ def test_schema_properties_are_well_formed(repo_root):
     check(schema["properties"], "top")
     for name, sub in schema["$defs"].items():
         check(sub.get("properties", {}), name)
+
+
+def test_one_definition_of_the_same_trained_model(repo_root):
+    """split.fold only picks the reported fold: no hash of data or model depends on it, and the
+    Snakefile's params use capsmed's hash functions rather than its own."""
+    from capsmed.config import dataset_hash, evaluation_hash
+
+    cfg = validate_config({"datasets": {"d": _ds(split={"folds": 3, "fold": 0})}})
+    moved = validate_config({"datasets": {"d": _ds(split={"folds": 3, "fold": 2,
+                                                         "cross_validate": False})}})
+    for fn in (dataset_hash,):
+        assert fn(cfg, "d") == fn(moved, "d")
+    for fn in (model_config_hash, evaluation_hash):
+        assert fn(cfg, "d", "unet") == fn(moved, "d", "unet")
+    other = validate_config({"datasets": {"d": _ds(split={"folds": 4, "fold": 0})}})
+    assert dataset_hash(cfg, "d") != dataset_hash(other, "d")
+    assert model_config_hash(cfg, "d", "unet") != model_config_hash(other, "d", "unet")
+    inference = deep_merge(cfg, {"inference": {"overlap": 0.5}})
+    assert evaluation_hash(cfg, "d", "unet") != evaluation_hash(inference, "d", "unet")
+    smk = (repo_root / "workflow" / "rules" / "common.smk").read_text()
+    assert "hashlib" not in smk and "model_config_hash(config" in smk

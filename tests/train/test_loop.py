@@ -59,6 +59,35 @@ def test_recorded_family_drives_the_comparison_page(tmp_path):
     assert ("custom", "unknown") in cells
 
 
+def test_a_resumed_fold_keeps_its_checkpoint_when_only_split_fold_changes(tmp_path):
+    """split.fold chooses the reported fold; it must not make fold 1's last.pt "another config"."""
+    from capsmed.config import validate_config
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 2, "batch_size": 8},
+                      split={"test_fraction": 0.25, "folds": 2, "fold": 0})
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    assert train_model(cfg, "ds", "seed_cnn", fold=1, max_epochs=1)["partial"]
+    moved = validate_config({**cfg, "datasets": {"ds": {
+        **cfg["datasets"]["ds"], "split": {**cfg["datasets"]["ds"]["split"], "fold": 1}}}})
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("capsmed.train.loop")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        record = train_model(moved, "ds", "seed_cnn", fold=1)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert "resuming after epoch 1" in stream.getvalue()
+    assert "another config" not in stream.getvalue()
+    assert record["epochs"] == 2
+
+
 def test_two_runs_give_identical_numbers(tmp_path):
     histories = []
     for name in ("a", "b"):

@@ -1,6 +1,5 @@
 # Config validation (the one schema, shared with capsmed.config), input functions, wildcard
 # constraints and the resolved config file that every `capsmed` call reads.
-import hashlib
 import json
 import os
 import re
@@ -8,10 +7,24 @@ import sys
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from capsmed.config import (
+    config_problems,
+    dataset_hash,
+    evaluation_hash,
+    model_config_hash,
+    validate_config,
+)
 
 
 validate(config, "../schemas/config.schema.yaml")
+# What the schema cannot check (model names and options, source paths, sizes against
+# spatial_dims), through the same code as `capsmed validate -c CONFIG`, before any job is planned.
+_problems = config_problems(validate_config(config, "config"), "config")
+if _problems:
+    raise WorkflowError("\n".join(_problems))
 
 RESULTS = config["results"].rstrip("/")
 DATASETS = list(config["datasets"])
@@ -40,35 +53,18 @@ def _write_resolved_config() -> str:
 CONFIG_FILE = _write_resolved_config()
 
 
-def digest(*keys) -> str:
-    """Hash of part of the config: a rule's params change (and it reruns) when that part does."""
-    node = config
-    for key in keys:
-        node = node.get(key, {}) if isinstance(node, dict) else {}
-    return hashlib.sha256(json.dumps(node, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def dataset_digest(wildcards) -> str:
-    ds = {k: v for k, v in config["datasets"][wildcards.dataset].items()
-          if k not in ("models", "inference", "train")}
-    # which folds are trained and reported changes no data file
-    ds["split"] = {k: v for k, v in ds.get("split", {}).items()
-                   if k not in ("fold", "cross_validate")}
-    return hashlib.sha256(json.dumps([ds, config["seed"]], sort_keys=True).encode()).hexdigest()[:12]
+    """A rule's params change (and it reruns) when the config behind the dataset's files does."""
+    return dataset_hash(config, wildcards.dataset)
 
 
 def train_digest(wildcards) -> str:
-    ds = config["datasets"][wildcards.dataset]
-    parts = [dataset_digest(wildcards), config["train"], ds.get("train", {}),
-             config["models"].get(wildcards.model, {})]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    """The trained model's config hash, the same that its checkpoints record."""
+    return model_config_hash(config, wildcards.dataset, wildcards.model)
 
 
 def eval_digest(wildcards) -> str:
-    ds = config["datasets"][wildcards.dataset]
-    parts = [train_digest(wildcards), config["inference"], ds.get("inference", {}),
-             config["evaluate"]]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    return evaluation_hash(config, wildcards.dataset, wildcards.model)
 
 
 def models_of(wildcards) -> list:
