@@ -68,6 +68,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from capsmed.evaluate.calibration import confidence_bins, reliability_table
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -596,25 +598,10 @@ def _check_classification_inputs(
     return y, np.clip(p, 0.0, 1.0)
 
 
-def _confidence_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index of each confidence: bin k holds ``(k/n_bins, (k+1)/n_bins]`` (bin 0 also 0).
-
-    Args:
-        confidence: (N,) values in [0, 1].
-        n_bins: number of equal-width bins.
-
-    Returns:
-        (N,) int64 bin indices in ``range(n_bins)``.
-
-    """
-    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    return np.searchsorted(inner_edges, confidence, side="left").astype(np.int64)
-
-
 def _reliability(
     y: np.ndarray, probs: np.ndarray, n_bins: int
 ) -> tuple[float, dict[str, list[Any]]]:
-    """ECE and reliability-diagram table.
+    """ECE and reliability-diagram table (:func:`capsmed.evaluate.calibration.reliability_table`).
 
     Args:
         y: (N,) int class indices.
@@ -626,22 +613,8 @@ def _reliability(
         empty bins.
 
     """
-    confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y).astype(np.float64)
-    bins = _confidence_bins(confidence, n_bins)
-    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
-    conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
-    corr_sum = np.bincount(bins, weights=correct, minlength=n_bins)
-    ece = float(np.abs(corr_sum - conf_sum).sum() / y.size)
-    mean_conf = _safe_divide(conf_sum, count)
-    mean_acc = _safe_divide(corr_sum, count)
-    empty = count == 0
-    table = {
-        "bin_confidence": [None if e else float(v) for e, v in zip(empty, mean_conf, strict=True)],
-        "bin_accuracy": [None if e else float(v) for e, v in zip(empty, mean_acc, strict=True)],
-        "bin_count": [int(c) for c in count],
-    }
-    return ece, table
+    return reliability_table(probs.max(axis=1), correct, n_bins)
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
@@ -884,7 +857,7 @@ def _weighted_classification_metrics(
     if "ece" in metrics:
         confidence = probs.max(axis=1)
         correct = (pred == y).astype(np.float64)
-        onehot = np.eye(n_bins)[_confidence_bins(confidence, n_bins)]  # (N, bins)
+        onehot = np.eye(n_bins)[confidence_bins(confidence, n_bins)]  # (N, bins)
         gap = weights @ (onehot * (correct - confidence)[:, None])
         out["ece"] = np.abs(gap).sum(axis=1) / total
     if "auc" in metrics:

@@ -53,7 +53,7 @@ def test_confusion_reliability_and_ece():
     bins = stats.reliability_bins([0.95, 0.95, 0.55, 0.55], [1, 1, 1, 0], n_bins=10)
     assert bins["bin_count"][9] == 2 and bins["bin_count"][5] == 2
     assert bins["bin_accuracy"][5] == pytest.approx(0.5)
-    assert math.isnan(bins["bin_accuracy"][0])
+    assert bins["bin_accuracy"][0] is None
     # ECE = (2 * |1 - 0.95| + 2 * |0.5 - 0.55|) / 4
     assert stats.expected_calibration_error(bins) == pytest.approx(0.05)
 
@@ -79,6 +79,18 @@ def test_formatting():
         "Balanced accuracy"
     assert lower_is_better("hd95_posterior") and lower_is_better("ece")
     assert not lower_is_better("dice") and not lower_is_better("auc")
+
+
+def test_report_reliability_bins_are_the_ece_bins():
+    """The stage page's fallback table bins as the evaluation's ECE does, edges included."""
+    from capsmed.evaluate.metrics import classification_metrics
+
+    conf = np.array([0.5, 0.5, 0.7, 0.7, 0.9, 1.0, 0.55, 0.8])
+    y = np.array([0, 1, 0, 0, 1, 0, 1, 0])
+    probs = np.stack([conf, 1 - conf], axis=1)  # class 0 predicted with confidence conf
+    written = classification_metrics(y, probs, n_bins=10)["reliability"]
+    assert stats.reliability_bins(conf, probs.argmax(1) == y, n_bins=10) == written
+    assert written["bin_count"][4] == 2 and written["bin_count"][6] == 2  # 0.5 and 0.7
 
 
 def test_model_family_reads_only_the_recorded_family():
