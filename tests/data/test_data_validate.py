@@ -388,6 +388,58 @@ def test_dicom_valid(dicom_dir):
     assert validate_path(dicom_dir) == []
 
 
+def _by_position(folder):
+    import numpy as np
+    import pydicom
+
+    def key(f):
+        ds = pydicom.dcmread(f)
+        o = np.array([float(v) for v in ds.ImageOrientationPatient])
+        return float(np.dot(np.cross(o[:3], o[3:]), [float(v) for v in ds.ImagePositionPatient]))
+
+    return sorted(folder.iterdir(), key=key)
+
+
+def test_dicom_series_with_a_missing_slice_is_rejected_by_name(dicom_dir):
+    series = dicom_dir / "studyB"
+    slices = _by_position(series)
+    slices[2].unlink()
+    assert validate_path(dicom_dir) == [
+        f"{series}: about 1 slice(s) missing between {slices[1].name} and {slices[3].name} "
+        "(gap 5 mm, the other slices 2.5 mm apart)"]
+
+
+def test_dicom_series_as_pydicom_ships_them_are_not_volumes(tmp_path):
+    """CT2 lacks a stretch of slices, MR700 holds projections at several orientations."""
+    import shutil
+
+    from data_helpers import pydicom_series
+
+    series = pydicom_series()
+    root = tmp_path / "d"
+    for name in ("studyA", "studyC"):
+        (root / name).mkdir(parents=True)
+        for f in series[name]:
+            shutil.copy(f, root / name)
+    (root / "manifest.csv").write_text("case_id,class\nstudyA,0\nstudyC,1\n")
+    problems = validate_path(root)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{root / 'studyA'}: about 161 slice(s) missing between ")
+    assert problems[1] == (f"{root / 'studyC'}: slices have different orientations "
+                           "(ImageOrientationPatient), so they are not one volume")
+
+
+def test_dicom_duplicate_slice(dicom_dir):
+    import shutil
+
+    series = dicom_dir / "studyB"
+    first = _by_position(series)[0]
+    shutil.copy(first, series / "copy_of_first")
+    problems = validate_path(dicom_dir)
+    assert len(problems) == 1 and "lie at the same position (duplicate slice)" in problems[0]
+    assert problems[0].startswith(f"{series}: slices ")
+
+
 def test_dicom_missing_manifest(tmp_path):
     root = make_dicom_dir(tmp_path / "d", manifest=None)
     assert validate_path(root) == [f"{root / 'manifest.csv'}: missing (a DICOM folder needs a "
