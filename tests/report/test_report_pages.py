@@ -186,3 +186,25 @@ def test_index_links_everything(rendered, facts):
     assert "Dice 0.812 [0.780, 0.850]" in page.text and "11.00 GFLOPs" in page.text
     assert all(not Path(h).is_absolute() for h in hrefs)
     assert (root / "index.html") == rendered["index"]
+
+
+def test_summary_links_the_study_reports_that_were_written(rendered, facts):
+    """capsmed.summary names study pages on its own (from cases.csv); every one it links must be
+    a page write_study_reports wrote, hostile ids included."""
+    from capsmed.summary import build_summary
+
+    root = rendered["root"]
+    cfg = {"results": str(root), "evaluate": {"stages": ["train", "val", "test"]},
+           "datasets": {ds: {"task": task, "models": list(models),
+                             "split": {"folds": 1, "fold": 0}}
+                        for ds, task, models in ((facts.SEG, "segmentation", facts.SEG_MODELS),
+                                                 (facts.CLS, "classification",
+                                                  facts.CLS_MODELS))}}
+    summary = build_summary(cfg)
+    for ds, models in ((facts.SEG, facts.SEG_MODELS), (facts.CLS, facts.CLS_MODELS)):
+        for model in models:
+            linked = summary["datasets"][ds]["models"][model]["studies"]
+            written = rendered["studies"][(ds, model)]
+            assert set(linked) == set(written) and set(facts.HOSTILE_IDS) <= set(linked)
+            for cid, rel in linked.items():
+                assert root / rel == written[cid]

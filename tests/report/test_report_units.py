@@ -159,10 +159,15 @@ def test_load_volume_2d_4d_and_reorientation(tmp_path):
     assert load_volume(broken) is None
 
 
-def test_study_file_names_match_the_prediction_file_names():
-    """Reports and prediction files name a case the same way (capsmed.paths.safe_name)."""
-    paths = pytest.importorskip("capsmed.paths")
+def test_study_file_names_are_safe_and_distinct():
+    """Plain ids are kept; any other id gets a name of safe characters that no other id gets."""
+    import re
+
     from capsmed.report import study_filename
 
-    for cid in ("case_017", "<script>alert(1)</script>", "a b", "../x", "ü"):
-        assert study_filename(cid) == paths.safe_name(cid) + ".html"
+    ids = ["case_017", "<script>alert(1)</script>", "a b", "a_b", "a  b", "../x", "..", "ü", ""]
+    names = [study_filename(i) for i in ids]
+    assert names[0] == "case_017.html" and names[3] == "a_b.html"
+    assert len(set(names)) == len(ids), names
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.html", name), name
