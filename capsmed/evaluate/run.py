@@ -129,6 +129,10 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
     return row
 
 
+#: Classification metrics that get a bootstrap interval in ``metrics.json``.
+CI_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
+
+
 def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
                seed: int) -> tuple[dict, dict, list[str], dict]:
     """Stage metrics from the case rows: ``(metrics, ci95, csv fields, extra keys)``."""
@@ -140,10 +144,10 @@ def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
         metric_keys = [k for k in aggregate if k.startswith(("dice", "hd95", "assd"))]
         metrics = {k: _finite(float(aggregate[k])) for k in metric_keys}
         if n_boot:
-            for k in metric_keys:
-                vals = np.array([float(r[k]) for r in rows], dtype=float)
-                if np.isfinite(vals).any():
-                    ci[k] = [float(v) for v in M.bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed)]
+            cis = M.bootstrap_segmentation_cis([{k: r[k] for k in metric_keys} for r in rows],
+                                               n_boot=n_boot, seed=seed)
+            ci = {k: [float(v) for v in lo_hi] for k, lo_hi in cis.items()
+                  if all(np.isfinite(lo_hi))}
         fixed = ["case_id", "image", "label", "prediction", "uncertainty"]
         fields = fixed + sorted({k for r in rows for k in r if not k.startswith("_")} - set(fixed))
         return metrics, ci, fields, {"labels": names}
@@ -154,11 +158,9 @@ def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
          if rows else np.zeros((0, n_cls)))
     result = M.classification_metrics(y, p)
     metrics = {k: _finite(float(v)) for k, v in result["metrics"].items()}
-    if n_boot and len(y):
-        for k in ("accuracy", "balanced_accuracy", "auc", "f1"):
-            lo_hi = M.bootstrap_metric_ci(y, p, k, n_boot=n_boot, seed=seed)
-            if lo_hi is not None and all(np.isfinite(lo_hi)):
-                ci[k] = [float(v) for v in lo_hi]
+    if n_boot and len(y):  # one set of resamples for every metric
+        cis = M.bootstrap_classification_cis(y, p, metrics=CI_METRICS, n_boot=n_boot, seed=seed)
+        ci = {k: [float(v) for v in lo_hi] for k, lo_hi in cis.items() if all(np.isfinite(lo_hi))}
     fields = (["case_id", "image", "class", "predicted", "confidence"]
               + [f"prob_{k}" for k in range(n_cls)]
               + ([f"length_{k}" for k in range(n_cls)] if rows and "length_0" in rows[0]
