@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import yaml
 
 from capsmed.errors import CapsmedError
+from capsmed.fileio import stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -316,10 +315,8 @@ def model_args(cfg: dict[str, Any], model: str) -> dict[str, Any]:
     return copy.deepcopy(cfg["models"].get(model, {}).get("args", {}))
 
 
-def config_hash(obj: Any) -> str:
-    """A short stable hash of a JSON-serialisable object (sorted keys)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+#: The one hash of configs and inputs (:func:`capsmed.fileio.stable_hash`).
+config_hash = stable_hash
 
 
 def _dataset_inputs(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:

@@ -7,16 +7,19 @@ so that validation sees exactly the geometry that ``LoadImaged`` will produce.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The writers and the hash live in capsmed.fileio; the data modules import them from here too.
+from capsmed.fileio import json_dumps as json_dumps
+from capsmed.fileio import save_nifti as save_nifti
+from capsmed.fileio import stable_hash as stable_hash
+from capsmed.fileio import write_text_if_changed as write_text_if_changed
 
 logger = logging.getLogger(__name__)
 
@@ -84,65 +87,6 @@ def modality_name(value: Any) -> str:
     if text in MRI_NAMES or text.startswith("mri") or text.startswith("mr "):
         return "MRI"
     return "other"
-
-
-def json_dumps(obj: Any) -> str:
-    """Stable, readable JSON text (sorted keys are not used: key order is part of the contract)."""
-    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
-
-
-def write_text_if_changed(path: Path, text: str) -> bool:
-    """Atomically write ``text`` to ``path`` unless the file already holds exactly that text.
-
-    Args:
-        path: destination file; its folder is created.
-        text: the new content.
-
-    Returns:
-        True when the file was (re)written.
-    """
-    if path.is_file():
-        try:
-            if path.read_text() == text:
-                return False
-        except (OSError, UnicodeDecodeError):
-            pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
-
-
-def stable_hash(obj: Any) -> str:
-    """SHA-256 (hex, first 16 characters) of the canonical JSON form of ``obj``."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None) -> None:
-    """Write ``array`` as a NIfTI file atomically (temporary file + rename).
-
-    Args:
-        array: the voxel array, spatial axes first (2D arrays are written as 2D NIfTI).
-        path: destination ``.nii.gz`` path; its folder is created.
-        affine: 4x4 voxel-to-world matrix; identity when None.
-    """
-    import nibabel as nib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

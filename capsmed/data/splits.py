@@ -199,6 +199,26 @@ def load_or_create_splits(path: str | os.PathLike, cases_doc: Mapping[str, Any],
     return doc
 
 
+def stage_case_ids(splits: Mapping[str, Any], stage: str, fold: int) -> list[str]:
+    """The case ids of a dataset stage (``train``, ``val`` or ``test``) of one fold.
+
+    Args:
+        splits: ``splits.json`` content.
+        stage: stage name.
+        fold: fold index (0 with one fold).
+
+    Returns:
+        Case ids in split order.
+    """
+    return list(splits["test"] if stage == "test" else splits["folds"][fold][stage])
+
+
+def stage_cases(cases_doc: Mapping[str, Any], splits: Mapping[str, Any], stage: str,
+                fold: int) -> list[dict]:
+    """The case dicts of a dataset stage of one fold, in split order (see :func:`fold_cases`)."""
+    return fold_cases(cases_doc, stage_case_ids(splits, stage, fold))
+
+
 def fold_cases(cases_doc: Mapping[str, Any], ids: Sequence[str]) -> list[dict]:
     """The case dicts of ``ids`` (e.g. ``splits["folds"][0]["train"]``), in ``ids`` order.
 
@@ -208,5 +228,7 @@ def fold_cases(cases_doc: Mapping[str, Any], ids: Sequence[str]) -> list[dict]:
     by_id = {c["case_id"]: c for c in cases_doc["cases"]}
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise CapsmedError(f"splits name cases missing from cases.json: {missing[:5]}")
+        raise CapsmedError(
+            f"splits.json names cases missing from cases.json: {', '.join(missing[:5])}; "
+            "the dataset changed since the split was written")
     return [by_id[i] for i in ids]

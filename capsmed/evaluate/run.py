@@ -77,11 +77,8 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
         The row, with the prediction's seconds under ``"_seconds"``.
     """
     from capsmed.evaluate import metrics as M
-    from capsmed.train.inference import (
-        predict_classification_case,
-        predict_segmentation_case,
-        save_nifti,
-    )
+    from capsmed.fileio import save_nifti
+    from capsmed.train.inference import predict_classification_case, predict_segmentation_case
 
     layout, pred_dir, names = ctx["layout"], ctx["pred_dir"], ctx["names"]
     t0 = time.perf_counter()
@@ -98,11 +95,11 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
             )
         name = safe_name(case["case_id"])
         pred_path = pred_dir / f"{name}.nii.gz"
-        save_nifti(pred, out["affine"], pred_path)
+        save_nifti(pred, pred_path, out["affine"], dtype=np.uint8)
         unc_path = ""
         if out["uncertainty"] is not None:
             unc_path = pred_dir / f"{name}_uncertainty.nii.gz"
-            save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
+            save_nifti(out["uncertainty"], unc_path, out["affine"], dtype=np.float32)
         row = {"case_id": case["case_id"], "image": case["image"], "label": case["label"],
                "prediction": str(pred_path.relative_to(layout.results)),
                "uncertainty": str(Path(unc_path).relative_to(layout.results)) if unc_path
@@ -205,10 +202,10 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     """
     import torch
 
+    from capsmed.data.splits import stage_cases
     from capsmed.data.transforms import build_preprocess_transforms
     from capsmed.paths import read_json
     from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.loop import stage_cases
     from capsmed.train.runtime import (
         atomic_write_json,
         atomic_write_text,

@@ -9,7 +9,6 @@ raises :class:`capsmed.errors.CapsmedError` naming it.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 from collections.abc import Collection, Mapping
@@ -21,12 +20,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from capsmed import fileio
 from capsmed.errors import CapsmedError
+from capsmed.paths import STAGES as STAGES  # re-exported for the pages
 from capsmed.paths import Layout as PipelineLayout
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("train", "val", "test")
 
 # Columns of cases.csv that hold numbers (prefix match); everything else stays text.
 _NUMERIC_PREFIXES = ("dice", "hd95", "assd", "volume_", "confidence", "prob_", "length_", "class",
@@ -83,7 +82,7 @@ class Layout:
 
 
 def read_json(path: Path, required: bool = False) -> dict[str, Any]:
-    """Read a JSON object; ``{}`` when an optional file is absent.
+    """Read a JSON object (:func:`capsmed.fileio.read_json`); ``{}`` when an optional file is absent.
 
     Args:
         path: The file.
@@ -95,15 +94,7 @@ def read_json(path: Path, required: bool = False) -> dict[str, Any]:
     Raises:
         CapsmedError: The file is required and missing, is not valid JSON, or is not an object.
     """
-    path = Path(path)
-    if not path.is_file():
-        if required:
-            raise CapsmedError(f"{path}: file not found (run `capsmed evaluate` first)")
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CapsmedError(f"{path}: not readable as JSON ({exc})") from exc
+    doc = fileio.read_json(path, "file", required=required, default={})
     if not isinstance(doc, dict):
         raise CapsmedError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     return doc
