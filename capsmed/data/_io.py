@@ -112,7 +112,9 @@ class Volume:
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size along each of the first three array axes (from the affine)."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        from nibabel.affines import voxel_sizes
+
+        return voxel_sizes(self.affine)
 
 
 def read_nifti(path: Path, load: bool) -> Volume:

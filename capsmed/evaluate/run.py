@@ -28,15 +28,16 @@ CLS_HEADLINE = ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "sp
 
 
 def _load_label(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Original label map and its voxel spacing."""
+    """Original label map and its voxel spacing (from the affine, as every stage reads it)."""
     import nibabel as nib
+    from nibabel.affines import voxel_sizes
 
     img = nib.load(path)
     arr = np.asanyarray(img.dataobj)
     arr = np.rint(np.asarray(arr, dtype=np.float64)).astype(np.int64)
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    spacing = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
+    spacing = tuple(float(z) for z in voxel_sizes(img.affine)[: arr.ndim])
     return arr, spacing
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from nibabel.affines import voxel_sizes
 
 from capsmed import fileio
 from capsmed.errors import CapsmedError
@@ -289,7 +290,7 @@ def load_volume(path: Path | None) -> Volume | None:
         axcodes = tuple(nib.aff2axcodes(affine))
         canonical = nib.as_closest_canonical(three_d)
         data = np.asarray(canonical.dataobj, dtype=np.float32)
-        spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+        spacing = tuple(float(z) for z in voxel_sizes(canonical.affine)[:3])
     except Exception as exc:  # nibabel raises many types for broken files
         logger.warning("%s: cannot read image (%s); image not shown", path, exc)
         return None
