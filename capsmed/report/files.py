@@ -161,6 +161,32 @@ def name_map(doc: Mapping[str, Any], key: str) -> dict[int, str]:
     return dict(sorted(out.items()))
 
 
+def label_names(task: str, *docs: Mapping[str, Any], count: int = 0) -> dict[int, str]:
+    """Label (segmentation) or class (classification) names: the one rule of every page.
+
+    Args:
+        task: ``"segmentation"`` or ``"classification"``.
+        *docs: documents that may hold ``labels`` / ``classes`` (``metrics.json``,
+            ``cases.json``, the fingerprint), most specific first; the first with names wins.
+        count: number of labels or classes, for the fallback names.
+
+    Returns:
+        ``{index: name}``; without names in any document ``{0: "background", 1: "foreground"}``
+        (segmentation, two labels), ``background, label 1, ...`` (more labels) or ``class 0,
+        class 1, ...`` (classification).
+    """
+    key = "labels" if task == "segmentation" else "classes"
+    for doc in docs:
+        names = name_map(doc, key)
+        if names:
+            return names
+    if task == "segmentation":
+        n = max(count, 2)
+        return {0: "background", **{k: "foreground" if n == 2 else f"label {k}"
+                                    for k in range(1, n)}}
+    return {k: f"class {k}" for k in range(count)}
+
+
 def class_column(columns: Collection[str], prefix: str, index: int, name: str) -> str | None:
     """The column ``{prefix}_{name}`` or ``{prefix}_{index}`` among ``columns``, whichever exists."""
     for candidate in (f"{prefix}_{name}", f"{prefix}_{index}", f"{prefix}_{name.lower()}"):

@@ -19,7 +19,7 @@ import numpy as np
 
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
-from capsmed.report.files import Layout, name_map, read_json, to_float
+from capsmed.report.files import Layout, label_names, read_json, to_float
 from capsmed.report.render import fmt_num, rel_href, render_page
 
 logger = logging.getLogger(__name__)
@@ -211,13 +211,14 @@ def write_qc_report(results_dir: Path, dataset: str) -> Path:
     cases_doc = read_json(lay.dataset_dir / "data" / "cases.json")
     splits = read_json(lay.dataset_dir / "splits.json")
     task = str(fp.get("task") or cases_doc.get("task") or plan.get("task") or "")
-    key = "labels" if task == "segmentation" else "classes"
-    names = name_map(fp, key) or name_map(cases_doc, key)
+    count_key = "label_voxels" if task == "segmentation" else "class_counts"
+    n_names = len(fp[count_key]) if isinstance(fp.get(count_key), Mapping) else 0
+    names = label_names(task, fp, cases_doc, count=n_names) if task else {}
     out = lay.reports_dir / "qc.html"
 
     spacing_rows = _per_case(fp, "spacings")
     shape_rows = _per_case(fp, "shapes")
-    counts = _counts(fp.get("label_voxels" if task == "segmentation" else "class_counts"), names)
+    counts = _counts(fp.get(count_key), names)
     count_kind = "voxels" if task == "segmentation" else "cases"
     n_cases = to_float(fp.get("n_cases")) or len(shape_rows) or len(spacing_rows)
 

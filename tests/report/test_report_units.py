@@ -171,3 +171,14 @@ def test_study_file_names_are_safe_and_distinct():
     assert len(set(names)) == len(ids), names
     for name in names:
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.html", name), name
+
+
+def test_label_names_one_rule_for_every_page():
+    from capsmed.report.files import label_names
+
+    cases = {"labels": {"0": "background", "1": "liver"}, "classes": {"0": "no", "1": "yes"}}
+    assert label_names("segmentation", {}, cases) == {0: "background", 1: "liver"}
+    assert label_names("classification", {"classes": ["a", "b"]}, cases) == {0: "a", 1: "b"}
+    assert label_names("segmentation") == {0: "background", 1: "foreground"}
+    assert label_names("segmentation", count=3) == {0: "background", 1: "label 1", 2: "label 2"}
+    assert label_names("classification", {}, count=2) == {0: "class 0", 1: "class 1"}
