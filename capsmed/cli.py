@@ -3,6 +3,7 @@
 Every Snakemake rule is one of these calls, so any stage can be run by hand::
 
     capsmed validate PATH
+    capsmed validate -c config/config.yaml
     capsmed prepare    -c config/config.yaml -d demo_seg3d
     capsmed preprocess -c config/config.yaml -d demo_seg3d
     capsmed split      -c config/config.yaml -d demo_seg3d
@@ -53,16 +54,29 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check a dataset without changing anything."""
-    from capsmed.data.validate import validate_path
+    """Check a dataset, or a config and every dataset it names, without changing anything."""
+    from capsmed.data.validate import validate_dataset_config, validate_path
 
-    problems = validate_path(Path(args.path))
+    if (args.path is None) == (args.config is None):
+        raise CapsmedError("validate: give a dataset PATH or a config with -c CONFIG (not both)")
+    if args.config is not None:
+        from capsmed.config import config_problems, load_config
+
+        cfg = load_config(args.config, args.set)
+        problems = config_problems(cfg, str(args.config))
+        if not problems:
+            for name, ds in cfg["datasets"].items():
+                problems += [f"datasets.{name}: {line}" for line in validate_dataset_config(ds)]
+        what = args.config
+    else:
+        problems = validate_path(Path(args.path))
+        what = args.path
     for line in problems:
         print(line, file=sys.stderr)
     if problems:
-        print(f"{args.path}: {len(problems)} problem(s) found", file=sys.stderr)
+        print(f"{what}: {len(problems)} problem(s) found", file=sys.stderr)
         return 1
-    print(f"{args.path}: OK")
+    print(f"{what}: OK")
     return 0
 
 
@@ -274,8 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-d", "--dataset", required=True, help="dataset name in the config")
 
     p = sub.add_parser("validate", help="check a dataset (MSD folder or dataset.json, MedMNIST "
-                       ".npz, CSV manifest) without changing it")
-    p.add_argument("path")
+                       ".npz, CSV manifest), or with -c a config and its datasets, without "
+                       "changing them")
+    p.add_argument("path", nargs="?", default=None)
+    p.add_argument("-c", "--config", default=None,
+                   help="check this config: schema, model names and options, source paths, "
+                        "then each dataset it names")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
     p.set_defaults(func=cmd_validate)
 
     for name, func, help_ in (("prepare", cmd_prepare, "validate a source, write its case list"),

@@ -8,20 +8,23 @@ the same way (JSON Schema draft 2020-12).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import functools
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from capsmed.errors import CapsmedError
+from capsmed.fileio import stable_hash
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+#: Dataset sources that read files from ``path`` (every source but the synthetic generator).
+FILE_SOURCES = ("msd", "medmnist", "csv", "dicom")
 
 
 def _defaulting_validator():  # noqa: ANN202 - jsonschema validator class
@@ -40,14 +43,65 @@ def _defaulting_validator():  # noqa: ANN202 - jsonschema validator class
     return validators.extend(Draft202012Validator, {"properties": set_defaults})
 
 
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
 def load_schema() -> dict[str, Any]:
     """Read the configuration schema.
 
     Returns:
-        The schema as a dict.
+        The schema as a dict (a copy: the caller may change it).
     """
-    with open(SCHEMA_PATH, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+    return copy.deepcopy(_schema())
+
+
+def _schema_problems(validator: Any, instance: Any, source: str, prefix: str = "") -> list[str]:
+    """One ``source: key.path: message`` line per schema violation, sorted by key path."""
+    lines = []
+    for err in sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path]):
+        where = prefix + ".".join(str(p) for p in err.path)
+        lines.append(f"{source}: {where.rstrip('.') or '(top level)'}: {err.message}")
+    return lines
+
+
+def dataset_schema_problems(ds: Any, source: str = "dataset config") -> list[str]:
+    """Schema violations of the keys one dataset block sets (``$defs.dataset`` of the schema).
+
+    The same rules Snakemake's ``validate()`` and :func:`validate_config` apply to
+    ``datasets.NAME``, except that ``source`` and ``task`` may be left out (``capsmed validate
+    PATH`` infers them from the data).
+
+    Args:
+        ds: A dataset block, as written in a config (defaults need not be filled).
+        source: Prefix of each message.
+
+    Returns:
+        One line per problem naming the key and the rule, e.g. ``dataset config:
+        synthetic.num_cases: 1 is less than the minimum of 4``; empty when none.
+    """
+    from jsonschema import Draft202012Validator
+
+    schema = _schema()
+    sub = {k: v for k, v in schema["$defs"]["dataset"].items() if k != "required"}
+    sub["$defs"] = schema["$defs"]
+    return _schema_problems(Draft202012Validator(sub), ds, source)
+
+
+def dataset_defaults(section: str) -> dict[str, Any]:
+    """The schema's defaults of one block of a dataset config, e.g. ``"split"``.
+
+    Args:
+        section: A key of ``$defs.dataset.properties`` whose value is an object
+            (``synthetic``, ``preprocess``, ``split``).
+
+    Returns:
+        ``{key: default}`` for every key of that block that has a default.
+    """
+    props = _schema()["$defs"]["dataset"]["properties"][section]["properties"]
+    return {k: copy.deepcopy(v["default"]) for k, v in props.items() if "default" in v}
 
 
 def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, Any]:
@@ -64,37 +118,69 @@ def validate_config(cfg: dict[str, Any], source: str = "config") -> dict[str, An
         CapsmedError: Listing every schema violation with its key path.
     """
     cfg = copy.deepcopy(cfg)
-    schema = load_schema()
-    validator_cls = _defaulting_validator()
+    validator = _defaulting_validator()(_schema())
     # Two passes: the first fills defaults (which can create nested objects whose own defaults
     # the second pass fills); errors are read from the final pass.
-    for _ in range(2):
-        errors = sorted(validator_cls(schema).iter_errors(cfg), key=lambda e: list(e.path))
-    if errors:
-        lines = []
-        for err in errors:
-            where = ".".join(str(p) for p in err.path) or "(top level)"
-            lines.append(f"{source}: {where}: {err.message}")
+    list(validator.iter_errors(cfg))
+    lines = _schema_problems(validator, cfg, source)
+    if lines:
         raise CapsmedError("\n".join(lines))
     _check_semantics(cfg, source)
     return cfg
 
 
+def dataset_rule_problems(ds: Mapping[str, Any], where: str) -> list[str]:
+    """Rules across keys of one dataset block that JSON Schema cannot express.
+
+    Run after the schema check (:func:`dataset_schema_problems` or :func:`validate_config`) by
+    both :func:`validate_config` and ``capsmed validate``: sizes matching ``spatial_dims``, file
+    sources needing a path, a source's task, ``ct_window`` order, ``split.fold`` below
+    ``split.folds``. Keys left out (``None``) are not checked.
+
+    Args:
+        ds: A dataset block (defaults filled or not).
+        where: Prefix of each message, e.g. ``"config.yaml: datasets.demo"``.
+
+    Returns:
+        One line per problem, ``{where}: {key} ...``; empty when none.
+    """
+    problems = []
+    source, task, dims = ds.get("source"), ds.get("task"), ds.get("spatial_dims")
+    if source == "msd" and task == "classification":
+        problems.append(f"{where}: source msd is a segmentation source but task is "
+                        "classification")
+    if source == "medmnist" and task == "segmentation":
+        problems.append(f"{where}: source medmnist is a classification source but task is "
+                        "segmentation")
+    if source in FILE_SOURCES and not ds.get("path"):
+        problems.append(f"{where}: source {source} needs a path")
+    syn = ds.get("synthetic") if isinstance(ds.get("synthetic"), Mapping) else {}
+    pre = ds.get("preprocess") if isinstance(ds.get("preprocess"), Mapping) else {}
+    split = ds.get("split") if isinstance(ds.get("split"), Mapping) else {}
+    sized = [("preprocess.spacing", pre.get("spacing")), ("preprocess.patch_size",
+                                                          pre.get("patch_size"))]
+    if source == "synthetic":
+        sized.insert(0, ("synthetic.size", syn.get("size")))
+    for key, val in sized:
+        if dims in (2, 3) and isinstance(val, list) and len(val) != dims:
+            problems.append(f"{where}: {key} has {len(val)} values but spatial_dims is {dims}")
+    win = pre.get("ct_window")
+    if isinstance(win, list) and len(win) == 2 and all(
+            isinstance(v, int | float) for v in win) and not win[0] < win[1]:
+        problems.append(f"{where}: preprocess.ct_window must be [low, high] with low < high, "
+                        f"got {win!r}")
+    fold, folds = split.get("fold"), split.get("folds")
+    if isinstance(fold, int) and isinstance(folds, int) and fold >= folds:
+        problems.append(f"{where}: split.fold is {fold} but folds is {folds}")
+    return problems
+
+
 def _check_semantics(cfg: dict[str, Any], source: str) -> None:
-    """Checks JSON Schema cannot express (sizes matching spatial_dims, sources needing a path)."""
+    """Checks JSON Schema cannot express (:func:`dataset_rule_problems`; ``{data_root}``)."""
     problems = []
     for name, ds in cfg["datasets"].items():
-        dims = ds["spatial_dims"]
-        if ds["source"] == "synthetic":
-            size = ds["synthetic"]["size"]
-            if len(size) != dims:
-                problems.append(
-                    f"{source}: datasets.{name}.synthetic.size has {len(size)} values but "
-                    f"spatial_dims is {dims}"
-                )
-        elif not ds.get("path"):
-            problems.append(f"{source}: datasets.{name}: source {ds['source']} needs a path")
-        elif "{data_root}" in ds["path"]:
+        problems += dataset_rule_problems(ds, f"{source}: datasets.{name}")
+        if ds["source"] in FILE_SOURCES and ds.get("path") and "{data_root}" in ds["path"]:
             if not cfg.get("data_root"):
                 problems.append(
                     f"{source}: datasets.{name}.path uses {{data_root}} but data_root is not set "
@@ -103,18 +189,6 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
                 )
             else:
                 ds["path"] = ds["path"].replace("{data_root}", str(cfg["data_root"]).rstrip("/"))
-        for key in ("spacing", "patch_size"):
-            val = ds["preprocess"].get(key)
-            if val is not None and len(val) != dims:
-                problems.append(
-                    f"{source}: datasets.{name}.preprocess.{key} has {len(val)} values but "
-                    f"spatial_dims is {dims}"
-                )
-        if ds["split"]["fold"] >= ds["split"]["folds"]:
-            problems.append(
-                f"{source}: datasets.{name}.split.fold is {ds['split']['fold']} but folds is "
-                f"{ds['split']['folds']}"
-            )
     if problems:
         raise CapsmedError("\n".join(problems))
 
@@ -250,21 +324,101 @@ def model_args(cfg: dict[str, Any], model: str) -> dict[str, Any]:
     return copy.deepcopy(cfg["models"].get(model, {}).get("args", {}))
 
 
-def config_hash(obj: Any) -> str:
-    """A short stable hash of a JSON-serialisable object (sorted keys)."""
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+#: The one hash of configs and inputs (:func:`capsmed.fileio.stable_hash`).
+config_hash = stable_hash
+
+
+def _dataset_inputs(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The config that determines a dataset's files: cases, fingerprint, plan and splits.
+
+    Everything in ``datasets.NAME`` but the models, their training and inference, and the split
+    keys that only choose which folds are trained and reported (``fold``, ``cross_validate``),
+    plus the global seed.
+    """
+    ds = dataset_config(cfg, dataset)
+    data = {k: v for k, v in ds.items() if k not in ("models", "inference", "train")}
+    data["split"] = {k: v for k, v in (ds.get("split") or {}).items()
+                     if k not in ("fold", "cross_validate")}
+    return {"seed": cfg["seed"], "dataset": data}
+
+
+def dataset_hash(cfg: dict[str, Any], dataset: str) -> str:
+    """Hash of the config behind a dataset's files (the Snakefile's prepare / split params)."""
+    return config_hash(_dataset_inputs(cfg, dataset))
 
 
 def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
-    """Hash of everything that determines a trained model (data, split, preprocessing, training)."""
-    ds = dataset_config(cfg, dataset)
+    """Hash of everything that determines a trained model.
+
+    That is the dataset's inputs (:func:`dataset_hash`), the model, its arguments and its merged
+    training settings. ``split.fold`` is not part of it: each fold's model lives in its own
+    folder. The Snakefile's train params and the checkpoints' ``config_hash`` both use this one
+    definition.
+    """
     relevant = {
-        "seed": cfg["seed"],
-        "dataset": {k: v for k, v in ds.items() if k not in ("models", "inference")},
+        **_dataset_inputs(cfg, dataset),
         "model": model,
         **({"class": model_class(cfg, model)} if model_class(cfg, model) != model else {}),
         "args": model_args(cfg, model),
         "train": train_config(cfg, dataset, model),
     }
     return config_hash(relevant)
+
+
+def evaluation_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
+    """Hash of what determines a model's evaluation: the trained model, inference, evaluate."""
+    return config_hash({"model": model_config_hash(cfg, dataset, model),
+                        "inference": inference_config(cfg, dataset),
+                        "evaluate": cfg["evaluate"]})
+
+
+def config_problems(cfg: dict[str, Any], source: str = "config") -> list[str]:
+    """What the schema cannot know and a run would find only after jobs ran.
+
+    Checked when Snakemake parses the workflow (``workflow/rules/common.smk``) and by
+    ``capsmed validate -c CONFIG``: every model name is in the registry and suits the dataset's
+    task, every model option is one its constructor takes, and every file source's ``path``
+    exists (relative paths from the working directory).
+
+    Args:
+        cfg: A validated configuration (:func:`validate_config`).
+        source: Name of the config file, for messages.
+
+    Returns:
+        One line per problem naming the key and the accepted values; empty when none.
+    """
+    from capsmed.models.registry import MODEL_REGISTRY, _accepted_kwargs
+
+    known = ", ".join(sorted(MODEL_REGISTRY))
+    variants = sorted(m for m in cfg["models"] if model_class(cfg, m) != m)
+    problems = []
+    for name, ds in cfg["datasets"].items():
+        for model in ds["models"]:
+            cls = MODEL_REGISTRY.get(model_class(cfg, model))
+            if cls is None:
+                accepted = known + (f"; variants in models: {', '.join(variants)}"
+                                    if variants else "")
+                problems.append(f"{source}: datasets.{name}.models: unknown model {model!r}; "
+                                f"accepted: {accepted}")
+            elif cls.task != ds["task"]:
+                fits = ", ".join(sorted(m for m, c in MODEL_REGISTRY.items()
+                                        if c.task == ds["task"]))
+                problems.append(f"{source}: datasets.{name}.models: {model} is a {cls.task} model "
+                                f"but the task is {ds['task']}; accepted: {fits}")
+        if ds["source"] in FILE_SOURCES and ds.get("path"):
+            path = Path(ds["path"]).expanduser()
+            if not path.exists():
+                problems.append(f"{source}: datasets.{name}.path: {path} does not exist")
+    for model, settings in cfg["models"].items():
+        class_name = model_class(cfg, model)
+        cls = MODEL_REGISTRY.get(class_name)
+        if cls is None:
+            key = f"models.{model}.model" if class_name != model else f"models.{model}"
+            problems.append(f"{source}: {key}: unknown model {class_name!r}; accepted: {known}")
+            continue
+        accepted = _accepted_kwargs(cls)
+        for option in settings.get("args", {}):
+            if option not in accepted:
+                problems.append(f"{source}: models.{model}.args: unknown option {option!r} of "
+                                f"{class_name}; accepted: {', '.join(accepted)}")
+    return problems

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from capsmed.errors import CapsmedError
+from capsmed.fileio import read_json as read_json  # re-exported: stages read their inputs here
 
 STAGES = ("train", "val", "test")
 
@@ -116,12 +114,3 @@ def safe_name(case_id: str) -> str:
     if safe != case_id:
         safe = f"{safe}-{hashlib.sha1(case_id.encode('utf-8')).hexdigest()[:8]}"
     return safe
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Read a JSON file written by an earlier stage, with a clear error when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise CapsmedError(f"{path}: {what} not found; run the earlier pipeline stage first")
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)

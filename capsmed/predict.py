@@ -81,13 +81,10 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
     """
     from capsmed.data.transforms import build_preprocess_transforms
     from capsmed.dicom.outputs import volumes_ml
+    from capsmed.fileio import save_nifti
     from capsmed.report import write_study_report
     from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.inference import (
-        predict_classification_case,
-        predict_segmentation_case,
-        save_nifti,
-    )
+    from capsmed.train.inference import predict_classification_case, predict_segmentation_case
     from capsmed.train.runtime import atomic_write_text, select_device, sha256_file
 
     ckpt = load_checkpoint(checkpoint)
@@ -132,12 +129,12 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         result = {"case_id": cid}
         if task == "segmentation":
             pred_path = out_dir / f"{stem}_seg.nii.gz"
-            save_nifti(out["pred"], out["affine"], pred_path)
+            save_nifti(out["pred"], pred_path, out["affine"], dtype=np.uint8)
             report_info.update(prediction=str(pred_path), labels=names,
                                volumes_ml=volumes_ml(out["pred"], out["affine"], names))
             if out["uncertainty"] is not None:
                 unc_path = out_dir / f"{stem}_uncertainty.nii.gz"
-                save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
+                save_nifti(out["uncertainty"], unc_path, out["affine"], dtype=np.float32)
                 report_info["uncertainty"] = str(unc_path)
             result["prediction"] = str(pred_path)
         else:

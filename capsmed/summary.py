@@ -6,22 +6,15 @@ Reads only files written by the earlier stages; imports no torch.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from capsmed.config import path_fold
+from capsmed.fileio import read_json
 from capsmed.paths import Layout, safe_name
 
 logger = logging.getLogger(__name__)
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -31,9 +24,9 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg: Validated configuration.
 
     Returns:
-        ``{"datasets": {name: {"task", "models": {model: {"params", "stages": {stage: {"metrics",
-        "ci95", "report"}}, "studies": {case_id: path}}}}}}`` with paths relative to the results
-        folder; stages or models whose files are missing are left out (with a warning). With
+        ``{"datasets": {name: {"task", "models": {model: {"family", "params", "stages": {stage:
+        {"metrics", "ci95", "report"}}, "studies": {case_id: path}}}}}}`` with paths relative to
+        the results folder; stages or models whose files are missing are left out (with a warning). With
         several folds the stages are those of the reported fold (``split.fold``, recorded as
         ``fold``) and ``cross_validation`` holds ``cv/{model}.json`` (``folds``, ``mean``, ``sd``,
         ``path``).
@@ -44,18 +37,19 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"task": ds_cfg["task"], "models": {}}
         fold = path_fold(cfg, ds)
         for model in ds_cfg["models"]:
-            train = _read_json(layout.model_dir(ds, model, fold) / "train.json")
+            train = read_json(layout.model_dir(ds, model, fold) / "train.json", required=False)
             if train is None:
                 logger.warning("%s/%s: no train.json, left out of the summary", ds, model)
                 continue
             m: dict[str, Any] = {
-                "params": train["params"], "flops": train.get("flops"),
+                "family": train.get("family"), "params": train["params"],
+                "flops": train.get("flops"),
                 "train_seconds": train.get("train_seconds"),
                 "peak_memory_mb": train.get("peak_memory_mb"),
                 "stages": {}, "studies": {},
             }
             for stage in cfg["evaluate"]["stages"]:
-                doc = _read_json(layout.eval_dir(ds, model, stage, fold) / "metrics.json")
+                doc = read_json(layout.eval_dir(ds, model, stage, fold) / "metrics.json", required=False)
                 if doc is None:
                     continue
                 report = layout.stage_report(ds, model, stage)
@@ -74,7 +68,7 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
                         m["studies"][row["case_id"]] = str(study.relative_to(layout.results))
             if fold is not None:
                 m["fold"] = fold
-                cv = _read_json(layout.crossval(ds, model))
+                cv = read_json(layout.crossval(ds, model), required=False)
                 if cv is not None:
                     m["cross_validation"] = {
                         "folds": cv["folds"], "mean": cv["mean"], "sd": cv["sd"],

@@ -64,6 +64,19 @@ def test_validate_ok_exit_zero(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_validate_a_config_and_its_datasets(tmp_path, repo_root, capsys):
+    assert run_cli("validate", "-c", repo_root / "config/config.yaml") == 0
+    assert "config.yaml: OK" in capsys.readouterr().out
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("case_id,image,class\na,missing.nii.gz,0\n")
+    status = run_cli("validate", "-c", repo_root / "config/config.yaml", "--set",
+                     f"datasets={{d: {{source: csv, task: classification, spatial_dims: 2, "
+                     f"path: {manifest}, models: [seed_cnn]}}}}")
+    err = capsys.readouterr().err
+    assert status == 1 and "datasets.d: " in err and "missing.nii.gz" in err
+    assert run_cli("validate") == 2 and "give a dataset PATH or a config" in capsys.readouterr().err
+
+
 def test_bad_dataset_stops_prepare_with_message_on_console_and_in_log(tmp_path, capsys):
     """The workflow's first rule: one line per problem, on stderr and in the rule's log."""
     import yaml

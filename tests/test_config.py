@@ -181,3 +181,44 @@ def test_schema_properties_are_well_formed(repo_root):
     check(schema["properties"], "top")
     for name, sub in schema["$defs"].items():
         check(sub.get("properties", {}), name)
+
+
+def test_one_definition_of_the_same_trained_model(repo_root):
+    """split.fold only picks the reported fold: no hash of data or model depends on it, and the
+    Snakefile's params use capsmed's hash functions rather than its own."""
+    from capsmed.config import dataset_hash, evaluation_hash
+
+    cfg = validate_config({"datasets": {"d": _ds(split={"folds": 3, "fold": 0})}})
+    moved = validate_config({"datasets": {"d": _ds(split={"folds": 3, "fold": 2,
+                                                         "cross_validate": False})}})
+    for fn in (dataset_hash,):
+        assert fn(cfg, "d") == fn(moved, "d")
+    for fn in (model_config_hash, evaluation_hash):
+        assert fn(cfg, "d", "unet") == fn(moved, "d", "unet")
+    other = validate_config({"datasets": {"d": _ds(split={"folds": 4, "fold": 0})}})
+    assert dataset_hash(cfg, "d") != dataset_hash(other, "d")
+    assert model_config_hash(cfg, "d", "unet") != model_config_hash(other, "d", "unet")
+    inference = deep_merge(cfg, {"inference": {"overlap": 0.5}})
+    assert evaluation_hash(cfg, "d", "unet") != evaluation_hash(inference, "d", "unet")
+    smk = (repo_root / "workflow" / "rules" / "common.smk").read_text()
+    assert "hashlib" not in smk and "model_config_hash(config" in smk
+
+
+def test_model_variants_are_checked_through_their_model():
+    from capsmed.config import config_problems, model_class
+
+    cfg = validate_config({
+        "datasets": {"d": {"source": "synthetic", "task": "segmentation",
+                           "models": ["capsunet_1iter", "unet"]}},
+        "models": {"capsunet_1iter": {"model": "capsunet", "args": {"routing_iterations": 1}}}})
+    assert model_class(cfg, "capsunet_1iter") == "capsunet" and model_class(cfg, "unet") == "unet"
+    assert config_problems(cfg, "c.yaml") == []
+    cfg["models"]["capsunet_1iter"]["args"] = {"iterations": 1}
+    cfg["models"]["bad"] = {"model": "capsunett", "args": {}, "train": {}}
+    problems = config_problems(cfg, "c.yaml")
+    assert any("models.capsunet_1iter.args: unknown option 'iterations' of capsunet" in p
+               for p in problems)
+    assert any(p.startswith("c.yaml: models.bad.model: unknown model 'capsunett'") for p in problems)
+    cfg["datasets"]["d"]["models"] = ["nope"]
+    assert any("unknown model 'nope'; accepted: " in p and "variants in models: bad, capsunet_1iter"
+               in p for p in config_problems(cfg, "c.yaml"))

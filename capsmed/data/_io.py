@@ -7,16 +7,19 @@ so that validation sees exactly the geometry that ``LoadImaged`` will produce.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The writers and the hash live in capsmed.fileio; the data modules import them from here too.
+from capsmed.fileio import json_dumps as json_dumps
+from capsmed.fileio import save_nifti as save_nifti
+from capsmed.fileio import stable_hash as stable_hash
+from capsmed.fileio import write_text_if_changed as write_text_if_changed
 
 logger = logging.getLogger(__name__)
 
@@ -88,65 +91,6 @@ def modality_name(value: Any) -> str:
     return "other"
 
 
-def json_dumps(obj: Any) -> str:
-    """Stable, readable JSON text (sorted keys are not used: key order is part of the contract)."""
-    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
-
-
-def write_text_if_changed(path: Path, text: str) -> bool:
-    """Atomically write ``text`` to ``path`` unless the file already holds exactly that text.
-
-    Args:
-        path: destination file; its folder is created.
-        text: the new content.
-
-    Returns:
-        True when the file was (re)written.
-    """
-    if path.is_file():
-        try:
-            if path.read_text() == text:
-                return False
-        except (OSError, UnicodeDecodeError):
-            pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return True
-
-
-def stable_hash(obj: Any) -> str:
-    """SHA-256 (hex, first 16 characters) of the canonical JSON form of ``obj``."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None) -> None:
-    """Write ``array`` as a NIfTI file atomically (temporary file + rename).
-
-    Args:
-        array: the voxel array, spatial axes first (2D arrays are written as 2D NIfTI).
-        path: destination ``.nii.gz`` path; its folder is created.
-        affine: 4x4 voxel-to-world matrix; identity when None.
-    """
-    import nibabel as nib
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(array), np.eye(4) if affine is None else affine)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @dataclass
 class Volume:
     """What a reader found in one image: header facts and, when loaded, the voxels.
@@ -170,7 +114,9 @@ class Volume:
     @property
     def spacing(self) -> np.ndarray:
         """Voxel size along each of the first three array axes (from the affine)."""
-        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+        from nibabel.affines import voxel_sizes
+
+        return voxel_sizes(self.affine)
 
 
 def read_nifti(path: Path, load: bool) -> Volume:
@@ -227,6 +173,49 @@ def find_dicom_series(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def _slice_geometry_problems(folder: Path, slices: list[tuple[Path, Any, Any]]) -> list[str]:
+    """Problems with how the slices of a series stack into one volume.
+
+    Every slice must share one ``ImageOrientationPatient``, and the positions along the slice
+    normal must be evenly spaced (1% tolerance): an uneven gap is a missing slice, a zero gap a
+    duplicate.
+
+    Args:
+        folder: the series folder (named in the messages).
+        slices: ``(file, ImageOrientationPatient, ImagePositionPatient)`` per slice.
+
+    Returns:
+        One line per problem, naming the folder and the files; empty when the stack is regular.
+    """
+    if any(o is None or len(o) != 6 for _, o, _ in slices):
+        bad = next(f for f, o, _ in slices if o is None or len(o) != 6)
+        return [f"{bad}: slice lacks ImageOrientationPatient, so the series geometry cannot be "
+                "assembled"]
+    orient = np.array([[float(v) for v in o] for _, o, _ in slices])
+    if not np.allclose(orient, orient[0], atol=1e-4):
+        return [f"{folder}: slices have different orientations (ImageOrientationPatient), so "
+                "they are not one volume"]
+    normal = np.cross(orient[0, :3], orient[0, 3:])
+    dist = np.array([float(np.dot(normal, [float(v) for v in p])) for _, _, p in slices])
+    order = np.argsort(dist)
+    gaps = np.diff(dist[order])
+    names = [slices[i][0].name for i in order]
+    step = float(np.median(gaps))
+    if step <= 1e-6 or np.any(gaps <= 1e-3 * max(step, 1e-3)):
+        k = int(np.argmin(gaps))
+        return [f"{folder}: slices {names[k]} and {names[k + 1]} lie at the same position "
+                "(duplicate slice)"]
+    uneven = np.abs(gaps - step) > 0.01 * step + 1e-3
+    if np.any(uneven):
+        k = int(np.argmax(np.abs(gaps - step)))
+        missing = round(gaps[k] / step) - 1
+        what = (f"about {missing} slice(s) missing" if missing >= 1
+                else "uneven slice spacing")
+        return [f"{folder}: {what} between {names[k]} and {names[k + 1]} (gap {gaps[k]:.3g} mm, "
+                f"the other slices {step:.3g} mm apart)"]
+    return []
+
+
 def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str]]:
     """Check a DICOM series folder file by file, then read it as MONAI's ``PydicomReader`` does.
 
@@ -245,6 +234,7 @@ def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str
     if not files:
         return None, [f"{folder}: holds no DICOM files"]
     series, shapes, modality, patient = set(), set(), None, None
+    geometry: list[tuple[Path, Any, Any]] = []
     for f in files:
         try:
             ds = pydicom.dcmread(f)
@@ -262,10 +252,14 @@ def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str
         if len(files) > 1 and ("ImagePositionPatient" not in ds or "InstanceNumber" not in ds):
             problems.append(f"{f}: slice lacks ImagePositionPatient or InstanceNumber, so the "
                             "series geometry cannot be assembled")
+        else:
+            geometry.append((f, ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")))
     if len(series) > 1:
         problems.append(f"{folder}: holds {len(series)} DICOM series; put one series per folder")
     if len(shapes) > 1:
         problems.append(f"{folder}: slices have different sizes {sorted(shapes)}")
+    if not problems and len(geometry) > 1:
+        problems += _slice_geometry_problems(folder, geometry)
     if problems:
         return None, problems
     import warnings
@@ -274,11 +268,13 @@ def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str
 
     reader = PydicomReader()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             arr, meta = reader.get_data(reader.read(str(folder)))
     except Exception as exc:  # noqa: BLE001
         return None, [f"{folder}: the DICOM series cannot be read ({type(exc).__name__}: {exc})"]
+    for w in caught:  # what the reader says about this series, said with its name
+        logger.warning("%s: %s", folder, w.message)
     arr = np.asarray(arr)
     vol = Volume(shape=tuple(int(s) for s in arr.shape), affine=np.asarray(meta["affine"], float),
                  dtype=arr.dtype, data=arr if load else None, modality=modality, patient_id=patient)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 
 from capsmed.data._io import read_volume
 from capsmed.errors import CapsmedError
@@ -104,7 +105,7 @@ def compute_fingerprint(cases_doc: Mapping[str, Any]) -> dict:
         elif n_ch != channels:
             raise CapsmedError(f"{case['image']}: has {n_ch} channel(s), other cases {channels}")
         perm = _ras_permutation(affine, dims)
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))[:dims]
+        spacing = voxel_sizes(affine)[:dims]
         shape = img.shape[:dims]
         spacings.append([float(spacing[a]) for a in perm])
         shapes.append([int(shape[a]) for a in perm])

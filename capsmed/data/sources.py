@@ -71,13 +71,13 @@ def _synthetic_cases(ds_cfg: Mapping[str, Any], scan: Scan, out_dir: Path, seed:
     from capsmed.data.synthetic import class_sequence, write_synthetic_dataset
 
     syn = dict(ds_cfg.get("synthetic") or {})
-    size = list(syn.get("size", [48, 48, 48] if scan.spatial_dims == 3 else [64, 64]))
-    n = int(syn.get("num_cases", 12))
+    size = list(syn["size"])  # normalise_config filled in the schema's defaults
+    n = int(syn["num_cases"])
     if ds_cfg.get("max_cases"):
         n = min(n, int(ds_cfg["max_cases"]))
-    k = int(syn.get("num_classes", 3))
+    k = int(syn["num_classes"])
     s = int(syn.get("seed", seed))
-    noise = float(syn.get("noise", 0.1))
+    noise = float(syn["noise"])
     task = scan.task or "segmentation"
     key = stable_hash({"kind": "synthetic", "task": task, "size": size, "n": n, "k": k, "seed": s,
                        "noise": noise, "version": 1})

@@ -30,29 +30,24 @@ from typing import Any
 
 import numpy as np
 
+from capsmed.config import dataset_defaults, dataset_schema_problems
 from capsmed.data._io import json_dumps, stable_hash, write_text_if_changed
 from capsmed.errors import CapsmedError
 
 logger = logging.getLogger(__name__)
 
-SPLIT_DEFAULTS = {"test_fraction": 0.2, "folds": 1, "val_fraction": 0.2, "use_official": True}
+#: The split keys that change a split (``fold`` and ``cross_validate`` only choose what to train).
+SPLIT_KEYS = ("test_fraction", "folds", "val_fraction", "use_official")
 
 
 def _normalise_cfg(split_cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    cfg = dict(SPLIT_DEFAULTS)
-    # only the keys that change the split; e.g. the pipeline's ``fold`` (which fold to train) not
-    cfg.update({k: v for k, v in (split_cfg or {}).items()
-                if v is not None and k in SPLIT_DEFAULTS})
-    if not isinstance(cfg["folds"], int) or isinstance(cfg["folds"], bool) or cfg["folds"] < 1:
-        raise CapsmedError(f"dataset config: split.folds must be an integer >= 1, got "
-                           f"{cfg['folds']!r}")
-    if not 0 <= float(cfg["test_fraction"]) < 1:
-        raise CapsmedError(f"dataset config: split.test_fraction must be in [0, 1), got "
-                           f"{cfg['test_fraction']!r}")
-    if not 0 < float(cfg["val_fraction"]) < 1:
-        raise CapsmedError(f"dataset config: split.val_fraction must be in (0, 1), got "
-                           f"{cfg['val_fraction']!r}")
-    return cfg
+    """The split keys of a ``split`` block, checked by the config schema, defaults from it."""
+    given = {k: v for k, v in (split_cfg or {}).items() if v is not None}
+    problems = dataset_schema_problems({"split": given})
+    if problems:
+        raise CapsmedError("\n".join(problems))
+    defaults = dataset_defaults("split")
+    return {k: given.get(k, defaults[k]) for k in SPLIT_KEYS}
 
 
 def split_config_hash(cases_doc: Mapping[str, Any], split_cfg: Mapping[str, Any] | None,
@@ -150,11 +145,8 @@ def make_splits(cases_doc: Mapping[str, Any], split_cfg: Mapping[str, Any] | Non
         else:
             fold_parts = _kfold(pool, groups, y, folds, seed)
     else:
-        if float(cfg["test_fraction"]) > 0:
-            pool, test_idx = _holdout(all_idx, groups, y, float(cfg["test_fraction"]), seed,
-                                      "test_fraction")
-        else:
-            pool, test_idx = all_idx, all_idx[:0]
+        pool, test_idx = _holdout(all_idx, groups, y, float(cfg["test_fraction"]), seed,
+                                  "test_fraction")
         if folds == 1:
             fold_parts = [_holdout(pool, groups, y, float(cfg["val_fraction"]), seed + 1,
                                    "val_fraction")]
@@ -207,6 +199,26 @@ def load_or_create_splits(path: str | os.PathLike, cases_doc: Mapping[str, Any],
     return doc
 
 
+def stage_case_ids(splits: Mapping[str, Any], stage: str, fold: int) -> list[str]:
+    """The case ids of a dataset stage (``train``, ``val`` or ``test``) of one fold.
+
+    Args:
+        splits: ``splits.json`` content.
+        stage: stage name.
+        fold: fold index (0 with one fold).
+
+    Returns:
+        Case ids in split order.
+    """
+    return list(splits["test"] if stage == "test" else splits["folds"][fold][stage])
+
+
+def stage_cases(cases_doc: Mapping[str, Any], splits: Mapping[str, Any], stage: str,
+                fold: int) -> list[dict]:
+    """The case dicts of a dataset stage of one fold, in split order (see :func:`fold_cases`)."""
+    return fold_cases(cases_doc, stage_case_ids(splits, stage, fold))
+
+
 def fold_cases(cases_doc: Mapping[str, Any], ids: Sequence[str]) -> list[dict]:
     """The case dicts of ``ids`` (e.g. ``splits["folds"][0]["train"]``), in ``ids`` order.
 
@@ -216,5 +228,7 @@ def fold_cases(cases_doc: Mapping[str, Any], ids: Sequence[str]) -> list[dict]:
     by_id = {c["case_id"]: c for c in cases_doc["cases"]}
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise CapsmedError(f"splits name cases missing from cases.json: {missing[:5]}")
+        raise CapsmedError(
+            f"splits.json names cases missing from cases.json: {', '.join(missing[:5])}; "
+            "the dataset changed since the split was written")
     return [by_id[i] for i in ids]

@@ -30,6 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from capsmed.config import (
+    FILE_SOURCES,
+    dataset_defaults,
+    dataset_rule_problems,
+    dataset_schema_problems,
+)
 from capsmed.data._io import (
     Volume,
     dicom_files,
@@ -43,9 +49,6 @@ from capsmed.data._io import (
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "msd", "medmnist", "csv", "dicom")
-TASKS = ("segmentation", "classification")
-NORMALIZATIONS = ("zscore", "ct", "percentile", "minmax")
 NPZ_SPLITS = ("train", "val", "test")
 DICOM_MANIFEST = "manifest.csv"
 _INT_RE = re.compile(r"^\s*[+-]?\d+(\.0*)?\s*$")
@@ -583,114 +586,161 @@ def _read_csv(path: Path, problems: list[str]) -> list[dict[str, str]] | None:
     return [{k: str(v).strip() for k, v in row.items()} for row in df.to_dict("records")]
 
 
-def _scan_rows(scan: Scan, rows: list[dict[str, str]], csv_path: Path, root: Path, *,
-               columns: list[str], task: str | None, spatial_dims: int | None, labels: Any,
-               classes: Any, max_cases: int | None, load: bool,
-               default_images: dict[str, Path] | None = None) -> None:
-    """Check the rows of a manifest (CSV or DICOM ``manifest.csv``) and fill ``scan.cases``."""
-    p = scan.problems
-    required = ["case_id"] + ([] if default_images is not None else ["image"])
+@dataclass
+class _Manifest:
+    """A manifest to check: its rows and where their paths start.
+
+    Attributes:
+        csv_path: the CSV file (named in the messages).
+        root: the folder relative paths start from and must not leave.
+        rows: one dict per data row.
+        columns: the header.
+        default_images: DICOM: series folder per case id, for rows without ``image``.
+    """
+
+    csv_path: Path
+    root: Path
+    rows: list[dict[str, str]]
+    columns: list[str]
+    default_images: dict[str, Path] | None = None
+
+
+@dataclass
+class _Declared:
+    """What the dataset config says about a manifest's cases (see :func:`scan_csv`)."""
+
+    task: str | None = None
+    spatial_dims: int | None = None
+    labels: Any = None
+    classes: Any = None
+    max_cases: int | None = None
+    load: bool = True
+
+
+def _manifest_task(m: _Manifest, task: str | None, p: list[str]) -> tuple[str | None, bool]:
+    """The task the columns allow, and whether the required columns are there."""
+    required = ["case_id"] + ([] if m.default_images is not None else ["image"])
     for col in required:
-        if col not in columns:
-            p.append(f"{csv_path}: malformed CSV: missing column '{col}'")
-    has_label, has_class = "label" in columns, "class" in columns
-    if task is None:
-        if has_label and has_class:
-            task = None
-        elif has_label:
-            task = "segmentation"
-        elif has_class:
-            task = "classification"
+        if col not in m.columns:
+            p.append(f"{m.csv_path}: malformed CSV: missing column '{col}'")
+    has_label, has_class = "label" in m.columns, "class" in m.columns
+    if task is None and has_label != has_class:
+        task = "segmentation" if has_label else "classification"
     if not has_label and not has_class:
-        p.append(f"{csv_path}: malformed CSV: needs a 'label' (mask path) and/or 'class' column")
+        p.append(f"{m.csv_path}: malformed CSV: needs a 'label' (mask path) and/or 'class' column")
     elif task == "segmentation" and not has_label:
-        p.append(f"{csv_path}: malformed CSV: task segmentation needs a 'label' column")
+        p.append(f"{m.csv_path}: malformed CSV: task segmentation needs a 'label' column")
     elif task == "classification" and not has_class:
-        p.append(f"{csv_path}: malformed CSV: task classification needs a 'class' column")
-    if any(c not in columns for c in required):
+        p.append(f"{m.csv_path}: malformed CSV: task classification needs a 'class' column")
+    return task, all(c in m.columns for c in required)
+
+
+@dataclass
+class _RowChecks:
+    """What the row checks share: the columns to check and the ids, images, classes seen."""
+
+    check_label: bool
+    check_class: bool
+    declared_classes: dict[str, str] | None
+    seen_id: dict[str, int] = field(default_factory=dict)
+    seen_img: dict[Path, int] = field(default_factory=dict)
+    found_classes: set[int] = field(default_factory=set)
+
+
+def _row_case(m: _Manifest, i: int, row: dict[str, str], rc: _RowChecks, p: list[str]
+              ) -> tuple[dict[str, Any], Path, Path | None] | None:
+    """Check one manifest row (no file is read): ``(case, image, label)`` or None when unusable."""
+    line = i + 2
+    where = f"{m.csv_path}: line {line}"
+    cid = row.get("case_id", "")
+    if not cid:
+        p.append(f"{where}: empty case_id")
+        return None
+    if cid in rc.seen_id:
+        p.append(f"{where}: duplicate case_id '{cid}' (also line {rc.seen_id[cid]})")
+        return None
+    rc.seen_id[cid] = line
+    img_txt = row.get("image", "")
+    if img_txt:
+        image = resolve(img_txt, m.root)
+    elif m.default_images is not None and cid in m.default_images:
+        image = m.default_images[cid]
+    else:
+        p.append(f"{where}: case '{cid}' has no image" + (
+            " (no DICOM series folder of that name)" if m.default_images is not None else ""))
+        return None
+    if not is_within(image, m.root):
+        p.append(f"{where}: image '{img_txt}' leaves the dataset folder {m.root}")
+        return None
+    if image in rc.seen_img:
+        p.append(f"{where}: duplicate case: image {image} is also on line {rc.seen_img[image]}")
+        return None
+    rc.seen_img[image] = line
+    case: dict[str, Any] = {"case_id": cid, "image": str(image)}
+    bad = False
+    label = None
+    if rc.check_label:
+        lab_txt = row.get("label", "")
+        if not lab_txt:
+            p.append(f"{where}: case '{cid}' has no label")
+            bad = True
+        else:
+            label = resolve(lab_txt, m.root)
+            if not is_within(label, m.root):
+                p.append(f"{where}: label '{lab_txt}' leaves the dataset folder {m.root}")
+                bad = True
+            else:
+                case["label"] = str(label)
+    if rc.check_class:
+        value = _as_int(row.get("class", ""))
+        declared = rc.declared_classes
+        if value is None:
+            p.append(f"{where}: class {row.get('class', '')!r} is not an integer")
+            bad = True
+        elif value < 0:
+            p.append(f"{where}: class {value} is negative")
+            bad = True
+        elif declared is not None and str(value) not in declared:
+            p.append(f"{where}: class {value} not declared in classes ({', '.join(declared)})")
+            bad = True
+        else:
+            case["class"] = value
+            rc.found_classes.add(value)
+    if row.get("patient_id"):
+        case["patient_id"] = row["patient_id"]
+    return None if bad else (case, image, label)
+
+
+def _scan_rows(scan: Scan, m: _Manifest, d: _Declared) -> None:
+    """Check the rows of a manifest (CSV or DICOM ``manifest.csv``) and fill ``scan.cases``.
+
+    The steps: the columns decide the task; each row is checked without reading files; the first
+    ``max_cases`` usable rows have their images and labels read against the dataset's geometry;
+    label and class names come from the config or from what was found.
+    """
+    p = scan.problems
+    task, columns_ok = _manifest_task(m, d.task, p)
+    if not columns_ok:
         return
     scan.task = task
-    declared_labels = _int_keyed_mapping(labels, "dataset config", "labels", p)
-    declared_classes = _int_keyed_mapping(classes, "dataset config", "classes", p)
-    if not rows:
-        p.append(f"{csv_path}: empty dataset: the manifest has no rows")
+    declared_labels = _int_keyed_mapping(d.labels, "dataset config", "labels", p)
+    rc = _RowChecks(check_label="label" in m.columns and task in (None, "segmentation"),
+                    check_class="class" in m.columns and task in (None, "classification"),
+                    declared_classes=_int_keyed_mapping(d.classes, "dataset config", "classes",
+                                                        p))
+    if not m.rows:
+        p.append(f"{m.csv_path}: empty dataset: the manifest has no rows")
         return
-    check_label = has_label and task in (None, "segmentation")
-    check_class = has_class and task in (None, "classification")
-    geo = _Geometry(spatial_dims=spatial_dims, channels=None,
+    geo = _Geometry(spatial_dims=d.spatial_dims, channels=None,
                     declared_labels={0} | {int(k) for k in declared_labels}
                     if declared_labels else None)
-    seen_id: dict[str, int] = {}
-    seen_img: dict[Path, int] = {}
-    found_classes: set[int] = set()
-    pending = []
-    for i, row in enumerate(rows):
-        line = i + 2
-        where = f"{csv_path}: line {line}"
-        cid = row.get("case_id", "")
-        if not cid:
-            p.append(f"{where}: empty case_id")
-            continue
-        if cid in seen_id:
-            p.append(f"{where}: duplicate case_id '{cid}' (also line {seen_id[cid]})")
-            continue
-        seen_id[cid] = line
-        bad = False
-        img_txt = row.get("image", "")
-        if img_txt:
-            image = resolve(img_txt, root)
-        elif default_images is not None and cid in default_images:
-            image = default_images[cid]
-        else:
-            p.append(f"{where}: case '{cid}' has no image" + (
-                " (no DICOM series folder of that name)" if default_images is not None else ""))
-            continue
-        if not is_within(image, root):
-            p.append(f"{where}: image '{img_txt}' leaves the dataset folder {root}")
-            continue
-        if image in seen_img:
-            p.append(f"{where}: duplicate case: image {image} is also on line {seen_img[image]}")
-            continue
-        seen_img[image] = line
-        case: dict[str, Any] = {"case_id": cid, "image": str(image)}
-        label = None
-        if check_label:
-            lab_txt = row.get("label", "")
-            if not lab_txt:
-                p.append(f"{where}: case '{cid}' has no label")
-                bad = True
-            else:
-                label = resolve(lab_txt, root)
-                if not is_within(label, root):
-                    p.append(f"{where}: label '{lab_txt}' leaves the dataset folder {root}")
-                    bad = True
-                else:
-                    case["label"] = str(label)
-        if check_class:
-            value = _as_int(row.get("class", ""))
-            if value is None:
-                p.append(f"{where}: class {row.get('class', '')!r} is not an integer")
-                bad = True
-            elif value < 0:
-                p.append(f"{where}: class {value} is negative")
-                bad = True
-            elif declared_classes is not None and str(value) not in declared_classes:
-                p.append(f"{where}: class {value} not declared in classes "
-                         f"({', '.join(declared_classes)})")
-                bad = True
-            else:
-                case["class"] = value
-                found_classes.add(value)
-        if row.get("patient_id"):
-            case["patient_id"] = row["patient_id"]
-        if not bad:
-            pending.append((case, image, label))
-    if max_cases is not None:
-        pending = pending[:max_cases]
+    pending = [c for c in (_row_case(m, i, row, rc, p) for i, row in enumerate(m.rows)) if c]
+    if d.max_cases is not None:
+        pending = pending[:d.max_cases]
     geo.decide([image for _, image, _ in pending])
     for case, image, label in pending:
         n_before = len(p)
-        vol = _check_case(image, label, geo, p, load=load)
+        vol = _check_case(image, label, geo, p, load=d.load)
         if vol is not None and "patient_id" not in case:
             case["patient_id"] = vol.patient_id or case["case_id"]
         if len(p) == n_before:
@@ -702,7 +752,7 @@ def _scan_rows(scan: Scan, rows: list[dict[str, str]], csv_path: Path, root: Pat
     scan.in_channels = geo.channels or 1
     if geo.modalities:
         scan.modality = geo.modalities.pop() if len(geo.modalities) == 1 else "other"
-    if check_label:
+    if rc.check_label:
         if declared_labels is not None:
             if "0" not in declared_labels:
                 p.append("dataset config: 'labels' has no entry '0' (background)")
@@ -710,11 +760,12 @@ def _scan_rows(scan: Scan, rows: list[dict[str, str]], csv_path: Path, root: Pat
         else:
             found = sorted(geo.found_labels | {0})
             scan.labels = {str(v): ("background" if v == 0 else f"label_{v}") for v in found}
-    if check_class:
-        if declared_classes is not None:
-            scan.classes = declared_classes
-        elif found_classes:
-            scan.classes = {str(k): f"class_{k}" for k in range(max(max(found_classes) + 1, 2))}
+    if rc.check_class:
+        if rc.declared_classes is not None:
+            scan.classes = rc.declared_classes
+        elif rc.found_classes:
+            scan.classes = {str(k): f"class_{k}"
+                            for k in range(max(max(rc.found_classes) + 1, 2))}
 
 
 def scan_csv(path: Path, *, task: str | None = None, spatial_dims: int | None = None,
@@ -745,9 +796,8 @@ def scan_csv(path: Path, *, task: str | None = None, spatial_dims: int | None = 
     if rows is None:
         return scan
     columns = list(rows[0]) if rows else _csv_header(path)
-    _scan_rows(scan, rows, path, path.parent, columns=columns, task=task,
-               spatial_dims=spatial_dims, labels=labels, classes=classes, max_cases=max_cases,
-               load=load)
+    _scan_rows(scan, _Manifest(path, path.parent, rows, columns),
+               _Declared(task, spatial_dims, labels, classes, max_cases, load))
     return scan
 
 
@@ -814,9 +864,8 @@ def scan_dicom(path: Path, *, task: str | None = None, spatial_dims: int | None 
         return scan
     default_images = {dicom_case_id(s, path): s for s in series}
     columns = list(rows[0]) if rows else _csv_header(manifest)
-    _scan_rows(scan, rows, manifest, path, columns=columns, task=task,
-               spatial_dims=spatial_dims, labels=labels, classes=classes, max_cases=max_cases,
-               load=load, default_images=default_images)
+    _scan_rows(scan, _Manifest(manifest, path, rows, columns, default_images),
+               _Declared(task, spatial_dims, labels, classes, max_cases, load))
     listed = {Path(c["image"]) for c in scan.cases}
     unlisted = [s for s in series if s not in listed]
     if unlisted and max_cases is None and not p:
@@ -901,10 +950,10 @@ def scan_source(kind: str, path: Path, ds_cfg: Mapping[str, Any]) -> Scan:
 
 
 def normalise_config(ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a dataset config without ``None`` values (top level and one level down).
+    """A copy of a dataset config without ``None`` values, ``synthetic`` defaults filled in.
 
-    The config schema fills unset keys with ``null``; dropping them lets every reader apply its
-    own default.
+    The config schema fills unset keys with ``null``; dropping them lets a reader tell "unset"
+    from a value. The generator's settings take the schema's defaults (one home: the schema).
     """
     out: dict[str, Any] = {}
     for k, v in ds_cfg.items():
@@ -913,115 +962,29 @@ def normalise_config(ds_cfg: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(v, Mapping) and k in ("synthetic", "preprocess", "split"):
             v = {kk: vv for kk, vv in v.items() if vv is not None}
         out[k] = v
+    syn = out.get("synthetic", {})
+    if isinstance(syn, Mapping):
+        out["synthetic"] = {**{k: v for k, v in dataset_defaults("synthetic").items()
+                               if v is not None}, **syn}
     return out
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _config_problems(ds: Mapping[str, Any]) -> list[str]:
-    """Problems with the keys and values of a dataset config (no file is read)."""
-    p: list[str] = []
+    """Problems with the keys and values of a dataset config (no file is read but ``path``).
+
+    The schema's rules for ``datasets.NAME`` (:func:`capsmed.config.dataset_schema_problems`),
+    the rules across keys (:func:`capsmed.config.dataset_rule_problems`), then what only the
+    data side knows: the source path exists, label and class keys are integers.
+    """
     w = "dataset config"
+    p = dataset_schema_problems(ds, w)
+    p += dataset_rule_problems(ds, w)
     source = ds.get("source", "synthetic")
-    if source not in SOURCES:
-        p.append(f"{w}: source {source!r} is not one of {', '.join(SOURCES)}")
-    task = ds.get("task")
-    if task is not None and task not in TASKS:
-        p.append(f"{w}: task {task!r} is not one of {', '.join(TASKS)}")
-    if source == "msd" and task == "classification":
-        p.append(f"{w}: source msd is a segmentation source but task is classification")
-    if source == "medmnist" and task == "segmentation":
-        p.append(f"{w}: source medmnist is a classification source but task is segmentation")
-    dims = ds.get("spatial_dims")
-    if dims is not None and dims not in (2, 3):
-        p.append(f"{w}: spatial_dims must be 2 or 3, got {dims!r}")
-        dims = None
-    if source != "synthetic" and source in SOURCES:
-        if not ds.get("path"):
-            p.append(f"{w}: source {source} needs 'path'")
-        elif not resolve(ds["path"]).exists():
-            p.append(f"{resolve(ds['path'])}: does not exist (dataset config 'path')")
+    if source in FILE_SOURCES and ds.get("path") and not resolve(ds["path"]).exists():
+        p.append(f"{resolve(ds['path'])}: does not exist (dataset config 'path')")
     for key in ("labels", "classes"):
-        _int_keyed_mapping(ds.get(key), w, key, p)
-    if ds.get("modality") is not None and not isinstance(ds.get("modality"), str):
-        p.append(f"{w}: modality must be a string such as MRI or CT")
-    mc = ds.get("max_cases")
-    if mc is not None and (not _is_int(mc) or mc < 1):
-        p.append(f"{w}: max_cases must be null or an integer >= 1, got {mc!r}")
-    syn = ds.get("synthetic") or {}
-    if not isinstance(syn, Mapping):
-        p.append(f"{w}: synthetic must be a mapping")
-        syn = {}
-    if source == "synthetic":
-        n = syn.get("num_cases", 12)
-        if not _is_int(n) or n < 2:
-            p.append(f"{w}: synthetic.num_cases must be an integer >= 2, got {n!r}")
-        size = syn.get("size", [48, 48, 48] if (dims or 3) == 3 else [64, 64])
-        if not isinstance(size, (list, tuple)) or len(size) not in (2, 3) or not all(
-                _is_int(s) and s >= 8 for s in size):
-            p.append(f"{w}: synthetic.size must be 2 or 3 integers >= 8, got {size!r}")
-        elif dims is not None and len(size) != dims:
-            p.append(f"{w}: synthetic.size {list(size)} has {len(size)} axes but spatial_dims "
-                     f"is {dims}")
-        k = syn.get("num_classes", 3)
-        if not _is_int(k) or k < 2:
-            p.append(f"{w}: synthetic.num_classes must be an integer >= 2, got {k!r}")
-        if not _is_int(syn.get("seed", 0)):
-            p.append(f"{w}: synthetic.seed must be an integer")
-        noise = syn.get("noise", 0.1)
-        if not _is_num(noise) or noise < 0:
-            p.append(f"{w}: synthetic.noise must be a number >= 0, got {noise!r}")
-    pre = ds.get("preprocess") or {}
-    if not isinstance(pre, Mapping):
-        p.append(f"{w}: preprocess must be a mapping")
-        pre = {}
-    for key, integer in (("spacing", False), ("patch_size", True)):
-        val = pre.get(key)
-        if val is None:
-            continue
-        ok = isinstance(val, (list, tuple)) and all(
-            (_is_int(v) if integer else _is_num(v)) and v > 0 for v in val)
-        if not ok or (dims is not None and len(val) != dims):
-            p.append(f"{w}: preprocess.{key} must be null or {dims or 'spatial_dims'} positive "
-                     f"{'integers' if integer else 'numbers'}, got {val!r}")
-    norm = pre.get("normalization")
-    if norm is not None and norm not in NORMALIZATIONS:
-        p.append(f"{w}: preprocess.normalization {norm!r} is not one of "
-                 f"{', '.join(NORMALIZATIONS)}")
-    win = pre.get("ct_window")
-    if win is not None and not (isinstance(win, (list, tuple)) and len(win) == 2 and all(
-            _is_num(v) for v in win) and win[0] < win[1]):
-        p.append(f"{w}: preprocess.ct_window must be [low, high] with low < high, got {win!r}")
-    if not isinstance(pre.get("crop_foreground", True), bool):
-        p.append(f"{w}: preprocess.crop_foreground must be true or false")
-    isz = pre.get("image_size")
-    if isz is not None and (not _is_int(isz) or isz < 1):
-        p.append(f"{w}: preprocess.image_size must be null or a positive integer, got {isz!r}")
-    mps = pre.get("max_patch_size")
-    if mps is not None and not ((_is_int(mps) and mps > 0) or (
-            isinstance(mps, (list, tuple)) and all(_is_int(v) and v > 0 for v in mps))):
-        p.append(f"{w}: preprocess.max_patch_size must be a positive integer or list, got {mps!r}")
-    split = ds.get("split") or {}
-    if not isinstance(split, Mapping):
-        p.append(f"{w}: split must be a mapping")
-        split = {}
-    tf = split.get("test_fraction", 0.2)
-    if not _is_num(tf) or not 0 <= tf < 1:
-        p.append(f"{w}: split.test_fraction must be in [0, 1), got {tf!r}")
-    folds = split.get("folds", 1)
-    if not _is_int(folds) or folds < 1:
-        p.append(f"{w}: split.folds must be an integer >= 1, got {folds!r}")
-    vf = split.get("val_fraction", 0.2)
-    if not _is_num(vf) or not 0 < vf < 1:
-        p.append(f"{w}: split.val_fraction must be in (0, 1), got {vf!r}")
-    if not isinstance(split.get("use_official", True), bool):
-        p.append(f"{w}: split.use_official must be true or false")
+        if isinstance(ds.get(key), Mapping):  # other types are the schema's to report
+            _int_keyed_mapping(ds[key], w, key, p)
     return p
 
 
@@ -1042,10 +1005,10 @@ def scan_config(ds_cfg: Mapping[str, Any]) -> tuple[list[str], Scan | None]:
         return problems, None
     source = ds_cfg.get("source", "synthetic")
     if source == "synthetic":
-        syn = ds_cfg.get("synthetic") or {}
+        syn = ds_cfg["synthetic"]
         task = ds_cfg.get("task") or "segmentation"
-        dims = ds_cfg.get("spatial_dims") or len(syn.get("size", [48, 48, 48]))
-        k = int(syn.get("num_classes", 3))
+        dims = ds_cfg.get("spatial_dims") or len(syn["size"])
+        k = int(syn["num_classes"])
         scan = Scan(kind="synthetic", path=Path("."), task=task, spatial_dims=dims,
                     modality=modality_name(ds_cfg.get("modality")))
         if task == "segmentation":

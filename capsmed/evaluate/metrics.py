@@ -32,8 +32,9 @@ the arg-max of ``probs``; "binary" means C == 2 with class 1 the positive class)
 * ``f1``: binary: F1 of class 1 (NaN when class 1 is neither true nor predicted anywhere);
   multi-class: macro F1 over the classes present in ``y_true`` or the prediction.
 * ``sensitivity`` / ``specificity``: binary: recall of class 1 / recall of class 0 (NaN when that
-  class is absent from ``y_true``); multi-class: macro mean over the classes of the one-vs-rest
-  values, over the classes where each is defined.
+  class is absent from ``y_true``). Multi-class: the worst class, i.e. the lowest one-vs-rest
+  sensitivity (recall) and the lowest one-vs-rest specificity over the classes where each is
+  defined. (Their macro means would repeat ``balanced_accuracy``, which is the mean recall.)
 * ``ece``: expected calibration error over ``n_bins`` equal-width bins of the confidence (the
   maximum probability); bin ``k`` holds confidences in ``(k/n_bins, (k+1)/n_bins]`` (the first bin
   also holds 0).
@@ -67,6 +68,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from capsmed.evaluate.calibration import confidence_bins, reliability_table
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +121,24 @@ def _nanmean(values: Sequence[float] | np.ndarray, axis: int | None = None) -> A
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         out = np.nanmean(arr, axis=axis)
+    return float(out) if axis is None else out
+
+
+def _nanmin(values: Sequence[float] | np.ndarray, axis: int | None = None) -> Any:
+    """``np.nanmin`` that returns NaN for all-NaN input without a RuntimeWarning.
+
+    Args:
+        values: numbers (NaN allowed).
+        axis: axis to reduce, or None for all.
+
+    Returns:
+        The smallest non-NaN entry (a float for ``axis=None``, else an array).
+
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        out = np.nanmin(arr, axis=axis)
     return float(out) if axis is None else out
 
 
@@ -504,7 +525,8 @@ def bootstrap_mean_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of per-case values, ignoring NaN cases.
 
-    NaN cases are dropped first; the remaining cases are resampled with replacement.
+    NaN (and infinite) cases are dropped first; the rest is resampled with replacement by
+    ``scipy.stats.bootstrap(..., method="percentile")``.
 
     Args:
         values: (N,) per-case values (NaN allowed).
@@ -513,21 +535,25 @@ def bootstrap_mean_ci(
         alpha: 1 - coverage (0.05 for a 95 % interval).
 
     Returns:
-        ``(lo, hi)`` as floats; ``(nan, nan)`` when no value is finite.
+        ``(lo, hi)`` as floats; ``(nan, nan)`` when no value is finite; the value itself for one
+        case (every resample is that case).
 
     Raises:
         ValueError: when ``n_boot < 1`` or ``alpha`` is not in (0, 1).
 
     """
+    from scipy.stats import bootstrap
+
     _check_boot_args(n_boot, alpha)
     arr = np.asarray(values, dtype=np.float64).ravel()
     arr = arr[np.isfinite(arr)]
     if arr.size == 0:
         return math.nan, math.nan
-    stats = np.concatenate(
-        [arr[idx].mean(axis=1) for idx in _resample_blocks(arr.size, int(n_boot), seed)]
-    )
-    return _percentile_interval(stats, alpha, "mean")
+    if arr.size == 1:
+        return float(arr[0]), float(arr[0])
+    res = bootstrap((arr,), np.mean, n_resamples=int(n_boot), confidence_level=1.0 - alpha,
+                    method="percentile", rng=np.random.default_rng(seed), vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def bootstrap_segmentation_cis(
@@ -596,25 +622,10 @@ def _check_classification_inputs(
     return y, np.clip(p, 0.0, 1.0)
 
 
-def _confidence_bins(confidence: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin index of each confidence: bin k holds ``(k/n_bins, (k+1)/n_bins]`` (bin 0 also 0).
-
-    Args:
-        confidence: (N,) values in [0, 1].
-        n_bins: number of equal-width bins.
-
-    Returns:
-        (N,) int64 bin indices in ``range(n_bins)``.
-
-    """
-    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
-    return np.searchsorted(inner_edges, confidence, side="left").astype(np.int64)
-
-
 def _reliability(
     y: np.ndarray, probs: np.ndarray, n_bins: int
 ) -> tuple[float, dict[str, list[Any]]]:
-    """ECE and reliability-diagram table.
+    """ECE and reliability-diagram table (:func:`capsmed.evaluate.calibration.reliability_table`).
 
     Args:
         y: (N,) int class indices.
@@ -626,22 +637,8 @@ def _reliability(
         empty bins.
 
     """
-    confidence = probs.max(axis=1)
     correct = (probs.argmax(axis=1) == y).astype(np.float64)
-    bins = _confidence_bins(confidence, n_bins)
-    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
-    conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
-    corr_sum = np.bincount(bins, weights=correct, minlength=n_bins)
-    ece = float(np.abs(corr_sum - conf_sum).sum() / y.size)
-    mean_conf = _safe_divide(conf_sum, count)
-    mean_acc = _safe_divide(corr_sum, count)
-    empty = count == 0
-    table = {
-        "bin_confidence": [None if e else float(v) for e, v in zip(empty, mean_conf, strict=True)],
-        "bin_accuracy": [None if e else float(v) for e, v in zip(empty, mean_acc, strict=True)],
-        "bin_count": [int(c) for c in count],
-    }
-    return ece, table
+    return reliability_table(probs.max(axis=1), correct, n_bins)
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
@@ -706,8 +703,8 @@ def _sensitivity_specificity(cm: np.ndarray) -> tuple[float, float]:
         cm: (C, C) counts.
 
     Returns:
-        Binary: (recall of class 1, recall of class 0); multi-class: macro one-vs-rest means over
-        the classes where each is defined. NaN where undefined.
+        Binary: (recall of class 1, recall of class 0); multi-class: the lowest one-vs-rest
+        sensitivity and specificity over the classes where each is defined. NaN where undefined.
 
     """
     cm = cm.astype(np.float64)
@@ -718,7 +715,7 @@ def _sensitivity_specificity(cm: np.ndarray) -> tuple[float, float]:
     if cm.shape[0] == 2:
         return float(recall[1]), float(recall[0])
     spec = _safe_divide(total - rows - cols + diag, total - rows)
-    return _nanmean(recall), _nanmean(spec)
+    return _nanmin(recall), _nanmin(spec)
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> dict:
@@ -878,13 +875,13 @@ def _weighted_classification_metrics(
             out["f1"] = f1_k[:, 1]
         else:
             spec = _safe_divide(total[:, None] - rows - cols + diag, total[:, None] - rows)
-            out["sensitivity"] = _nanmean(recall, axis=1)
-            out["specificity"] = _nanmean(spec, axis=1)
+            out["sensitivity"] = _nanmin(recall, axis=1)
+            out["specificity"] = _nanmin(spec, axis=1)
             out["f1"] = _nanmean(f1_k, axis=1)
     if "ece" in metrics:
         confidence = probs.max(axis=1)
         correct = (pred == y).astype(np.float64)
-        onehot = np.eye(n_bins)[_confidence_bins(confidence, n_bins)]  # (N, bins)
+        onehot = np.eye(n_bins)[confidence_bins(confidence, n_bins)]  # (N, bins)
         gap = weights @ (onehot * (correct - confidence)[:, None])
         out["ece"] = np.abs(gap).sum(axis=1) / total
     if "auc" in metrics:

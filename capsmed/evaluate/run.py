@@ -28,15 +28,16 @@ CLS_HEADLINE = ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "sp
 
 
 def _load_label(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Original label map and its voxel spacing."""
+    """Original label map and its voxel spacing (from the affine, as every stage reads it)."""
     import nibabel as nib
+    from nibabel.affines import voxel_sizes
 
     img = nib.load(path)
     arr = np.asanyarray(img.dataobj)
     arr = np.rint(np.asarray(arr, dtype=np.float64)).astype(np.int64)
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    spacing = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
+    spacing = tuple(float(z) for z in voxel_sizes(img.affine)[: arr.ndim])
     return arr, spacing
 
 
@@ -77,11 +78,11 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
         The row, with the prediction's seconds under ``"_seconds"``.
     """
     from capsmed.evaluate import metrics as M
+    from capsmed.fileio import save_nifti
     from capsmed.train.inference import (
         classification_tta_axes,
         predict_classification_case,
         predict_segmentation_case,
-        save_nifti,
     )
 
     layout, pred_dir, names = ctx["layout"], ctx["pred_dir"], ctx["names"]
@@ -99,11 +100,11 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
             )
         name = safe_name(case["case_id"])
         pred_path = pred_dir / f"{name}.nii.gz"
-        save_nifti(pred, out["affine"], pred_path)
+        save_nifti(pred, pred_path, out["affine"], dtype=np.uint8)
         unc_path = ""
         if out["uncertainty"] is not None:
             unc_path = pred_dir / f"{name}_uncertainty.nii.gz"
-            save_nifti(out["uncertainty"], out["affine"], unc_path, dtype=np.float32)
+            save_nifti(out["uncertainty"], unc_path, out["affine"], dtype=np.float32)
         row = {"case_id": case["case_id"], "image": case["image"], "label": case["label"],
                "prediction": str(pred_path.relative_to(layout.results)),
                "uncertainty": str(Path(unc_path).relative_to(layout.results)) if unc_path
@@ -148,6 +149,10 @@ def _write_dicom(case: dict, stem: str, task: str, names: Any, out: dict, ctx: d
                      **ctx["dicom"])
 
 
+#: Classification metrics that get a bootstrap interval in ``metrics.json``.
+CI_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
+
+
 def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
                seed: int) -> tuple[dict, dict, list[str], dict]:
     """Stage metrics from the case rows: ``(metrics, ci95, csv fields, extra keys)``."""
@@ -159,10 +164,10 @@ def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
         metric_keys = [k for k in aggregate if k.startswith(("dice", "hd95", "assd"))]
         metrics = {k: _finite(float(aggregate[k])) for k in metric_keys}
         if n_boot:
-            for k in metric_keys:
-                vals = np.array([float(r[k]) for r in rows], dtype=float)
-                if np.isfinite(vals).any():
-                    ci[k] = [float(v) for v in M.bootstrap_mean_ci(vals, n_boot=n_boot, seed=seed)]
+            cis = M.bootstrap_segmentation_cis([{k: r[k] for k in metric_keys} for r in rows],
+                                               n_boot=n_boot, seed=seed)
+            ci = {k: [float(v) for v in lo_hi] for k, lo_hi in cis.items()
+                  if all(np.isfinite(lo_hi))}
         fixed = ["case_id", "image", "label", "prediction", "uncertainty"]
         fields = fixed + sorted({k for r in rows for k in r if not k.startswith("_")} - set(fixed))
         return metrics, ci, fields, {"labels": names}
@@ -173,11 +178,9 @@ def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
          if rows else np.zeros((0, n_cls)))
     result = M.classification_metrics(y, p)
     metrics = {k: _finite(float(v)) for k, v in result["metrics"].items()}
-    if n_boot and len(y):
-        for k in ("accuracy", "balanced_accuracy", "auc", "f1"):
-            lo_hi = M.bootstrap_metric_ci(y, p, k, n_boot=n_boot, seed=seed)
-            if lo_hi is not None and all(np.isfinite(lo_hi)):
-                ci[k] = [float(v) for v in lo_hi]
+    if n_boot and len(y):  # one set of resamples for every metric
+        cis = M.bootstrap_classification_cis(y, p, metrics=CI_METRICS, n_boot=n_boot, seed=seed)
+        ci = {k: [float(v) for v in lo_hi] for k, lo_hi in cis.items() if all(np.isfinite(lo_hi))}
     fields = (["case_id", "image", "class", "predicted", "confidence"]
               + [f"prob_{k}" for k in range(n_cls)]
               + ([f"length_{k}" for k in range(n_cls)] if rows and "length_0" in rows[0]
@@ -222,10 +225,10 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     """
     import torch
 
+    from capsmed.data.splits import stage_cases
     from capsmed.data.transforms import build_preprocess_transforms
     from capsmed.paths import read_json
     from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.loop import stage_cases
     from capsmed.train.runtime import (
         atomic_write_json,
         atomic_write_text,

@@ -55,6 +55,8 @@ class CapsmedModel(nn.Module):
 
     - ``task``: ``"classification"`` or ``"segmentation"``.
     - ``output_kind``: ``"logits"`` or ``"lengths"`` (capsule lengths in [0, 1)).
+    - ``family``: ``"capsule"`` (a capsule network) or ``"cnn"`` (a baseline); recorded in
+      ``train.json`` and read by the comparison page.
     - ``size_divisible``: segmenters need every spatial size divisible by it (instances may set a
       value that depends on their configuration); 1 for classifiers.
     - ``fixed_size``: classifiers built for one input size (``image_size``, e.g. 28 in every
@@ -76,6 +78,7 @@ class CapsmedModel(nn.Module):
 
     task: ClassVar[str] = "classification"
     output_kind: ClassVar[str] = "logits"
+    family: ClassVar[str] = "cnn"
     size_divisible: int = 1
     fixed_size: ClassVar[bool] = False
     has_decoder: ClassVar[bool] = False

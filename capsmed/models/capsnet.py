@@ -125,6 +125,7 @@ class _CapsuleClassifier(CapsmedModel):
 
     task = "classification"
     output_kind = "lengths"
+    family = "capsule"
     fixed_size = True
     has_decoder = True
     decoder: CapsuleDecoder | None

@@ -118,6 +118,7 @@ class CapsUNet(CapsmedModel):
 
     task = "segmentation"
     output_kind = "logits"
+    family = "capsule"
     size_divisible = 8
     has_coarse_capsules = True
 
@@ -155,6 +156,7 @@ class CapsUNet(CapsmedModel):
         self.loss_defaults = {"margin_weight": 0.5}
         if capsule_block == "conv":
             self.has_coarse_capsules = False  # type: ignore[misc]  # no capsules to supervise
+            self.family = "cnn"  # type: ignore[misc]  # the routed layers are convolutions
         dims = spatial_dims
         e1, e2 = (int(c) for c in encoder_channels)
         d4, d2, d1 = (int(c) for c in decoder_channels)

@@ -156,6 +156,7 @@ class SegCaps(CapsmedModel):
 
     task = "segmentation"
     output_kind = "lengths"
+    family = "capsule"
     size_divisible = 8
     has_decoder = True
 

@@ -76,6 +76,7 @@ class UCaps(CapsmedModel):
 
     task = "segmentation"
     output_kind = "logits"
+    family = "capsule"
     size_divisible = 8
     has_decoder = True
     has_coarse_capsules = True

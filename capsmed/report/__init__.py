@@ -11,7 +11,7 @@ external CSS, scripts or fonts) and open from ``file://``. Paths follow PLAN.md'
 - :func:`write_index`: ``results/index.html``
 """
 
-from capsmed.report.comparison import is_capsule, write_comparison_report
+from capsmed.report.comparison import model_family, write_comparison_report
 from capsmed.report.index import write_index
 from capsmed.report.qc import write_qc_report
 from capsmed.report.render import RESEARCH_NOTE, study_filename
@@ -21,7 +21,7 @@ from capsmed.report.study import StudyInput, write_study_report, write_study_rep
 __all__ = [
     "RESEARCH_NOTE",
     "StudyInput",
-    "is_capsule",
+    "model_family",
     "study_filename",
     "write_comparison_report",
     "write_index",

@@ -31,27 +31,24 @@ from capsmed.report.stage import PRIMARY_METRICS, headline_text, primary_metric
 
 logger = logging.getLogger(__name__)
 
-#: Capsule models of the registry; any other model whose name contains "caps" counts too.
-CAPSULE_MODELS = frozenset({"capsnet", "efficient_capsnet", "segcaps", "ucaps"})
 _COST_KEYS = ("params", "flops", "train_seconds", "inference_seconds_per_case", "peak_memory_mb")
+#: Display names of the model families ``train.json`` records (``CapsmedModel.family``).
+FAMILY_LABELS = {"capsule": "capsule", "cnn": "CNN"}
 
 
-def is_capsule(model: str, train: Mapping[str, Any] | None = None) -> bool:
-    """Whether a model is a capsule network.
+def model_family(train: Mapping[str, Any] | None) -> str | None:
+    """The family ``capsmed train`` recorded for a model: ``"capsule"``, ``"cnn"`` or None.
 
-    ``train.json`` decides when it says so (``"family": "capsule"|"cnn"``, ``"is_capsule"``, or
-    ``"output_kind": "lengths"``); otherwise the registry names (:data:`CAPSULE_MODELS`) and any
-    name containing ``caps``.
+    ``train.json`` (and the model entry of ``summary.json``) carries ``"family"``, the
+    ``family`` class attribute of the model's registry class; without it the family is unknown.
     """
-    train = train or {}
-    family = str(train.get("family", "")).lower()
-    if family:
-        return family.startswith("caps")
-    if isinstance(train.get("is_capsule"), bool):
-        return bool(train["is_capsule"])
-    if train.get("output_kind") == "lengths":
-        return True
-    return model.lower() in CAPSULE_MODELS or "caps" in model.lower()
+    family = (train or {}).get("family")
+    return family if family in FAMILY_LABELS else None
+
+
+def family_label(family: str | None) -> str:
+    """``"capsule"``, ``"CNN"`` or ``"unknown"`` for a :func:`model_family` value."""
+    return FAMILY_LABELS.get(family or "", "unknown")
 
 
 _RATIO_WORDS = {"params": ("fewer parameters", "more parameters"),
@@ -60,6 +57,9 @@ _RATIO_WORDS = {"params": ("fewer parameters", "more parameters"),
                 "inference_seconds_per_case": ("faster inference per case",
                                                "slower inference per case"),
                 "peak_memory_mb": ("less peak training memory", "more peak training memory")}
+
+
+_FAMILY_WORDS = {"capsule": "capsule network", "cnn": "CNN baseline"}
 
 
 def _ratio_text(key: str, a: float | None, b_: float | None) -> str | None:
@@ -91,7 +91,7 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
     scored.sort(key=value, reverse=not low)
     best = scored[0]
     out = [f"Best on the {stage} stage by {metric_label(metric)}: {best['model']} "
-           f"({'capsule network' if best['capsule'] else 'CNN baseline'}), "
+           f"({_FAMILY_WORDS.get(best['family'] or '', 'family unknown')}), "
            + headline_text(metric, best["metrics"][stage], best["ci95"].get(stage, {})) + "."]
     if len(scored) > 1:
         second = scored[1]
@@ -105,8 +105,8 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
             sentence += (" and the 95% intervals overlap, so this test set does not separate them"
                          if overlap else " and the 95% intervals do not overlap")
         out.append(sentence + ".")
-    caps = [e for e in scored if e["capsule"]]
-    cnns = [e for e in scored if not e["capsule"]]
+    caps = [e for e in scored if e["family"] == "capsule"]
+    cnns = [e for e in scored if e["family"] == "cnn"]
     if caps and cnns:
         c, n = caps[0], cnns[0]
         diff = value(c) - value(n)
@@ -170,6 +170,104 @@ def _crossval_section(lay: Layout, models: Sequence[str], fold: int | None) -> A
         tables=[b.table(["Model", "Folds"] + [metric_label(m) for m in names], rows)])
 
 
+def _model_entry(lay: Layout, model: str) -> dict[str, Any]:
+    """What the page shows of one model: train.json, metrics and CIs per stage, costs, family."""
+    train = read_json(lay.model_dir(model) / "train.json")
+    metrics, ci95, costs = {}, {}, {k: train.get(k) for k in _COST_KEYS}
+    task = ""
+    stage_cost: dict[str, Any] = {}
+    for stage in STAGES:
+        doc = read_json(lay.eval_dir(model, stage) / "metrics.json")
+        if not doc:
+            continue
+        task = task or str(doc.get("task") or "")
+        metrics[stage] = doc.get("metrics") or {}
+        ci95[stage] = doc.get("ci95") or {}
+        stage_cost[stage] = doc.get("cost") or {}
+    # Inference cost: from the test stage where present.
+    for stage in ("test", "val", "train"):
+        c = stage_cost.get(stage) or {}
+        if is_number(c.get("inference_seconds_per_case")):
+            costs["inference_seconds_per_case"] = c["inference_seconds_per_case"]
+            costs["inference_peak_memory_mb"] = c.get("peak_memory_mb")
+            break
+    return {"model": model, "train": train, "metrics": metrics, "ci95": ci95, "costs": costs,
+            "family": model_family(train), "task": task}
+
+
+def _metrics_section(entries: Sequence[dict[str, Any]], stage: str, lay: Layout,
+                     out: Path) -> dict[str, Any] | None:
+    """Every model's metrics with 95% CIs on one stage, the best value per metric in green."""
+    names = sorted({m for e in entries for m, v in e["metrics"].get(stage, {}).items()
+                    if not isinstance(v, Mapping | list)}, key=metric_sort_key)
+    if not names:
+        return None
+    best: dict[str, float] = {}
+    for m in names:
+        vals = [float(e["metrics"][stage][m]) for e in entries
+                if is_number(e["metrics"].get(stage, {}).get(m))]
+        if vals:
+            best[m] = min(vals) if lower_is_better(m) else max(vals)
+    rows = []
+    for e in entries:
+        if stage not in e["metrics"]:
+            continue
+        # Every stage with a metrics.json gets a stage report (written before or after this).
+        href = rel_href(lay.stage_report(e["model"], stage), out.parent)
+        cells = [b.cell(e["model"], href=href), family_label(e["family"])]
+        for m in names:
+            v = e["metrics"][stage].get(m)
+            ci = fmt_ci(e["ci95"][stage].get(m), m)
+            text = fmt_metric(v, m) + (f" {ci}" if ci else "")
+            is_best = is_number(v) and m in best and float(v) == best[m]
+            cells.append(b.num_cell(text, cls="good" if is_best else ""))
+        rows.append(b.row(cells))
+    return b.section(
+        f"metrics-{stage}", f"Metrics, {stage} stage",
+        tables=[b.table(["Model", "Family"] + [metric_label(m) for m in names], rows,
+                        note="Value [95% CI]; the best value per metric is in green.")])
+
+
+def _cost_section(entries: Sequence[dict[str, Any]], judged: str, metric: str
+                  ) -> dict[str, Any]:
+    """Parameters, FLOPs, time and memory per model, and the metric-against-cost figures."""
+    rows = []
+    for e in entries:
+        c, t = e["costs"], e["train"]
+        rows.append(b.row([
+            e["model"], family_label(e["family"]),
+            b.num_cell(fmt_params(c.get("params"))), b.num_cell(fmt_flops(c.get("flops"))),
+            b.num_cell(fmt_seconds(c.get("train_seconds"))),
+            b.num_cell(f"{t.get('epochs', 'n/a')}"),
+            b.num_cell(fmt_seconds(c.get("inference_seconds_per_case"))),
+            b.num_cell(fmt_mb(c.get("peak_memory_mb"))),
+            b.num_cell(fmt_mb(c.get("inference_peak_memory_mb")))]))
+    points = [fig.ModelPoint(
+        name=e["model"], capsule=e["family"] == "capsule",
+        metric=float(e["metrics"].get(judged, {}).get(metric, np.nan))
+        if is_number(e["metrics"].get(judged, {}).get(metric)) else float("nan"),
+        ci=tuple(e["ci95"].get(judged, {}).get(metric)) if fmt_ci(
+            e["ci95"].get(judged, {}).get(metric)) else None,
+        costs={k: float(c) if is_number(c) else float("nan") for k, c in e["costs"].items()})
+        for e in entries]
+    return b.section(
+        "cost", "Cost", paragraphs=[
+            "Parameters and FLOPs per forward pass as measured by `capsmed train`; training time "
+            "and training peak memory from train.json; inference time per case and inference peak "
+            "memory from the evaluation of the test stage."],
+        tables=[b.table(["Model", "Family", "Parameters", "FLOPs", "Training time", "Epochs",
+                         "Inference per case", "Peak memory (train)",
+                         "Peak memory (inference)"], rows)],
+        figs=[b.figure(fig.tradeoff_figure(points, f"{metric_label(metric)}, {judged}"),
+                       f"{metric_label(metric)} against parameters, FLOPs and inference time for "
+                       "each model",
+                       f"{metric_label(metric)} on the {judged} stage (bars: 95% CI) against cost; "
+                       "circles are capsule networks, squares CNN baselines. Up and to the left is "
+                       "better."),
+              b.figure(fig.cost_bars(points), "Bar charts of each model's cost",
+                       "Cost per model; orange: capsule networks, green: CNN baselines.")])
+
+
 def write_comparison_report(results_dir: Path, dataset: str, models: list[str], *,
                             fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/comparison.html``.
@@ -197,112 +295,21 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     results_dir = Path(results_dir)
     lay = Layout(results_dir, dataset, fold)
     out = lay.reports_dir / "comparison.html"
-    entries: list[dict[str, Any]] = []
-    missing = []
-    task = ""
-    for model in models:
-        train = read_json(lay.model_dir(model) / "train.json")
-        metrics, ci95, costs = {}, {}, {k: train.get(k) for k in _COST_KEYS}
-        stage_cost: dict[str, Any] = {}
-        for stage in STAGES:
-            doc = read_json(lay.eval_dir(model, stage) / "metrics.json")
-            if not doc:
-                continue
-            task = task or str(doc.get("task") or "")
-            metrics[stage] = doc.get("metrics") or {}
-            ci95[stage] = doc.get("ci95") or {}
-            stage_cost[stage] = doc.get("cost") or {}
-        # Inference cost: from the test stage where present.
-        for stage in ("test", "val", "train"):
-            c = stage_cost.get(stage) or {}
-            if is_number(c.get("inference_seconds_per_case")):
-                costs["inference_seconds_per_case"] = c["inference_seconds_per_case"]
-                costs["inference_peak_memory_mb"] = c.get("peak_memory_mb")
-                break
-        if not metrics and not train:
-            missing.append(model)
-        entries.append({"model": model, "train": train, "metrics": metrics, "ci95": ci95,
-                        "costs": costs, "capsule": is_capsule(model, train)})
-    task = task or str(read_json(lay.dataset_dir / "data" / "cases.json").get("task") or "")
+    entries = [_model_entry(lay, model) for model in models]
+    missing = [e["model"] for e in entries if not e["metrics"] and not e["train"]]
+    task = next((e["task"] for e in entries if e["task"]), "") or str(
+        read_json(lay.dataset_dir / "data" / "cases.json").get("task") or "")
     judged = next((s for s in ("test", "val", "train")
                    if any(s in e["metrics"] for e in entries)), "test")
-    metric = None
-    for e in entries:
-        metric = metric or primary_metric(task, e["metrics"].get(judged, {}))
-    metric = metric or (PRIMARY_METRICS.get(task, ("dice",))[0])
+    metric = next((m for m in (primary_metric(task, e["metrics"].get(judged, {}))
+                               for e in entries) if m), None)
+    metric = metric or PRIMARY_METRICS.get(task, ("dice",))[0]
 
-    lead = _verdict(judged, entries, metric)
-    sections = []
-    # Metrics per stage.
-    for stage in STAGES:
-        names = sorted({m for e in entries for m, v in e["metrics"].get(stage, {}).items()
-                        if not isinstance(v, Mapping | list)}, key=metric_sort_key)
-        if not names:
-            continue
-        best: dict[str, float] = {}
-        for m in names:
-            vals = [float(e["metrics"][stage][m]) for e in entries
-                    if is_number(e["metrics"].get(stage, {}).get(m))]
-            if vals:
-                best[m] = min(vals) if lower_is_better(m) else max(vals)
-        rows = []
-        for e in entries:
-            if stage not in e["metrics"]:
-                continue
-            # Every stage with a metrics.json gets a stage report (written before or after this).
-            href = rel_href(lay.stage_report(e["model"], stage), out.parent)
-            cells = [b.cell(e["model"], href=href),
-                     "capsule" if e["capsule"] else "CNN"]
-            for m in names:
-                v = e["metrics"][stage].get(m)
-                ci = fmt_ci(e["ci95"][stage].get(m), m)
-                text = fmt_metric(v, m) + (f" {ci}" if ci else "")
-                is_best = is_number(v) and m in best and float(v) == best[m]
-                cells.append(b.num_cell(text, cls="good" if is_best else ""))
-            rows.append(b.row(cells))
-        sections.append(b.section(
-            f"metrics-{stage}", f"Metrics, {stage} stage",
-            tables=[b.table(["Model", "Family"] + [metric_label(m) for m in names], rows,
-                            note="Value [95% CI]; the best value per metric is in green.")]))
+    sections = [s for s in (_metrics_section(entries, stage, lay, out) for stage in STAGES) if s]
     cv_section = _crossval_section(lay, models, fold)
     if cv_section is not None:
         sections.append(cv_section)
-    # Cost.
-    rows = []
-    for e in entries:
-        c, t = e["costs"], e["train"]
-        rows.append(b.row([
-            e["model"], "capsule" if e["capsule"] else "CNN",
-            b.num_cell(fmt_params(c.get("params"))), b.num_cell(fmt_flops(c.get("flops"))),
-            b.num_cell(fmt_seconds(c.get("train_seconds"))),
-            b.num_cell(f"{t.get('epochs', 'n/a')}"),
-            b.num_cell(fmt_seconds(c.get("inference_seconds_per_case"))),
-            b.num_cell(fmt_mb(c.get("peak_memory_mb"))),
-            b.num_cell(fmt_mb(c.get("inference_peak_memory_mb")))]))
-    points = [fig.ModelPoint(
-        name=e["model"], capsule=e["capsule"],
-        metric=float(e["metrics"].get(judged, {}).get(metric, np.nan))
-        if is_number(e["metrics"].get(judged, {}).get(metric)) else float("nan"),
-        ci=tuple(e["ci95"].get(judged, {}).get(metric)) if fmt_ci(
-            e["ci95"].get(judged, {}).get(metric)) else None,
-        costs={k: float(c) if is_number(c) else float("nan") for k, c in e["costs"].items()})
-        for e in entries]
-    sections.append(b.section(
-        "cost", "Cost", paragraphs=[
-            "Parameters and FLOPs per forward pass as measured by `capsmed train`; training time "
-            "and training peak memory from train.json; inference time per case and inference peak "
-            "memory from the evaluation of the test stage."],
-        tables=[b.table(["Model", "Family", "Parameters", "FLOPs", "Training time", "Epochs",
-                         "Inference per case", "Peak memory (train)",
-                         "Peak memory (inference)"], rows)],
-        figs=[b.figure(fig.tradeoff_figure(points, f"{metric_label(metric)}, {judged}"),
-                       f"{metric_label(metric)} against parameters, FLOPs and inference time for "
-                       "each model",
-                       f"{metric_label(metric)} on the {judged} stage (bars: 95% CI) against cost; "
-                       "circles are capsule networks, squares CNN baselines. Up and to the left is "
-                       "better."),
-              b.figure(fig.cost_bars(points), "Bar charts of each model's cost",
-                       "Cost per model; orange: capsule networks, green: CNN baselines.")]))
+    sections.append(_cost_section(entries, judged, metric))
     if missing:
         sections.append(b.section("missing", "Missing results", paragraphs=[
             "No train.json or metrics.json was found for: " + ", ".join(missing) + "."]))
@@ -316,5 +323,6 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     if (lay.reports_dir / "qc.html").exists():
         nav.append(b.link("Preprocessing QC", "qc.html"))
     return render_page(out, "page.html", title=f"{dataset}: model comparison",
-                       subtitle=f"{task} \u00b7 {len(models)} models", nav=nav, lead=lead,
-                       note=None, top_cards=[], sections=sections)
+                       subtitle=f"{task} \u00b7 {len(models)} models", nav=nav,
+                       lead=_verdict(judged, entries, metric), note=None, top_cards=[],
+                       sections=sections)

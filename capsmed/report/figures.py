@@ -561,40 +561,6 @@ def distribution_figure(title: str, series: Mapping[str, Sequence[float]], xlabe
     return to_data_uri(fig)
 
 
-def percentile_figure(per_case: Mapping[str, Sequence[float]]) -> str | None:
-    """Intensity percentiles across cases: one box per percentile (``{"p0.5": [...], ...}``)."""
-    groups = {k: np.asarray(v, dtype=float) for k, v in per_case.items()}
-    groups = {k: v[np.isfinite(v)] for k, v in groups.items()}
-    groups = {k: v for k, v in groups.items() if v.size}
-    if not groups:
-        return None
-    fig = new_figure(min(1.0 + 0.8 * len(groups), 9), 3.0)
-    ax = fig.subplots()
-    ax.boxplot(list(groups.values()), widths=0.5)
-    ax.set_xticks(range(1, len(groups) + 1), list(groups), fontsize=8)
-    ax.set(xlabel="percentile", ylabel="intensity",
-           title="Intensity percentiles across cases")
-    ax.grid(axis="y", alpha=0.3)
-    return to_data_uri(fig)
-
-
-def histogram_figure(edges: Sequence[float], counts: Sequence[float], title: str) -> str | None:
-    """A precomputed histogram (``edges`` has one more entry than ``counts``, or equal length)."""
-    e = np.asarray(edges, dtype=float)
-    c = np.asarray(counts, dtype=float)
-    if c.size == 0 or e.size not in (c.size, c.size + 1):
-        return None
-    fig = new_figure(4.5, 2.8)
-    ax = fig.subplots()
-    if e.size == c.size + 1:
-        ax.stairs(c, e, fill=True, color="#4363d8")
-    else:
-        ax.bar(e, c, width=np.diff(e).mean() if e.size > 1 else 1.0, color="#4363d8")
-    ax.set(xlabel="intensity", ylabel="voxels", title=title)
-    ax.grid(alpha=0.3)
-    return to_data_uri(fig)
-
-
 def count_bars(counts: Mapping[str, float], title: str, xlabel: str = "count") -> str | None:
     """Horizontal bars of counts per label or class, with the share of the total."""
     if not counts:

@@ -9,7 +9,6 @@ raises :class:`capsmed.errors.CapsmedError` naming it.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import math
 from collections.abc import Collection, Mapping
@@ -20,13 +19,14 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from nibabel.affines import voxel_sizes
 
+from capsmed import fileio
 from capsmed.errors import CapsmedError
+from capsmed.paths import STAGES as STAGES  # re-exported for the pages
 from capsmed.paths import Layout as PipelineLayout
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("train", "val", "test")
 
 # Columns of cases.csv that hold numbers (prefix match); everything else stays text.
 _NUMERIC_PREFIXES = ("dice", "hd95", "assd", "volume_", "confidence", "prob_", "length_", "class",
@@ -83,7 +83,7 @@ class Layout:
 
 
 def read_json(path: Path, required: bool = False) -> dict[str, Any]:
-    """Read a JSON object; ``{}`` when an optional file is absent.
+    """Read a JSON object (:func:`capsmed.fileio.read_json`); ``{}`` when an optional file is absent.
 
     Args:
         path: The file.
@@ -95,15 +95,7 @@ def read_json(path: Path, required: bool = False) -> dict[str, Any]:
     Raises:
         CapsmedError: The file is required and missing, is not valid JSON, or is not an object.
     """
-    path = Path(path)
-    if not path.is_file():
-        if required:
-            raise CapsmedError(f"{path}: file not found (run `capsmed evaluate` first)")
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CapsmedError(f"{path}: not readable as JSON ({exc})") from exc
+    doc = fileio.read_json(path, "file", required=required, default={})
     if not isinstance(doc, dict):
         raise CapsmedError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     return doc
@@ -167,6 +159,32 @@ def name_map(doc: Mapping[str, Any], key: str) -> dict[int, str]:
     elif isinstance(raw, list):
         out = {i: str(v) for i, v in enumerate(raw)}
     return dict(sorted(out.items()))
+
+
+def label_names(task: str, *docs: Mapping[str, Any], count: int = 0) -> dict[int, str]:
+    """Label (segmentation) or class (classification) names: the one rule of every page.
+
+    Args:
+        task: ``"segmentation"`` or ``"classification"``.
+        *docs: documents that may hold ``labels`` / ``classes`` (``metrics.json``,
+            ``cases.json``, the fingerprint), most specific first; the first with names wins.
+        count: number of labels or classes, for the fallback names.
+
+    Returns:
+        ``{index: name}``; without names in any document ``{0: "background", 1: "foreground"}``
+        (segmentation, two labels), ``background, label 1, ...`` (more labels) or ``class 0,
+        class 1, ...`` (classification).
+    """
+    key = "labels" if task == "segmentation" else "classes"
+    for doc in docs:
+        names = name_map(doc, key)
+        if names:
+            return names
+    if task == "segmentation":
+        n = max(count, 2)
+        return {0: "background", **{k: "foreground" if n == 2 else f"label {k}"
+                                    for k in range(1, n)}}
+    return {k: f"class {k}" for k in range(count)}
 
 
 def class_column(columns: Collection[str], prefix: str, index: int, name: str) -> str | None:
@@ -298,7 +316,7 @@ def load_volume(path: Path | None) -> Volume | None:
         axcodes = tuple(nib.aff2axcodes(affine))
         canonical = nib.as_closest_canonical(three_d)
         data = np.asarray(canonical.dataobj, dtype=np.float32)
-        spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+        spacing = tuple(float(z) for z in voxel_sizes(canonical.affine)[:3])
     except Exception as exc:  # nibabel raises many types for broken files
         logger.warning("%s: cannot read image (%s); image not shown", path, exc)
         return None

@@ -9,7 +9,7 @@ from typing import Any
 
 from capsmed.errors import CapsmedError
 from capsmed.report import blocks as b
-from capsmed.report.comparison import is_capsule
+from capsmed.report.comparison import family_label, model_family
 from capsmed.report.files import STAGES, Layout
 from capsmed.report.render import (
     fmt_ci,
@@ -91,7 +91,7 @@ def write_index(results_dir: Path, summary: dict) -> Path:
             model = str(model)
             mdoc = mdoc if isinstance(mdoc, Mapping) else {}
             stages = mdoc.get("stages") if isinstance(mdoc.get("stages"), Mapping) else {}
-            cells = [b.cell(model), "capsule" if is_capsule(model, mdoc) else "CNN",
+            cells = [b.cell(model), family_label(model_family(mdoc)),
                      b.num_cell(fmt_params(mdoc.get("params"))),
                      b.num_cell(fmt_flops(mdoc.get("flops")))]
             cells += [_stage_cell(stages.get(s), task) for s in STAGES]

@@ -1,17 +1,11 @@
-"""The preprocessing quality-control page of a dataset, from its fingerprint.
+"""The preprocessing quality-control page of a dataset, from its fingerprint and plan.
 
-``results/{ds}/preprocessed/fingerprint.json`` is read loosely; every key below is optional:
-
-- ``cases``: ``[{"case_id", "shape", "spacing", "intensity_percentiles", "class",
-  "label_counts"}, ...]``; ``intensity_percentiles`` is ``{"0.5": v, "50": v, "99.5": v}`` or a list
-  matching a top-level ``percentiles`` list.
-- ``spacings`` / ``shapes`` (or ``shapes_after_crop``): per-case lists, used when ``cases`` lacks them.
-- ``intensity_percentiles`` (dataset level, same forms), ``intensity_histogram``
-  ``{"edges" or "bins", "counts"}``, nnU-Net's ``foreground_intensity_properties_per_channel``.
-- ``label_counts`` / ``class_counts`` / ``label_balance``: ``{label index or name: count}``.
-- ``rejected``: ``[{"case_id", "reason"}, ...]``, a list of ids, or ``{case_id: reason}``.
-
-Scalar top-level keys that are not shown elsewhere (``n_cases``, ``modality``, ...) are listed too.
+The page reads ``results/{ds}/preprocessed/fingerprint.json`` exactly as
+:func:`capsmed.data.fingerprint.compute_fingerprint` writes it (``case_ids``, ``spacings``,
+``shapes``, ``shapes_after_crop``, ``intensity_per_channel``, ``label_voxels`` or
+``class_counts``, ``labels`` or ``classes``), the plan beside it
+(:func:`capsmed.data.fingerprint.make_plan`), ``data/cases.json`` and ``splits.json``. A key the
+fingerprint lacks (an older or hand-edited file) leaves its section saying so.
 """
 
 from __future__ import annotations
@@ -25,17 +19,21 @@ import numpy as np
 
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
-from capsmed.report.files import Layout, name_map, read_json, to_float
+from capsmed.report.files import Layout, label_names, read_json, to_float
 from capsmed.report.render import fmt_num, rel_href, render_page
 
 logger = logging.getLogger(__name__)
 
 MAX_TABLE_ROWS = 500
 _AXES = ("x", "y", "z", "t")
-_SHOWN_KEYS = {"cases", "spacings", "shapes", "shapes_after_crop", "intensity_percentiles",
-               "intensity_histogram", "foreground_intensity_properties_per_channel",
-               "label_counts", "class_counts", "label_balance", "rejected", "percentiles",
-               "labels", "classes"}
+# Order and wording of the per-channel statistics compute_fingerprint records.
+INTENSITY_STATS = (("mean", "Mean"), ("std", "Standard deviation"), ("min", "Minimum"),
+                   ("percentile_00_5", "0.5th percentile"), ("median", "Median"),
+                   ("percentile_99_5", "99.5th percentile"), ("max", "Maximum"))
+# Keys shown by their own sections (the rest of the scalar values are listed as "other").
+_SHOWN_KEYS = {"case_ids", "spacings", "shapes", "shapes_after_crop", "intensity",
+               "intensity_per_channel", "label_voxels", "class_counts", "labels", "classes",
+               "task", "modality", "n_cases"}
 
 
 def _numbers(value: Any) -> list[float] | None:
@@ -51,40 +49,26 @@ def _per_axis(vectors: Sequence[Sequence[float]]) -> dict[str, list[float]]:
             for i in range(n)}
 
 
-def _percentile_map(value: Any, levels: Sequence[Any] | None) -> dict[str, float]:
-    """Percentiles as ``{"p0.5": v, ...}`` from a dict or a list (with ``levels``)."""
-    out: dict[str, float] = {}
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            f = to_float(v)
-            if f is None:
-                continue
-            key = str(k)
-            out[key if key.startswith(("p", "q")) else f"p{key}"] = f
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        vals = [to_float(v) for v in value]
-        names = [f"p{lv}" for lv in levels] if levels and len(levels) == len(vals) else [
-            f"q{i}" for i in range(len(vals))]
-        out = {n: v for n, v in zip(names, vals, strict=True) if v is not None}
-    return out
-
-
-def _level(name: str) -> float:
-    f = to_float(name.lstrip("pq").replace("_", "."))
-    return f if f is not None else float("inf")
+def _per_case(fp: Mapping[str, Any], key: str) -> list[tuple[str, list[float]]]:
+    """``[(case id, vector), ...]`` from the per-case list ``fp[key]``, ids from ``case_ids``."""
+    raw = fp.get(key)
+    if not isinstance(raw, list):
+        return []
+    ids = fp.get("case_ids") if isinstance(fp.get("case_ids"), list) else []
+    rows = []
+    for i, value in enumerate(raw):
+        vec = _numbers(value)
+        if vec:
+            rows.append((str(ids[i]) if i < len(ids) else str(i), vec))
+    return rows
 
 
 def _counts(raw: Any, names: Mapping[int, str]) -> dict[str, float]:
+    """``{"0": n, ...}`` (``label_voxels`` / ``class_counts``) keyed by label or class name."""
     out: dict[str, float] = {}
-    if isinstance(raw, Mapping):
-        items = list(raw.items())
-    elif isinstance(raw, Sequence) and not isinstance(raw, str):
-        items = list(enumerate(raw))
-    else:
+    if not isinstance(raw, Mapping):
         return out
-    for k, v in items:
-        if isinstance(v, Mapping):
-            v = next((v[x] for x in ("voxels", "count", "cases", "n") if x in v), None)
+    for k, v in raw.items():
         f = to_float(v)
         if f is None:
             continue
@@ -94,37 +78,22 @@ def _counts(raw: Any, names: Mapping[int, str]) -> dict[str, float]:
     return out
 
 
-def _rejected(fp: Mapping[str, Any], cases: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    raw = fp.get("rejected")
-    out: list[tuple[str, str]] = []
-    if isinstance(raw, Mapping):
-        out = [(str(k), str(v)) for k, v in raw.items()]
-    elif isinstance(raw, Sequence) and not isinstance(raw, str):
-        for item in raw:
-            if isinstance(item, Mapping):
-                reason = item.get("reason") or item.get("reasons") or item.get("problem") or ""
-                if isinstance(reason, list):
-                    reason = "; ".join(str(r) for r in reason)
-                out.append((str(item.get("case_id", item.get("id", item.get("image", "?")))),
-                            str(reason) or "no reason recorded"))
-            else:
-                out.append((str(item), "no reason recorded"))
-    for c in cases:
-        if c.get("rejected"):
-            out.append((str(c.get("case_id", "?")), str(c.get("reason") or "no reason recorded")))
-    return out
+def _median_text(rows: Sequence[tuple[str, list[float]]], fmt: str) -> str:
+    n = min(len(v) for _, v in rows)
+    med = np.median(np.array([v[:n] for _, v in rows], dtype=float), axis=0)
+    return " x ".join(format(x, fmt) for x in med)
 
 
-def _outliers(ids: Sequence[str], vectors: Sequence[Sequence[float]], what: str,
+def _outliers(rows: Sequence[tuple[str, list[float]]], what: str,
               factor: float = 2.0) -> list[tuple[str, str]]:
     """Cases whose value on some axis differs from the median by more than ``factor`` times."""
-    if not vectors:
+    if not rows:
         return []
-    n = min(len(v) for v in vectors)
-    arr = np.array([list(v)[:n] for v in vectors], dtype=float)
+    n = min(len(v) for _, v in rows)
+    arr = np.array([v[:n] for _, v in rows], dtype=float)
     med = np.median(arr, axis=0)
     out = []
-    for cid, v in zip(ids, arr, strict=True):
+    for (cid, _), v in zip(rows, arr, strict=True):
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(med > 0, v / med, 1.0)
         if np.any((ratio > factor) | (ratio < 1 / factor)):
@@ -133,12 +102,94 @@ def _outliers(ids: Sequence[str], vectors: Sequence[Sequence[float]], what: str,
     return out
 
 
+def _dataset_section(names: Mapping[int, str], task: str, splits: Mapping[str, Any],
+                     plan: Mapping[str, Any]) -> dict[str, Any] | None:
+    ds_pairs: list[tuple[str, Any]] = []
+    if names:
+        ds_pairs.append(("Labels" if task == "segmentation" else "Classes",
+                         ", ".join(f"{k}: {v}" for k, v in names.items())))
+    if isinstance(splits.get("test"), list):
+        ds_pairs.append(("Test cases", len(splits["test"])))
+    folds = splits.get("folds")
+    if isinstance(folds, list) and folds:
+        sizes = [f"{len(f.get('train', []))}/{len(f.get('val', []))}" for f in folds
+                 if isinstance(f, Mapping)]
+        ds_pairs.append(("Folds (train/val)", ", ".join(sizes)))
+    if splits.get("seed") is not None:
+        ds_pairs.append(("Split seed", splits["seed"]))
+    plan_pairs = [(k, ", ".join(str(x) for x in v) if isinstance(v, list) else v)
+                  for k, v in plan.items() if isinstance(v, str | int | float | list)
+                  and not isinstance(v, bool) and (not isinstance(v, list) or len(v) <= 8)]
+    tables = []
+    if ds_pairs:
+        tables.append(b.kv_table(ds_pairs, caption="Dataset"))
+    if plan_pairs:
+        tables.append(b.kv_table(plan_pairs, caption="Preprocessing plan (plan.json)"))
+    return b.section("dataset", "Dataset and plan", tables=tables) if tables else None
+
+
+def _geometry_section(spacing_rows: Sequence[tuple[str, list[float]]],
+                      shape_rows: Sequence[tuple[str, list[float]]]) -> dict[str, Any]:
+    outliers = _outliers(spacing_rows, "spacing") + _outliers(shape_rows, "shape")
+    return b.section(
+        "geometry", "Geometry",
+        paragraphs=[] if spacing_rows or shape_rows else ["The fingerprint records no spacing or "
+                                                          "shape."],
+        figs=[b.figure(fig.distribution_figure("Voxel spacing", _per_axis(
+                  [v for _, v in spacing_rows]), "mm"),
+                  "Histograms of voxel spacing per axis", "Voxel spacing per axis across cases."),
+              b.figure(fig.distribution_figure("Image shape", _per_axis(
+                  [v for _, v in shape_rows]), "voxels"),
+                  "Histograms of image shape per axis", "Image size per axis across cases.")],
+        tables=[b.table(["Case", "Geometry far from the median (over 2x)"],
+                        [b.row([c, r]) for c, r in outliers[:MAX_TABLE_ROWS]],
+                        caption="Unusual geometry")] if outliers else [])
+
+
+def _intensity_section(fp: Mapping[str, Any], task: str) -> dict[str, Any]:
+    channels = [c for c in (fp.get("intensity_per_channel") or []) if isinstance(c, Mapping)]
+    if not channels and isinstance(fp.get("intensity"), Mapping):
+        channels = [fp["intensity"]]
+    if not channels:
+        return b.section("intensity", "Intensities",
+                         paragraphs=["The fingerprint records no intensity statistics."])
+    where = ("voxels inside the labels (all voxels of a case without any label)"
+             if task == "segmentation" else "all voxels")
+    header = ["Statistic"] + ([f"Channel {i}" for i in range(len(channels))]
+                              if len(channels) > 1 else ["Intensity"])
+    rows = [b.row([label] + [b.num_cell(fmt_num(c.get(key), 2)) for c in channels])
+            for key, label in INTENSITY_STATS if any(key in c for c in channels)]
+    return b.section(
+        "intensity", "Intensities",
+        paragraphs=[f"Statistics over {where}, all cases together; mean and standard deviation "
+                    "are exact, percentiles come from at most 10,000 sampled voxels per case."],
+        tables=[b.table(header, rows, caption="Image intensities (fingerprint)")])
+
+
+def _cases_section(spacing_rows: Sequence[tuple[str, list[float]]],
+                   shape_rows: Sequence[tuple[str, list[float]]],
+                   cropped_rows: Sequence[tuple[str, list[float]]]) -> dict[str, Any] | None:
+    ids = list(dict.fromkeys([c for c, _ in shape_rows] + [c for c, _ in spacing_rows]))
+    if not ids:
+        return None
+    spacing, shape, cropped = dict(spacing_rows), dict(shape_rows), dict(cropped_rows)
+
+    def _fmt(vec: list[float] | None, spec: str) -> str:
+        return " x ".join(format(x, spec) for x in vec) if vec else ""
+
+    rows = [b.row([cid, _fmt(shape.get(cid), ".0f"), _fmt(cropped.get(cid), ".0f"),
+                   _fmt(spacing.get(cid), ".3g")]) for cid in ids[:MAX_TABLE_ROWS]]
+    note = f"Showing {MAX_TABLE_ROWS} of {len(ids)} cases." if len(ids) > MAX_TABLE_ROWS else ""
+    return b.section("cases", "Cases", details=b.details(
+        f"All {len(ids)} fingerprinted cases", tables=[b.table(
+            ["Case", "Shape", "Non-zero box", "Spacing (mm)"], rows, note=note)]))
+
+
 def write_qc_report(results_dir: Path, dataset: str) -> Path:
     """Write ``results/{ds}/reports/qc.html``: the preprocessing fingerprint at a glance.
 
-    Shows spacing and shape distributions, intensity percentiles (or histogram), label or class
-    balance, cases whose geometry is far from the median, the rejected cases with the reason, the
-    preprocessing plan and the splits.
+    Shows spacing and shape distributions, the intensity statistics per channel, label or class
+    balance, cases whose geometry is far from the median, the preprocessing plan and the splits.
 
     Args:
         results_dir: The results folder.
@@ -154,190 +205,68 @@ def write_qc_report(results_dir: Path, dataset: str) -> Path:
     lay = Layout(results_dir, dataset)
     fp_path = lay.dataset_dir / "preprocessed" / "fingerprint.json"
     fp = read_json(fp_path, required=True)
+    if not fp:
+        logger.warning("%s is empty", fp_path)
     plan = read_json(lay.dataset_dir / "preprocessed" / "plan.json")
     cases_doc = read_json(lay.dataset_dir / "data" / "cases.json")
     splits = read_json(lay.dataset_dir / "splits.json")
     task = str(fp.get("task") or cases_doc.get("task") or plan.get("task") or "")
-    names = (name_map(cases_doc, "labels") or name_map(cases_doc, "classes")
-             or name_map(fp, "labels") or name_map(fp, "classes"))
+    count_key = "label_voxels" if task == "segmentation" else "class_counts"
+    n_names = len(fp[count_key]) if isinstance(fp.get(count_key), Mapping) else 0
+    names = label_names(task, fp, cases_doc, count=n_names) if task else {}
     out = lay.reports_dir / "qc.html"
 
-    cases = [c for c in (fp.get("cases") or []) if isinstance(c, Mapping)]
-    ids = [str(c.get("case_id", i)) for i, c in enumerate(cases)]
-    spacing_rows = [(i, _numbers(c.get("spacing"))) for i, c in zip(ids, cases, strict=True)]
-    spacing_rows = [(i, v) for i, v in spacing_rows if v]
-    shape_rows = [(i, _numbers(c.get("shape"))) for i, c in zip(ids, cases, strict=True)]
-    shape_rows = [(i, v) for i, v in shape_rows if v]
-    if not spacing_rows:
-        vs = [_numbers(v) for v in (fp.get("spacings") or [])]
-        spacing_rows = [(str(i), v) for i, v in enumerate(vs) if v]
-    if not shape_rows:
-        vs = [_numbers(v) for v in (fp.get("shapes") or fp.get("shapes_after_crop") or [])]
-        shape_rows = [(str(i), v) for i, v in enumerate(vs) if v]
-    levels = fp.get("percentiles") if isinstance(fp.get("percentiles"), list) else None
-    per_case_pct = {i: _percentile_map(c.get("intensity_percentiles")
-                                       or (c.get("intensity") or {}).get("percentiles"), levels)
-                    for i, c in zip(ids, cases, strict=True)}
-    per_case_pct = {k: v for k, v in per_case_pct.items() if v}
-    rejected = _rejected(fp, cases)
-    counts = {}
-    for key in ("label_counts", "class_counts", "label_balance", "label_voxels"):
-        counts = _counts(fp.get(key), names)
-        if counts:
-            break
+    spacing_rows = _per_case(fp, "spacings")
+    shape_rows = _per_case(fp, "shapes")
+    counts = _counts(fp.get(count_key), names)
     count_kind = "voxels" if task == "segmentation" else "cases"
-    if not counts:
-        for c in cases:
-            if c.get("class") is not None:
-                counts_key = names.get(int(c["class"]), str(c["class"])) if str(
-                    c["class"]).lstrip("-").isdigit() else str(c["class"])
-                counts[counts_key] = counts.get(counts_key, 0.0) + 1
-            for k, v in _counts(c.get("label_counts"), names).items():
-                counts[k] = counts.get(k, 0.0) + v
+    n_cases = to_float(fp.get("n_cases")) or len(shape_rows) or len(spacing_rows)
 
-    n_cases = len(cases) or len(spacing_rows) or len(shape_rows) or to_float(fp.get("n_cases"))
-    lead = []
-    summary = f"{dataset}: {int(n_cases) if n_cases else 'unknown number of'} cases fingerprinted"
-    summary += f", {len(rejected)} rejected." if rejected else ", none rejected."
-    lead.append(summary)
+    lead = [f"{dataset}: {int(n_cases) if n_cases else 'unknown number of'} cases fingerprinted."]
     if spacing_rows:
-        med = np.median(np.array([v[:3] for _, v in spacing_rows if len(v) >= len(
-            spacing_rows[0][1][:3])], dtype=float), axis=0)
-        lead.append("Median spacing " + " x ".join(f"{x:.3g}" for x in med) + " mm.")
+        lead.append(f"Median spacing {_median_text(spacing_rows, '.3g')} mm.")
     if shape_rows:
-        med = np.median(np.array([v[:3] for _, v in shape_rows if len(v) >= len(
-            shape_rows[0][1][:3])], dtype=float), axis=0)
-        lead.append("Median shape " + " x ".join(f"{x:.0f}" for x in med) + " voxels.")
-    if counts:
-        total = sum(counts.values())
-        if total > 0:
-            lead.append("Balance: " + ", ".join(f"{k} {100 * v / total:.1f}%"
-                                                 for k, v in counts.items()) + f" of {count_kind}.")
+        lead.append(f"Median shape {_median_text(shape_rows, '.0f')} voxels.")
+    total = sum(counts.values())
+    if total > 0:
+        lead.append("Balance: " + ", ".join(f"{k} {100 * v / total:.1f}%"
+                                             for k, v in counts.items()) + f" of {count_kind}.")
 
-    cards = [b.card("Cases", int(n_cases) if n_cases else "n/a"),
-             b.card("Rejected", len(rejected))]
-    for key, label in (("task", "Task"), ("modality", "Modality")):
-        value = fp.get(key) or cases_doc.get(key) or plan.get(key)
+    cards = [b.card("Cases", int(n_cases) if n_cases else "n/a")]
+    for k, label in (("task", "Task"), ("modality", "Modality")):
+        value = fp.get(k) or cases_doc.get(k) or plan.get(k)
         if value:
             cards.append(b.card(label, value))
 
-    sections = []
-    ds_pairs: list[tuple[str, Any]] = []
-    if names:
-        ds_pairs.append(("Labels" if task == "segmentation" else "Classes",
-                         ", ".join(f"{k}: {v}" for k, v in names.items())))
-    if splits:
-        if isinstance(splits.get("test"), list):
-            ds_pairs.append(("Test cases", len(splits["test"])))
-        folds = splits.get("folds")
-        if isinstance(folds, list) and folds:
-            sizes = [f"{len(f.get('train', []))}/{len(f.get('val', []))}" for f in folds
-                     if isinstance(f, Mapping)]
-            ds_pairs.append(("Folds (train/val)", ", ".join(sizes)))
-        if splits.get("seed") is not None:
-            ds_pairs.append(("Split seed", splits["seed"]))
-    plan_pairs = [(k, ", ".join(str(x) for x in v) if isinstance(v, list) else v)
-                  for k, v in plan.items() if isinstance(v, str | int | float | list)
-                  and not isinstance(v, bool) and (not isinstance(v, list) or len(v) <= 8)]
-    tables = []
-    if ds_pairs:
-        tables.append(b.kv_table(ds_pairs, caption="Dataset"))
-    if plan_pairs:
-        tables.append(b.kv_table(plan_pairs, caption="Preprocessing plan (plan.json)"))
-    if tables:
-        sections.append(b.section("dataset", "Dataset and plan", tables=tables))
+    what = "label" if task == "segmentation" else "class"
+    sections = [s for s in (
+        _dataset_section(names, task, splits, plan),
+        _geometry_section(spacing_rows, shape_rows),
+        _intensity_section(fp, task),
+        b.section("balance", f"{what.capitalize()} balance",
+                  paragraphs=[] if counts else [f"The fingerprint records no {what} counts."],
+                  figs=[b.figure(fig.count_bars(counts, f"{what.capitalize()} balance",
+                                                count_kind),
+                                 f"Bar chart of {what} counts",
+                                 f"Number of {count_kind} per {what} with the share of the "
+                                 "total.")]),
+    ) if s]
 
-    outliers = _outliers([i for i, _ in spacing_rows], [v for _, v in spacing_rows], "spacing")
-    outliers += _outliers([i for i, _ in shape_rows], [v for _, v in shape_rows], "shape")
-    sections.append(b.section(
-        "geometry", "Geometry",
-        paragraphs=[] if spacing_rows or shape_rows else ["The fingerprint records no spacing or "
-                                                          "shape."],
-        figs=[b.figure(fig.distribution_figure("Voxel spacing", _per_axis(
-                  [v for _, v in spacing_rows]), "mm"),
-                  "Histograms of voxel spacing per axis", "Voxel spacing per axis across cases."),
-              b.figure(fig.distribution_figure("Image shape", _per_axis(
-                  [v for _, v in shape_rows]), "voxels"),
-                  "Histograms of image shape per axis", "Image size per axis across cases.")],
-        tables=[b.table(["Case", "Geometry far from the median (over 2x)"],
-                        [b.row([c, r]) for c, r in outliers[:MAX_TABLE_ROWS]],
-                        caption="Unusual geometry")] if outliers else []))
-
-    figs, tables, paragraphs = [], [], []
-    if per_case_pct:
-        keys = sorted({k for v in per_case_pct.values() for k in v}, key=_level)
-        figs.append(b.figure(fig.percentile_figure(
-            {k: [v[k] for v in per_case_pct.values() if k in v] for k in keys}),
-            "Box plots of intensity percentiles across cases",
-            "Each box summarises one intensity percentile over the cases."))
-    dataset_pct = _percentile_map(fp.get("intensity_percentiles"), levels)
-    if dataset_pct:
-        tables.append(b.table(["Percentile", "Intensity"],
-                              [b.row([k, b.num_cell(fmt_num(v, 2))]) for k, v in
-                               sorted(dataset_pct.items(), key=lambda kv: _level(kv[0]))],
-                              caption="Dataset intensity percentiles"))
-    hist = fp.get("intensity_histogram")
-    if isinstance(hist, Mapping):
-        edges = hist.get("edges", hist.get("bins"))
-        if isinstance(edges, list) and isinstance(hist.get("counts"), list):
-            figs.append(b.figure(fig.histogram_figure(edges, hist["counts"], "Intensity histogram"),
-                                 "Histogram of image intensities", "Intensity histogram."))
-    props = fp.get("foreground_intensity_properties_per_channel")
-    if isinstance(props, Mapping):
-        for ch, p in props.items():
-            if isinstance(p, Mapping):
-                tables.append(b.table(["Statistic", "Value"],
-                                      [b.row([k, b.num_cell(fmt_num(v, 2))]) for k, v in p.items()
-                                       if to_float(v) is not None],
-                                      caption=f"Foreground intensity, channel {ch}"))
-    if not (figs or tables):
-        paragraphs.append("The fingerprint records no intensity statistics.")
-    sections.append(b.section("intensity", "Intensities", paragraphs=paragraphs, tables=tables,
-                              figs=figs))
-
-    sections.append(b.section(
-        "balance", "Label balance" if task == "segmentation" else "Class balance",
-        paragraphs=[] if counts else ["The fingerprint records no label or class counts."],
-        figs=[b.figure(fig.count_bars(counts, "Label balance" if task == "segmentation"
-                                      else "Class balance", count_kind),
-                       "Bar chart of label or class counts",
-                       f"Number of {count_kind} per {'label' if task == 'segmentation' else 'class'}"
-                       " with the share of the total.")]))
-
-    sections.append(b.section(
-        "rejected", "Rejected cases",
-        paragraphs=[] if rejected else ["No case was rejected."],
-        tables=[b.table(["Case", "Reason"], [b.row([c, r]) for c, r in rejected],
-                        caption=f"{len(rejected)} rejected")] if rejected else []))
-
-    other = [(k, v) for k, v in fp.items() if k not in _SHOWN_KEYS and k not in ("task", "modality")
+    other = [(k, v) for k, v in fp.items() if k not in _SHOWN_KEYS
              and (isinstance(v, str | int | float) or (isinstance(v, list) and len(v) <= 8
                                                        and all(not isinstance(x, Mapping | list)
                                                                for x in v)))]
     if other:
         sections.append(b.section("other", "Other fingerprint values", tables=[b.kv_table(
-            [(k, ", ".join(str(x) for x in v) if isinstance(v, list) else v) for k, v in other])]))
-
-    if cases:
-        pct_keys = sorted({k for v in per_case_pct.values() for k in v}, key=_level)[:5]
-        rows = []
-        for cid, c in list(zip(ids, cases, strict=True))[:MAX_TABLE_ROWS]:
-            sp, sh = _numbers(c.get("spacing")), _numbers(c.get("shape"))
-            rows.append(b.row([cid, " x ".join(f"{x:.0f}" for x in sh) if sh else "",
-                               " x ".join(f"{x:.3g}" for x in sp) if sp else ""]
-                              + [b.num_cell(fmt_num(per_case_pct.get(cid, {}).get(k), 2))
-                                 for k in pct_keys]))
-        note = (f"Showing {MAX_TABLE_ROWS} of {len(cases)} cases." if len(cases) > MAX_TABLE_ROWS
-                else "")
-        sections.append(b.section("cases", "Cases", details=b.details(
-            f"All {len(cases)} fingerprinted cases", tables=[b.table(
-                ["Case", "Shape", "Spacing (mm)"] + pct_keys, rows, note=note)])))
+            [(k, ", ".join(fmt_num(x, 3) if isinstance(x, float) else str(x) for x in v)
+              if isinstance(v, list) else v) for k, v in other])]))
+    cases_section = _cases_section(spacing_rows, shape_rows, _per_case(fp, "shapes_after_crop"))
+    if cases_section:
+        sections.append(cases_section)
 
     nav = [b.link("All results", rel_href(results_dir / "index.html", out.parent))]
     if (lay.reports_dir / "comparison.html").exists():
         nav.append(b.link("Model comparison", "comparison.html"))
-    if not fp:
-        logger.warning("%s is empty", fp_path)
     return render_page(out, "page.html", title=f"{dataset}: preprocessing QC",
                        subtitle=f"fingerprint {fp_path.name}" + (f" \u00b7 {task}" if task else ""),
                        nav=nav, lead=lead, note=None, top_cards=cards, sections=sections)

@@ -19,7 +19,7 @@ from capsmed.report.files import (
     STAGES,
     Layout,
     class_column,
-    name_map,
+    label_names,
     read_json,
     read_table,
     resolve_path,
@@ -346,14 +346,6 @@ def _segmentation_sections(cases: pd.DataFrame, names: Mapping[int, str],
 # ----------------------------------------------------------------------------- page
 
 
-def dataset_names(lay: Layout, metrics_doc: Mapping[str, Any], task: str) -> dict[int, str]:
-    """Label names (segmentation) or class names (classification) of a dataset."""
-    key = "labels" if task == "segmentation" else "classes"
-    names = name_map(metrics_doc, key) or name_map(read_json(lay.dataset_dir / "data" /
-                                                              "cases.json"), key)
-    return names
-
-
 def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, *,
                        fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/{model}/{stage}.html``.
@@ -388,11 +380,8 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, 
     history = read_table(lay.model_dir(model) / "history.csv")
     task = str(metrics_doc.get("task") or read_json(lay.dataset_dir / "data" / "cases.json")
                .get("task") or "segmentation")
-    names = dataset_names(lay, metrics_doc, task)
-    if not names and task == "classification":
-        names = {i: f"class {i}" for i in range(len(metrics_doc.get("confusion_matrix") or []))}
-    if not names and task == "segmentation":
-        names = {0: "background", 1: "foreground"}
+    names = label_names(task, metrics_doc, read_json(lay.dataset_dir / "data" / "cases.json"),
+                        count=len(metrics_doc.get("confusion_matrix") or []))
     out = lay.stage_report(model, stage)
     metrics = metrics_doc.get("metrics") or {}
     ci95 = metrics_doc.get("ci95") or {}

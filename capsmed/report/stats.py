@@ -7,7 +7,11 @@ multiclass tasks, which ``metrics.json`` stores for binary tasks only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+from capsmed.evaluate.calibration import reliability_table
 
 
 def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,8 +97,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
 
 
 def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10
-                     ) -> dict[str, list[float]]:
-    """Calibration table over equal-width confidence bins.
+                     ) -> dict[str, list[Any]]:
+    """Calibration table over equal-width confidence bins, binned as the ECE of ``metrics.json``.
 
     Args:
         confidence: ``(N,)`` confidence of the predicted class, in [0, 1].
@@ -103,19 +107,13 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
 
     Returns:
         ``{"bin_confidence", "bin_accuracy", "bin_count"}`` lists of length ``n_bins`` (mean
-        confidence and accuracy per bin, NaN for empty bins), the layout of ``metrics.json``.
+        confidence and accuracy per bin, None for empty bins), the layout of ``metrics.json``
+        (:func:`capsmed.evaluate.calibration.reliability_table`). Non-finite entries are left out.
     """
     conf = np.clip(np.asarray(confidence, dtype=float).ravel(), 0.0, 1.0)
     corr = np.asarray(correct, dtype=float).ravel()
     ok = np.isfinite(conf) & np.isfinite(corr)
-    conf, corr = conf[ok], corr[ok]
-    idx = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    count = np.bincount(idx, minlength=n_bins).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(idx, weights=conf, minlength=n_bins) / count
-        mean_acc = np.bincount(idx, weights=corr, minlength=n_bins) / count
-    return {"bin_confidence": mean_conf.tolist(), "bin_accuracy": mean_acc.tolist(),
-            "bin_count": count.tolist()}
+    return reliability_table(conf[ok], corr[ok], n_bins)[1]
 
 
 def expected_calibration_error(bins: dict[str, list[float]]) -> float:

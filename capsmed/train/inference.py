@@ -97,24 +97,6 @@ def original_affine(path: str) -> np.ndarray:
     return np.asarray(img.affine, dtype=np.float64)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype=np.uint8) -> None:
-    """Write a NIfTI file atomically."""
-    import nibabel as nib
-
-    from capsmed.train.runtime import atomic_write_bytes
-
-    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
-    img.header.set_xyzt_units("mm")
-    atomic_write_bytes(Path(path), img.to_bytes() if not str(path).endswith(".gz")
-                       else _gz(img.to_bytes()))
-
-
-def _gz(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(data, compresslevel=6, mtime=0)
-
-
 def keep_largest_components(pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Keep only the largest connected component of each foreground label.
 

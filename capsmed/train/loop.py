@@ -25,12 +25,14 @@ import torch
 from capsmed.config import (
     config_hash,
     dataset_config,
+    inference_config,
     model_args,
     model_class,
     model_config_hash,
     resolve_fold,
     train_config,
 )
+from capsmed.data.splits import stage_cases
 from capsmed.errors import CapsmedError
 from capsmed.paths import Layout, read_json
 from capsmed.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
@@ -56,29 +58,6 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_metric", "lr", "second
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of one epoch's data order and augmentation."""
     return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
-
-
-def stage_cases(cases_doc: dict, splits: dict, stage: str, fold: int) -> list[dict]:
-    """The cases of a dataset stage (``train``, ``val`` or ``test``) for one fold.
-
-    Args:
-        cases_doc: ``cases.json`` content.
-        splits: ``splits.json`` content.
-        stage: Stage name.
-        fold: Fold index.
-
-    Returns:
-        Case dicts in split order.
-    """
-    ids = splits["test"] if stage == "test" else splits["folds"][fold][stage]
-    by_id = {c["case_id"]: c for c in cases_doc["cases"]}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise CapsmedError(
-            f"splits.json names cases missing from cases.json: {', '.join(missing[:5])}; "
-            "the dataset changed since the split was written"
-        )
-    return [by_id[i] for i in ids]
 
 
 def model_input_items(cases: list[dict], task: str) -> list[dict]:
@@ -316,7 +295,7 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
     layout = Layout(Path(cfg["results"]))
     ds_cfg = dataset_config(cfg, dataset)
     tcfg = train_config(cfg, dataset, model_name)
-    icfg = {**cfg["inference"], **ds_cfg.get("inference", {})}
+    icfg = inference_config(cfg, dataset)
     seed = int(cfg["seed"])
     n_threads = configure_threads(threads or cfg["threads"])
     device = select_device(cfg["device"])
@@ -491,7 +470,7 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
 
     record = {
         "dataset": dataset, "model": model_name, "model_class": model_class(cfg, model_name),
-        "task": task, "params": n_params,
+        "task": task, "family": model.family, "params": n_params,
         "flops": estimate_flops(model.cpu(), in_channels, patch), "select": tcfg["select"],
         "checkpoint_epoch": len(history) if tcfg["select"] == "last" else best_epoch,
         "train_seconds": round(train_seconds, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import platform
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# The atomic writers live in capsmed.fileio (torch-free); imported here for the training code.
+from capsmed.fileio import atomic_write_bytes as atomic_write_bytes
+from capsmed.fileio import atomic_write_json as atomic_write_json
+from capsmed.fileio import atomic_write_text as atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -66,41 +69,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text atomically (UTF-8)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically, indented, with sorted keys."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:

@@ -80,14 +80,37 @@ def pydicom_series() -> dict[str, list[str]]:
 
 def make_dicom_dir(root: Path, manifest: str | None = "case_id,class\nstudyA,0\nstudyB,1\n"
                    "studyC,0\n") -> Path:
-    """Copy pydicom's test series into ``root/<study>/`` and write ``manifest.csv``."""
+    """Copy pydicom's test series into ``root/<study>/`` as whole volumes; write ``manifest.csv``.
+
+    pydicom's series are not all volumes: CT2's first slice lies 200 mm from the other three (a
+    stretch of missing slices) and is left out; MR700's slices are projections at seven
+    orientations, so they are restacked as one oblique volume (the first slice's orientation,
+    3 mm apart along its normal). ``capsmed validate`` rejects both as shipped.
+    """
+    import numpy as np
+    import pydicom
+
     series = pydicom_series()
     if not all(series.values()):
         pytest.skip("pydicom test series are not installed")
     for name, files in series.items():
         (root / name).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            shutil.copy(f, root / name / Path(f).name)
+        files = sorted(files)
+        if name == "studyA":
+            files = files[1:]
+        for i, f in enumerate(files):
+            dest = root / name / Path(f).name
+            shutil.copy(f, dest)
+            if name == "studyC":
+                ds = pydicom.dcmread(dest)
+                first = pydicom.dcmread(files[0])
+                orient = np.array([float(v) for v in first.ImageOrientationPatient])
+                normal = np.cross(orient[:3], orient[3:])
+                origin = np.array([float(v) for v in first.ImagePositionPatient])
+                ds.ImageOrientationPatient = [f"{v:.6f}" for v in orient]
+                ds.ImagePositionPatient = [f"{v:.4f}" for v in origin + 3.0 * i * normal]
+                ds.InstanceNumber = i + 1
+                ds.save_as(dest)
     if manifest is not None:
         (root / "manifest.csv").write_text(manifest)
     return root

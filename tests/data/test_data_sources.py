@@ -51,7 +51,7 @@ def test_synthetic_source(tmp_path, task, size):
 
 def test_synthetic_is_idempotent_and_deterministic(tmp_path):
     cfg = {"source": "synthetic", "task": "segmentation",
-           "synthetic": {"num_cases": 3, "size": [20, 20, 20]}}
+           "synthetic": {"num_cases": 4, "size": [20, 20, 20]}}
     prepare_dataset(cfg, tmp_path / "a", seed=5)
     before = hash_tree(tmp_path / "a")
     prepare_dataset(cfg, tmp_path / "a", seed=5)
@@ -67,17 +67,17 @@ def test_synthetic_is_idempotent_and_deterministic(tmp_path):
 
 def test_synthetic_regenerates_when_config_changes_or_file_missing(tmp_path):
     cfg = {"source": "synthetic", "task": "segmentation",
-           "synthetic": {"num_cases": 3, "size": [20, 20, 20]}}
+           "synthetic": {"num_cases": 5, "size": [20, 20, 20]}}
     out = tmp_path / "out"
     prepare_dataset(cfg, out, seed=0)
     (out / "labels" / "case_001.nii.gz").unlink()
     prepare_dataset(cfg, out, seed=0)
     assert (out / "labels" / "case_001.nii.gz").is_file()
-    cfg["synthetic"]["num_cases"] = 2
+    cfg["synthetic"]["num_cases"] = 4
     doc = prepare_dataset(cfg, out, seed=0)
-    assert len(doc["cases"]) == 2
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["case_000.nii.gz",
-                                                                  "case_001.nii.gz"]
+    assert len(doc["cases"]) == 4
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        f"case_{i:03d}.nii.gz" for i in range(4)]
 
 
 def test_synthetic_null_values_from_schema_defaults(tmp_path):
@@ -242,7 +242,7 @@ def test_prepare_dataset_lists_every_problem(msd_factory, tmp_path):
 
 def test_load_cases(tmp_path):
     doc = prepare_dataset({"source": "synthetic", "task": "classification", "spatial_dims": 2,
-                           "synthetic": {"num_cases": 2, "size": [16, 16], "num_classes": 2}},
+                           "synthetic": {"num_cases": 4, "size": [16, 16], "num_classes": 2}},
                           tmp_path, 0)
     assert load_cases(tmp_path) == doc == load_cases(tmp_path / "cases.json")
     with pytest.raises(CapsmedError, match="cannot be read"):

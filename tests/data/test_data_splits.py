@@ -100,11 +100,11 @@ def test_official_split_kept():
 def test_too_few_patients():
     doc = _doc(6, task="segmentation", patients=lambda i: i // 3)
     with pytest.raises(CapsmedError, match="split.folds is 4 but only"):
-        make_splits(doc, {"test_fraction": 0.0, "folds": 4}, 0)
+        make_splits(doc, {"test_fraction": 0.1, "folds": 4}, 0)
     doc = _doc(2, task="segmentation", patients=lambda i: 0)
     with pytest.raises(CapsmedError, match="needs at least 2 patients"):
         make_splits(doc, {}, 0)
-    with pytest.raises(CapsmedError, match="split.folds must be"):
+    with pytest.raises(CapsmedError, match="split.folds: 0 is less than the minimum of 1"):
         make_splits(doc, {"folds": 0}, 0)
     with pytest.raises(CapsmedError, match="empty dataset"):
         make_splits({"task": "segmentation", "cases": []}, {}, 0)

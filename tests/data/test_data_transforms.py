@@ -72,8 +72,8 @@ def test_geometry_round_trip_synthetic(tmp_path, spacing):
 
 
 def test_geometry_round_trip_synthetic_source(tmp_path):
-    doc = prepare_dataset({"source": "synthetic", "task": "segmentation",
-                           "synthetic": {"num_cases": 2, "size": [20, 28, 24]}}, tmp_path, 0)
+    doc = prepare_dataset({"source": "synthetic", "task": "segmentation", "max_cases": 2,
+                           "synthetic": {"num_cases": 4, "size": [20, 28, 24]}}, tmp_path, 0)
     plan = make_plan(compute_fingerprint(doc), {}, 16, None)
     pre = build_preprocess_transforms(plan)
     case = doc["cases"][0]

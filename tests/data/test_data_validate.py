@@ -388,6 +388,58 @@ def test_dicom_valid(dicom_dir):
     assert validate_path(dicom_dir) == []
 
 
+def _by_position(folder):
+    import numpy as np
+    import pydicom
+
+    def key(f):
+        ds = pydicom.dcmread(f)
+        o = np.array([float(v) for v in ds.ImageOrientationPatient])
+        return float(np.dot(np.cross(o[:3], o[3:]), [float(v) for v in ds.ImagePositionPatient]))
+
+    return sorted(folder.iterdir(), key=key)
+
+
+def test_dicom_series_with_a_missing_slice_is_rejected_by_name(dicom_dir):
+    series = dicom_dir / "studyB"
+    slices = _by_position(series)
+    slices[2].unlink()
+    assert validate_path(dicom_dir) == [
+        f"{series}: about 1 slice(s) missing between {slices[1].name} and {slices[3].name} "
+        "(gap 5 mm, the other slices 2.5 mm apart)"]
+
+
+def test_dicom_series_as_pydicom_ships_them_are_not_volumes(tmp_path):
+    """CT2 lacks a stretch of slices, MR700 holds projections at several orientations."""
+    import shutil
+
+    from data_helpers import pydicom_series
+
+    series = pydicom_series()
+    root = tmp_path / "d"
+    for name in ("studyA", "studyC"):
+        (root / name).mkdir(parents=True)
+        for f in series[name]:
+            shutil.copy(f, root / name)
+    (root / "manifest.csv").write_text("case_id,class\nstudyA,0\nstudyC,1\n")
+    problems = validate_path(root)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{root / 'studyA'}: about 161 slice(s) missing between ")
+    assert problems[1] == (f"{root / 'studyC'}: slices have different orientations "
+                           "(ImageOrientationPatient), so they are not one volume")
+
+
+def test_dicom_duplicate_slice(dicom_dir):
+    import shutil
+
+    series = dicom_dir / "studyB"
+    first = _by_position(series)[0]
+    shutil.copy(first, series / "copy_of_first")
+    problems = validate_path(dicom_dir)
+    assert len(problems) == 1 and "lie at the same position (duplicate slice)" in problems[0]
+    assert problems[0].startswith(f"{series}: slices ")
+
+
 def test_dicom_missing_manifest(tmp_path):
     root = make_dicom_dir(tmp_path / "d", manifest=None)
     assert validate_path(root) == [f"{root / 'manifest.csv'}: missing (a DICOM folder needs a "
@@ -440,35 +492,43 @@ def test_validate_path_unknown_and_missing(tmp_path):
 
 
 CONFIG_CASES = [
-    ({"source": "nifti"}, "source 'nifti' is not one of"),
-    ({"source": "synthetic", "task": "detection"}, "task 'detection' is not one of"),
-    ({"source": "synthetic", "spatial_dims": 4}, "spatial_dims must be 2 or 3"),
-    ({"source": "msd"}, "source msd needs 'path'"),
+    ({"source": "nifti"}, "source: 'nifti' is not one of"),
+    ({"source": "synthetic", "task": "detection"}, "task: 'detection' is not one of"),
+    ({"source": "synthetic", "spatial_dims": 4}, "spatial_dims: 4 is not one of [2, 3]"),
+    ({"source": "msd"}, "source msd needs a path"),
     ({"source": "msd", "path": "/no/such/folder"}, "/no/such/folder: does not exist"),
     ({"source": "msd", "path": ".", "task": "classification"}, "source msd is a segmentation"),
-    ({"source": "synthetic", "synthetic": {"num_cases": 1}}, "synthetic.num_cases must be"),
+    ({"source": "synthetic", "synthetic": {"num_cases": 1}},
+     "synthetic.num_cases: 1 is less than the minimum of 4"),
     ({"source": "synthetic", "spatial_dims": 2, "synthetic": {"size": [32, 32, 32]}},
-     "synthetic.size [32, 32, 32] has 3 axes but spatial_dims is 2"),
-    ({"source": "synthetic", "synthetic": {"num_classes": 1}}, "synthetic.num_classes must be"),
-    ({"source": "synthetic", "synthetic": {"noise": -1}}, "synthetic.noise must be"),
+     "synthetic.size has 3 values but spatial_dims is 2"),
+    ({"source": "synthetic", "synthetic": {"num_classes": 1}},
+     "synthetic.num_classes: 1 is less than the minimum"),
+    ({"source": "synthetic", "synthetic": {"noise": -1}},
+     "synthetic.noise: -1 is less than the minimum of 0"),
     ({"source": "synthetic", "labels": {"x": "bg"}}, "'labels' key 'x' is not a non-negative"),
     ({"source": "synthetic", "labels": {"0": "bg"}}, "labels has 1 entries but "
      "synthetic.num_classes is 3"),
-    ({"source": "synthetic", "max_cases": 0}, "max_cases must be null or an integer >= 1"),
+    ({"source": "synthetic", "max_cases": 0}, "max_cases: 0 is less than the minimum of 1"),
     ({"source": "synthetic", "spatial_dims": 3, "preprocess": {"patch_size": [32, 32]}},
-     "preprocess.patch_size must be null or 3 positive integers"),
-    ({"source": "synthetic", "preprocess": {"spacing": [1, -1, 1]}}, "preprocess.spacing must be"),
+     "preprocess.patch_size has 2 values but spatial_dims is 3"),
+    ({"source": "synthetic", "preprocess": {"spacing": [1, -1, 1]}},
+     "preprocess.spacing.1: -1 is less than or equal to the minimum"),
     ({"source": "synthetic", "preprocess": {"normalization": "l2"}},
-     "preprocess.normalization 'l2' is not one of"),
+     "preprocess.normalization: 'l2' is not one of"),
     ({"source": "synthetic", "preprocess": {"ct_window": [100, -100]}},
      "preprocess.ct_window must be [low, high]"),
     ({"source": "synthetic", "preprocess": {"crop_foreground": "yes"}},
-     "preprocess.crop_foreground must be true or false"),
-    ({"source": "synthetic", "preprocess": {"image_size": 0}}, "preprocess.image_size must be"),
-    ({"source": "synthetic", "split": {"test_fraction": 1.0}}, "split.test_fraction must be"),
-    ({"source": "synthetic", "split": {"folds": 0}}, "split.folds must be an integer >= 1"),
-    ({"source": "synthetic", "split": {"val_fraction": 0}}, "split.val_fraction must be in"),
-    ({"source": "synthetic", "split": {"use_official": "no"}}, "split.use_official must be"),
+     "preprocess.crop_foreground: 'yes' is not of type 'boolean'"),
+    ({"source": "synthetic", "preprocess": {"image_size": 0}},
+     "preprocess.image_size: 0 is less than the minimum of 8"),
+    ({"source": "synthetic", "split": {"test_fraction": 1.0}},
+     "split.test_fraction: 1.0 is greater than or equal to the maximum"),
+    ({"source": "synthetic", "split": {"folds": 0}}, "split.folds: 0 is less than the minimum of 1"),
+    ({"source": "synthetic", "split": {"val_fraction": 0}},
+     "split.val_fraction: 0 is less than or equal to the minimum"),
+    ({"source": "synthetic", "split": {"use_official": "no"}},
+     "split.use_official: 'no' is not of type 'boolean'"),
 ]
 
 
@@ -639,19 +699,66 @@ def test_dicom_slices_of_different_sizes(tmp_path):
 
 
 MORE_CONFIG_CASES = [
-    ({"source": "synthetic", "labels": "bg"}, "'labels' must be a mapping of integer to name"),
-    ({"source": "synthetic", "modality": 3}, "modality must be a string"),
-    ({"source": "synthetic", "synthetic": [1]}, "synthetic must be a mapping"),
-    ({"source": "synthetic", "preprocess": 1}, "preprocess must be a mapping"),
-    ({"source": "synthetic", "split": 1}, "split must be a mapping"),
-    ({"source": "synthetic", "synthetic": {"seed": "a"}}, "synthetic.seed must be an integer"),
+    ({"source": "synthetic", "labels": "bg"}, "labels: 'bg' is not of type 'object'"),
+    ({"source": "synthetic", "modality": 3}, "modality: 3 is not of type 'string'"),
+    ({"source": "synthetic", "synthetic": [1]}, "synthetic: [1] is not of type 'object'"),
+    ({"source": "synthetic", "preprocess": 1}, "preprocess: 1 is not of type 'object'"),
+    ({"source": "synthetic", "split": 1}, "split: 1 is not of type 'object'"),
+    ({"source": "synthetic", "synthetic": {"seed": "a"}},
+     "synthetic.seed: 'a' is not of type 'integer'"),
     ({"source": "synthetic", "preprocess": {"max_patch_size": 0}},
-     "preprocess.max_patch_size must be"),
+     "preprocess.max_patch_size: 0 is less than the minimum of 8"),
     ({"source": "medmnist", "path": ".", "task": "segmentation"},
      "source medmnist is a classification source"),
     ({"source": "synthetic", "task": "classification", "classes": {"0": "a"}},
      "classes has 1 entries but synthetic.num_classes is 3"),
 ]
+
+
+# (key, a value the schema rejects, a value it accepts) for the checks the three validators once
+# disagreed on: the JSON schema (Snakemake), ``capsmed validate`` and the split maker.
+AGREEMENT_CASES = [
+    ("synthetic", "num_cases", 3, 4),
+    ("split", "test_fraction", 0.0, 0.5),
+    ("preprocess", "image_size", 7, 8),
+    ("synthetic", "seed", -1, 5),
+]
+
+
+@pytest.mark.parametrize("section,key,bad,good", AGREEMENT_CASES,
+                         ids=[f"{s}.{k}" for s, k, _, _ in AGREEMENT_CASES])
+def test_the_validators_agree(section, key, bad, good):
+    from capsmed.config import validate_config
+    from capsmed.data.splits import make_splits
+    from capsmed.errors import CapsmedError
+
+    def ds(value):
+        return {"source": "synthetic", "task": "classification", "spatial_dims": 2,
+                "synthetic": {"size": [32, 32], "num_cases": 8}, section: {key: value}} \
+            if section != "synthetic" else {
+                "source": "synthetic", "task": "classification", "spatial_dims": 2,
+                "synthetic": {"size": [32, 32], key: value}}
+
+    doc = {"task": "segmentation", "cases": [{"case_id": f"c{i}"} for i in range(8)]}
+    for value, ok in ((bad, False), (good, True)):
+        problems = validate_dataset_config(ds(value))
+        assert (problems == []) is ok, problems
+        if not ok:
+            assert f"{section}.{key}" in problems[0]
+        try:
+            validate_config({"datasets": {"d": ds(value)}})
+            schema_ok = True
+        except CapsmedError as exc:
+            schema_ok = False
+            assert f"datasets.d.{section}.{key}" in str(exc)
+        assert schema_ok is ok
+        if section == "split":
+            try:
+                make_splits(doc, {key: value}, 0)
+                split_ok = True
+            except CapsmedError:
+                split_ok = False
+            assert split_ok is ok
 
 
 @pytest.mark.parametrize("cfg,text", MORE_CONFIG_CASES, ids=[t for _, t in MORE_CONFIG_CASES])

@@ -234,11 +234,22 @@ def test_bootstrap_mean_ci_deterministic_and_matches_naive_loop() -> None:
     assert (lo, hi) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
 
 
-def test_bootstrap_mean_ci_block_size_does_not_change_result(monkeypatch) -> None:
-    values = np.arange(30, dtype=float)
-    ref = bootstrap_mean_ci(values, n_boot=101, seed=1)
+def test_bootstrap_block_size_does_not_change_result(monkeypatch) -> None:
+    y, p = _random_task(30, 3, seed=4)
+    ref = bootstrap_classification_cis(y, p, n_boot=101, seed=1)
     monkeypatch.setattr(M, "_BOOT_BLOCK_ENTRIES", 30 * 7)  # blocks of 7 resamples
-    assert bootstrap_mean_ci(values, n_boot=101, seed=1) == ref
+    assert bootstrap_classification_cis(y, p, n_boot=101, seed=1) == ref
+
+
+def test_bootstrap_mean_ci_is_scipys_percentile_bootstrap() -> None:
+    from scipy.stats import bootstrap
+
+    values = np.random.default_rng(5).normal(0.7, 0.2, size=57)
+    res = bootstrap((values,), np.mean, n_resamples=300, confidence_level=0.9,
+                    method="percentile", rng=np.random.default_rng(11))
+    assert bootstrap_mean_ci(values, n_boot=300, seed=11, alpha=0.1) == (
+        float(res.confidence_interval.low), float(res.confidence_interval.high))
+    assert bootstrap_mean_ci(np.array([0.3, np.nan])) == (0.3, 0.3)  # one case: scipy needs two
 
 
 def test_bootstrap_mean_ci_ignores_nan_and_edge_cases() -> None:
@@ -444,11 +455,73 @@ def test_bootstrap_metric_ci_skips_undefined_resamples() -> None:
         bootstrap_metric_ci(y, p, "precision")
 
 
-def test_bootstrap_speed_300_cases() -> None:
+def _sklearn_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """scikit-learn's ROC AUC as documented: binary on class 1, else macro one-vs-rest over the
+    classes present; NaN with fewer than two classes."""
+    present = np.unique(y)
+    if present.size < 2:
+        return math.nan
+    if p.shape[1] == 2:
+        return float(roc_auc_score(y, p[:, 1]))
+    return float(np.mean([roc_auc_score(y == k, p[:, k]) for k in present]))
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_fast_auc_bootstrap_equals_scikit_learn_on_every_resample(n_classes: int) -> None:
+    """The paired (Mann-Whitney, case-weight) AUC of each resample is scikit-learn's AUC of that
+    resample, so the interval is the percentile interval of scikit-learn's AUCs."""
+    y, p = _random_task(60, n_classes, seed=3)
+    idx = np.concatenate(list(M._resample_blocks(y.size, 200, 9)))
+    reference = np.array([_sklearn_auc(y[i], p[i]) for i in idx])
+    fast = M._weighted_classification_metrics(y, p, M._indices_to_weights(idx, y.size), ["auc"])
+    np.testing.assert_allclose(fast["auc"], reference, rtol=0, atol=1e-12)
+    finite = reference[np.isfinite(reference)]
+    lo, hi = bootstrap_metric_ci(y, p, "auc", n_boot=200, seed=9)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(finite, [2.5, 97.5])), abs=1e-12)
+
+
+def test_ece_matches_monai_calibration_error_metric() -> None:
+    """Top-label ECE = MONAI's expected calibration error of the confidence against
+    correctness (MONAI bins in float32)."""
+    from monai.metrics import CalibrationErrorMetric
+
+    y, p = _random_task(300, 3, seed=6)
+    conf = torch.tensor(p.max(axis=1))[None, None]
+    correct = torch.tensor((p.argmax(axis=1) == y).astype(float))[None, None]
+    metric = CalibrationErrorMetric(num_bins=10, right=True)
+    metric(y_pred=conf, y=correct)
+    assert expected_calibration_error(y, p, n_bins=10) == pytest.approx(
+        float(metric.aggregate()), abs=1e-6)
+
+
+def test_multiclass_sensitivity_and_specificity_are_the_worst_class() -> None:
+    """Each key means something of its own: balanced accuracy is the mean recall, sensitivity
+    the lowest recall, specificity the lowest one-vs-rest specificity."""
+    y = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = np.array([0, 0, 0, 0, 1, 0, 2, 2, 2, 1])  # recalls 1, 1/2, 3/4
+    p = np.eye(3)[pred] * 0.8 + 0.2 / 3
+    m = classification_metrics(y, p)["metrics"]
+    assert m["balanced_accuracy"] == approx((1 + 0.5 + 0.75) / 3)
+    assert m["sensitivity"] == approx(0.5)
+    # specificity per class: 5/6 (class 0: one of 6 negatives called 0), 7/8, 6/6
+    assert m["specificity"] == approx(5 / 6)
+    assert m["sensitivity"] != m["balanced_accuracy"]
+    w = M._weighted_classification_metrics(y, p, np.ones((1, y.size)),
+                                           ["sensitivity", "specificity"])
+    assert w["sensitivity"][0] == approx(0.5) and w["specificity"][0] == approx(5 / 6)
+
+
+def test_auc_bootstrap_is_much_faster_than_scikit_learn_per_resample() -> None:
+    """A ratio, not a wall-clock limit: the vectorised bootstrap against a loop over
+    scikit-learn on the same 300 cases and resamples (about 250x on an idle machine)."""
     y, p = _random_task(300, 3, seed=2)
+    n_boot = 200
     start = time.perf_counter()
-    bootstrap_metric_ci(y, p, "accuracy", n_boot=1000)
-    assert time.perf_counter() - start < 1.0
+    bootstrap_metric_ci(y, p, "auc", n_boot=n_boot)
+    fast = time.perf_counter() - start
+    idx = np.concatenate(list(M._resample_blocks(y.size, n_boot, 0)))
     start = time.perf_counter()
-    bootstrap_metric_ci(y, p, "auc", n_boot=1000)
-    assert time.perf_counter() - start < 3.0
+    for i in idx:
+        _sklearn_auc(y[i], p[i])
+    slow = time.perf_counter() - start
+    assert slow / fast > 10, (slow, fast)

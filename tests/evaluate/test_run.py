@@ -204,3 +204,18 @@ def test_predict_dicom_series_folder_keeps_its_geometry(trained_seg, tmp_path):
     assert seg.shape == tuple(src.shape)
     np.testing.assert_allclose(seg.affine, src.affine.numpy(), atol=1e-4)
     assert (tmp_path / "pred" / "studyC.html").is_file()
+
+
+def test_spacing_is_read_from_the_affine_as_every_stage_reads_it(tmp_path):
+    """A header whose pixdim disagrees with its affine: evaluation (HD95 in mm), the data reader
+    and the fingerprint all use the affine (nibabel.affines.voxel_sizes)."""
+    from capsmed.data._io import read_volume
+    from capsmed.evaluate.run import _load_label
+
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.uint8), np.diag([1.5, 1.0, 2.0, 1.0]))
+    img.header["pixdim"][1:4] = 1.0  # pixdim says 1 mm, the sform 1.5 x 1 x 2 mm
+    path = tmp_path / "l.nii.gz"
+    nib.save(img, path)
+    assert nib.load(path).header.get_zooms() == (1.0, 1.0, 1.0)
+    assert _load_label(str(path))[1] == (1.5, 1.0, 2.0)
+    assert tuple(read_volume(path, load=False)[0].spacing) == (1.5, 1.0, 2.0)

@@ -22,4 +22,8 @@ def test_bf16_autocast_training_step(name, dims, size, classes):
         loss = loss_fn(model.forward_train(x, y), y, x)
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, p in params.items() if p.grad is None]
+    assert not missing, f"no gradient reached {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in params.values())
+    assert sum(float(p.grad.abs().sum()) for p in params.values()) > 0

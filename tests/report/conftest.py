@@ -44,7 +44,7 @@ CLS_METRICS = {"capsnet": {"accuracy": 0.875, "balanced_accuracy": 0.867, "auc":
 CLS_CI = {"capsnet": {"auc": [0.712, 0.988], "accuracy": [0.62, 1.0]},
           "seed_cnn": {"auc": [0.61, 0.97], "accuracy": [0.5, 0.94]}}
 TRAIN = {"ucaps": {"params": 812345, "flops": 3.2e9, "train_seconds": 3725.0,
-                   "peak_memory_mb": 2048.0, "family": "capsule"},
+                   "peak_memory_mb": 2048.0},
          "unet": {"params": 4_808_917, "flops": 1.1e10, "train_seconds": 1800.0,
                   "peak_memory_mb": 3100.0},
          "capsnet": {"params": 161_000, "flops": 2.1e7, "train_seconds": 320.0,
@@ -92,12 +92,27 @@ def _history(path: Path, metric: str, rng: np.random.Generator, epochs: int = 6)
 
 
 def _train_json(path: Path, model: str, seed: int = 0) -> None:
-    doc = {"model": model, **TRAIN[model], "epochs": 6, "best_epoch": 5, "seed": seed,
+    from capsmed.models import MODEL_REGISTRY
+
+    doc = {"model": model, **TRAIN[model], "family": MODEL_REGISTRY[model].family, "epochs": 6,
+           "best_epoch": 5, "seed": seed,
            "versions": {"capsmed": "0.1.0", "torch": "2.13.0", "monai": "1.6.1",
                         "numpy": "2.4.6"},
            "config_hash": "c0ffee" + model, "checkpoint_sha256": "ab" * 32,
            "date": "2026-01-02 03:04"}
     _write_json(path, doc)
+
+
+def _preprocess(ds_dir: Path, size_divisible: int, fixed_size: int | None) -> None:
+    """fingerprint.json and plan.json as ``capsmed preprocess`` writes them (the real writers)."""
+    from capsmed.data.fingerprint import compute_fingerprint, make_plan
+
+    cases_doc = json.loads((ds_dir / "data" / "cases.json").read_text())
+    fp = compute_fingerprint(cases_doc)
+    _write_json(ds_dir / "preprocessed" / "fingerprint.json", fp)
+    _write_json(ds_dir / "preprocessed" / "plan.json",
+                make_plan(fp, {"preprocess": {"normalization": "zscore"}}, size_divisible,
+                          fixed_size))
 
 
 def _splits(ds_dir: Path, train: list[str], val: list[str], test: list[str]) -> None:
@@ -140,19 +155,7 @@ def make_segmentation(root: Path) -> None:
         "cases": [{"case_id": c, "image": images[c], "label": labels[c], "patient_id": c}
                   for c in all_ids]})
     _splits(ds, train_ids, val_ids, test_ids)
-    _write_json(ds / "preprocessed" / "fingerprint.json", {
-        "task": "segmentation", "modality": "MRI", "n_cases": len(all_ids) + 1,
-        "cases": [{"case_id": c, "shape": list(SHAPE),
-                   "spacing": list(SPACING) if i != 2 else [4.0, 1.0, 2.0],
-                   "intensity_percentiles": {"0.5": 75.0 + i, "50": 101.0, "99.5": 190.0 + i}}
-                  for i, c in enumerate(all_ids)],
-        "label_counts": {"0": 2000, "1": 400, "2": 120},
-        "rejected": [{"case_id": "case_bad", "reason": "label shape 16x20x11 differs from image "
-                                                       "shape 16x20x12"}],
-        "median_spacing": list(SPACING)})
-    _write_json(ds / "preprocessed" / "plan.json", {
-        "spacing": list(SPACING), "patch_size": [16, 16, 16], "normalization": "zscore",
-        "spatial_dims": 3, "task": "segmentation"})
+    _preprocess(ds, size_divisible=8, fixed_size=None)
     stages = {"train": train_ids, "val": val_ids, "test": test_ids}
     for m_i, model in enumerate(SEG_MODELS):
         mdir = ds / "models" / model
@@ -233,11 +236,7 @@ def make_classification(root: Path) -> None:
         "cases": [{"case_id": c, "image": images[c], "class": truth[c], "patient_id": c}
                   for c in all_ids]})
     _splits(ds, train_ids, val_ids, test_ids)
-    _write_json(ds / "preprocessed" / "fingerprint.json", {
-        "task": "classification", "cases": [{"case_id": c, "shape": [28, 28],
-                                             "spacing": [1.0, 1.0], "class": truth[c]}
-                                            for c in all_ids],
-        "class_counts": {"0": 6, "1": 6}, "rejected": []})
+    _preprocess(ds, size_divisible=1, fixed_size=28)
     stages = {"train": train_ids, "val": val_ids, "test": test_ids}
     for m_i, model in enumerate(CLS_MODELS):
         mdir = ds / "models" / model
@@ -310,7 +309,8 @@ def rendered(results_root: Path) -> dict:
         out["comparison"][ds] = write_comparison_report(results_root, ds, list(models))
         ds_doc = {"task": task, "models": {}}
         for model in models:
-            m_doc = {"params": TRAIN[model]["params"], "flops": TRAIN[model]["flops"],
+            train = json.loads((results_root / ds / "models" / model / "train.json").read_text())
+            m_doc = {"family": train["family"], "params": train["params"], "flops": train["flops"],
                      "stages": {}, "studies": {}}
             for stage in ("train", "val", "test"):
                 path = write_stage_report(results_root, ds, model, stage)

@@ -135,35 +135,42 @@ def test_stage_report_with_metrics_only_and_missing_images(tmp_path):
     assert "The image could not be read for display" in parse(studies["a"]).text
 
 
-def test_qc_report_tolerates_loose_fingerprints(tmp_path):
+def test_qc_report_missing_and_empty_fingerprint(tmp_path):
     with pytest.raises(CapsmedError, match="fingerprint.json"):
         write_qc_report(tmp_path, "ds")
-    fp = tmp_path / "ds" / "preprocessed" / "fingerprint.json"
-    _json(fp, {})
+    _json(tmp_path / "ds" / "preprocessed" / "fingerprint.json", {})
     text = parse(write_qc_report(tmp_path, "ds")).text
-    assert "no spacing or shape" in text and "No case was rejected." in text
-    _json(fp, {"spacings": [[1, 1, 3], [1, 1, 3.5], [0.8, 0.8, 3]],
-               "shapes": [[512, 512, 90], [512, 512, 100], [256, 256, 80]],
-               "percentiles": [1, 50, 99], "intensity_percentiles": [-1000, 40, 300],
-               "intensity_histogram": {"edges": [0, 1, 2, 3], "counts": [5, 9, 2]},
-               "foreground_intensity_properties_per_channel": {"0": {"mean": 50.5, "std": 12}},
-               "class_counts": [30, 10],
-               "rejected": {"case_9": "image is empty", "case_10": "no label"},
-               "modality": "CT", "n_cases": 5})
+    assert "no spacing or shape" in text and "records no intensity statistics" in text
+
+
+def test_qc_report_from_compute_fingerprint(tmp_path, facts):
+    """Geometry outliers, per-channel intensities and balance, from the real fingerprint."""
+    from capsmed.data.fingerprint import compute_fingerprint
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for i, spacing in enumerate([(1.0, 1.0, 3.0), (1.0, 1.0, 3.5), (0.8, 0.8, 3.0),
+                                 (4.0, 1.0, 3.0)]):
+        img = rng.normal(40.0, 5.0, (12, 10, 8, 2)).astype(np.float32)
+        path = facts.save_nifti(tmp_path / "in" / f"c{i}.nii.gz", img, spacing=spacing)
+        cases.append({"case_id": f"c{i}", "image": path, "class": int(i == 0)})
+    fp = compute_fingerprint({"task": "classification", "spatial_dims": 3, "modality": "CT",
+                              "classes": {"0": "no", "1": "yes"}, "cases": cases})
+    _json(tmp_path / "ds" / "preprocessed" / "fingerprint.json", fp)
     page = parse(write_qc_report(tmp_path, "ds"))
     text = page.text
-    assert "2 rejected" in text and "case_9" in text and "image is empty" in text
-    assert "Median spacing 1 x 1 x 3 mm" in text and "Median shape 512 x 512 x 90" in text
-    assert "p99" in text and "300.00" in text and "50.50" in text
-    assert "75.0%" in text  # class balance 30 of 40
-    alts = _alts(page)
-    assert "Histogram of image intensities" in alts and "Histograms of voxel spacing" in alts
+    assert "Median spacing 1 x 1 x 3 mm" in text and "Median shape 12 x 10 x 8" in text
+    assert "c3" in text and "spacing 4 x 1 x 3" in text
+    assert "Channel 0" in text and "Channel 1" in text
+    assert "no 75.0%" in text and "yes 25.0%" in text
+    assert "Histograms of voxel spacing" in _alts(page)
 
 
 def test_comparison_with_one_family_and_missing_model(tmp_path):
     edir = tmp_path / "ds" / "eval" / "unet" / "test"
     _json(edir / "metrics.json", {"task": "segmentation", "metrics": {"dice": 0.7},
                                   "ci95": {"dice": [0.6, 0.8]}})
+    _json(tmp_path / "ds" / "models" / "unet" / "train.json", {"family": "cnn", "params": 10})
     text = parse(write_comparison_report(tmp_path, "ds", ["unet", "ghost"])).text
     assert "Only CNN baselines were evaluated" in text
     assert "No train.json or metrics.json was found for: ghost." in text

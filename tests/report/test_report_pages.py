@@ -145,16 +145,28 @@ def test_comparison_report(rendered, facts):
 
 
 def test_qc_report(rendered, facts):
+    """The QC page shows what compute_fingerprint wrote (conftest runs the real writer)."""
+    import json
+
+    from capsmed.report.render import fmt_num
+
+    root = rendered["root"]
+    fp = json.loads((root / facts.SEG / "preprocessed" / "fingerprint.json").read_text())
     text = parse(rendered["qc"][facts.SEG]).text
-    assert "1 rejected" in text and "case_bad" in text
-    assert "label shape 16x20x11 differs from image shape 16x20x12" in text
+    assert "records no intensity statistics" not in text
+    for key in ("mean", "std", "percentile_00_5", "percentile_99_5"):
+        assert fmt_num(fp["intensity"][key], 2) in text
+    assert "99.5th percentile" in text
     assert "Median spacing 1.5 x 1 x 2 mm" in text
-    assert "case_002" in text and "spacing 4 x 1 x 2" in text  # geometry outlier
-    assert "background 79.4%" in text
+    voxels = fp["label_voxels"]
+    share = 100 * voxels["0"] / sum(voxels.values())
+    assert f"background {share:.1f}%" in text
     assert "zscore" in text  # plan.json
+    cls_fp = json.loads((root / facts.CLS / "preprocessed" / "fingerprint.json").read_text())
     cls = parse(rendered["qc"][facts.CLS]).text
-    assert "none rejected" in cls and "No case was rejected." in cls
-    assert "benign 50.0%" in cls
+    assert fmt_num(cls_fp["intensity"]["mean"], 2) in cls
+    counts = cls_fp["class_counts"]
+    assert f"benign {100 * counts['0'] / sum(counts.values()):.1f}%" in cls
 
 
 def test_index_links_everything(rendered, facts):
@@ -174,3 +186,25 @@ def test_index_links_everything(rendered, facts):
     assert "Dice 0.812 [0.780, 0.850]" in page.text and "11.00 GFLOPs" in page.text
     assert all(not Path(h).is_absolute() for h in hrefs)
     assert (root / "index.html") == rendered["index"]
+
+
+def test_summary_links_the_study_reports_that_were_written(rendered, facts):
+    """capsmed.summary names study pages on its own (from cases.csv); every one it links must be
+    a page write_study_reports wrote, hostile ids included."""
+    from capsmed.summary import build_summary
+
+    root = rendered["root"]
+    cfg = {"results": str(root), "evaluate": {"stages": ["train", "val", "test"]},
+           "datasets": {ds: {"task": task, "models": list(models),
+                             "split": {"folds": 1, "fold": 0}}
+                        for ds, task, models in ((facts.SEG, "segmentation", facts.SEG_MODELS),
+                                                 (facts.CLS, "classification",
+                                                  facts.CLS_MODELS))}}
+    summary = build_summary(cfg)
+    for ds, models in ((facts.SEG, facts.SEG_MODELS), (facts.CLS, facts.CLS_MODELS)):
+        for model in models:
+            linked = summary["datasets"][ds]["models"][model]["studies"]
+            written = rendered["studies"][(ds, model)]
+            assert set(linked) == set(written) and set(facts.HOSTILE_IDS) <= set(linked)
+            for cid, rel in linked.items():
+                assert root / rel == written[cid]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from capsmed.errors import CapsmedError
-from capsmed.report import is_capsule, stats
+from capsmed.report import model_family, stats
 from capsmed.report.files import load_volume, read_json, read_table, resolve_path
 from capsmed.report.render import (
     fmt_ci,
@@ -53,7 +53,7 @@ def test_confusion_reliability_and_ece():
     bins = stats.reliability_bins([0.95, 0.95, 0.55, 0.55], [1, 1, 1, 0], n_bins=10)
     assert bins["bin_count"][9] == 2 and bins["bin_count"][5] == 2
     assert bins["bin_accuracy"][5] == pytest.approx(0.5)
-    assert math.isnan(bins["bin_accuracy"][0])
+    assert bins["bin_accuracy"][0] is None
     # ECE = (2 * |1 - 0.95| + 2 * |0.5 - 0.55|) / 4
     assert stats.expected_calibration_error(bins) == pytest.approx(0.05)
 
@@ -81,12 +81,24 @@ def test_formatting():
     assert not lower_is_better("dice") and not lower_is_better("auc")
 
 
-def test_is_capsule():
-    assert is_capsule("ucaps") and is_capsule("efficient_capsnet") and is_capsule("my_caps_v2")
-    assert not is_capsule("unet") and not is_capsule("seed_cnn") and not is_capsule("densenet")
-    assert is_capsule("custom", {"family": "capsule"})
-    assert not is_capsule("capsnet", {"family": "cnn"})
-    assert is_capsule("x", {"output_kind": "lengths"})
+def test_report_reliability_bins_are_the_ece_bins():
+    """The stage page's fallback table bins as the evaluation's ECE does, edges included."""
+    from capsmed.evaluate.metrics import classification_metrics
+
+    conf = np.array([0.5, 0.5, 0.7, 0.7, 0.9, 1.0, 0.55, 0.8])
+    y = np.array([0, 1, 0, 0, 1, 0, 1, 0])
+    probs = np.stack([conf, 1 - conf], axis=1)  # class 0 predicted with confidence conf
+    written = classification_metrics(y, probs, n_bins=10)["reliability"]
+    assert stats.reliability_bins(conf, probs.argmax(1) == y, n_bins=10) == written
+    assert written["bin_count"][4] == 2 and written["bin_count"][6] == 2  # 0.5 and 0.7
+
+
+def test_model_family_reads_only_the_recorded_family():
+    assert model_family({"family": "capsule"}) == "capsule"
+    assert model_family({"family": "cnn"}) == "cnn"
+    # No guessing from names: without a recorded family it is unknown.
+    assert model_family({}) is None and model_family(None) is None
+    assert model_family({"family": "transformer"}) is None
 
 
 def test_read_table_keeps_ids_as_text(tmp_path):
@@ -147,10 +159,26 @@ def test_load_volume_2d_4d_and_reorientation(tmp_path):
     assert load_volume(broken) is None
 
 
-def test_study_file_names_match_the_prediction_file_names():
-    """Reports and prediction files name a case the same way (capsmed.paths.safe_name)."""
-    paths = pytest.importorskip("capsmed.paths")
+def test_study_file_names_are_safe_and_distinct():
+    """Plain ids are kept; any other id gets a name of safe characters that no other id gets."""
+    import re
+
     from capsmed.report import study_filename
 
-    for cid in ("case_017", "<script>alert(1)</script>", "a b", "../x", "ü"):
-        assert study_filename(cid) == paths.safe_name(cid) + ".html"
+    ids = ["case_017", "<script>alert(1)</script>", "a b", "a_b", "a  b", "../x", "..", "ü", ""]
+    names = [study_filename(i) for i in ids]
+    assert names[0] == "case_017.html" and names[3] == "a_b.html"
+    assert len(set(names)) == len(ids), names
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.html", name), name
+
+
+def test_label_names_one_rule_for_every_page():
+    from capsmed.report.files import label_names
+
+    cases = {"labels": {"0": "background", "1": "liver"}, "classes": {"0": "no", "1": "yes"}}
+    assert label_names("segmentation", {}, cases) == {0: "background", 1: "liver"}
+    assert label_names("classification", {"classes": ["a", "b"]}, cases) == {0: "a", 1: "b"}
+    assert label_names("segmentation") == {0: "background", 1: "foreground"}
+    assert label_names("segmentation", count=3) == {0: "background", 1: "label 1", 2: "label 2"}
+    assert label_names("classification", {}, count=2) == {0: "class 0", 1: "class 1"}

@@ -2,6 +2,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,50 @@ def test_train_writes_checkpoints_history_and_record(prepared):
         load_checkpoint(model_dir / "best.pt")).parameters())
     assert record["flops"] > 0 and len(record["checkpoint_sha256"]) == 64
     assert 1 <= record["best_epoch"] <= 3
+
+
+def test_recorded_family_drives_the_comparison_page(tmp_path):
+    """train.json records the registry class's family; the comparison page reads it."""
+    from capsmed.report import write_comparison_report
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 1, "batch_size": 8},
+                      models=["seed_cnn", "capsnet"])
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    assert train_model(cfg, "ds", "capsnet")["family"] == "capsule"
+    assert train_model(cfg, "ds", "seed_cnn")["family"] == "cnn"
+    page = write_comparison_report(cfg["results"], "ds", ["capsnet", "seed_cnn", "custom"])
+    cells = re.findall(r"<tr[^>]*>\s*<td[^>]*>(\w+)</td>\s*<td[^>]*>(\w+)</td>", page.read_text())
+    assert ("capsnet", "capsule") in cells and ("seed_cnn", "CNN") in cells
+    assert ("custom", "unknown") in cells
+
+
+def test_a_resumed_fold_keeps_its_checkpoint_when_only_split_fold_changes(tmp_path):
+    """split.fold chooses the reported fold; it must not make fold 1's last.pt "another config"."""
+    from capsmed.config import validate_config
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 2, "batch_size": 8},
+                      split={"test_fraction": 0.25, "folds": 2, "fold": 0})
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    assert train_model(cfg, "ds", "seed_cnn", fold=1, max_epochs=1)["partial"]
+    moved = validate_config({**cfg, "datasets": {"ds": {
+        **cfg["datasets"]["ds"], "split": {**cfg["datasets"]["ds"]["split"], "fold": 1}}}})
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("capsmed.train.loop")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        record = train_model(moved, "ds", "seed_cnn", fold=1)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert "resuming after epoch 1" in stream.getvalue()
+    assert "another config" not in stream.getvalue()
+    assert record["epochs"] == 2
 
 
 def test_two_runs_give_identical_numbers(tmp_path):

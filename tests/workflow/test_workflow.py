@@ -54,6 +54,44 @@ def test_invalid_config_stops_before_any_job(repo_root, tmp_path):
     assert "nowhere" in res.stdout + res.stderr
 
 
+TYPO_CONFIG = """\
+datasets:
+  a:
+    source: synthetic
+    task: segmentation
+    models: [ucaps, unett]
+  b:
+    source: csv
+    task: classification
+    path: no/such/manifest.csv
+    models: [seed_cnn]
+models:
+  unet: {args: {chanels: [4, 8]}}
+"""
+
+
+def test_typos_stop_the_parse_and_capsmed_validate_alike(repo_root, tmp_path):
+    """Unknown models and options and a missing source path: named at parse time, with the
+    accepted values, by Snakemake and by `capsmed validate -c` through the same code."""
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(TYPO_CONFIG)
+    expected = ["datasets.a.models: unknown model 'unett'; accepted: capsnet,",
+                "models.unet.args: unknown option 'chanels' of unet; accepted: channels,",
+                "datasets.b.path: no/such/manifest.csv does not exist"]
+    res = _run(["-n", "--snakefile", str(repo_root / "Snakefile"), "--configfile", str(bad),
+                "--config", f"results={tmp_path}/results", "--cores", "1"], cwd=tmp_path,
+               timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Job stats" not in out
+    for line in expected:
+        assert line in out, out
+    res = subprocess.run([sys.executable, "-m", "capsmed", "validate", "-c", str(bad)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    for line in expected:
+        assert line in res.stderr, res.stderr
+
+
 class _Parser(HTMLParser):
     def __init__(self):
         super().__init__()

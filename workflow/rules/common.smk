@@ -1,6 +1,5 @@
 # Config validation (the one schema, shared with capsmed.config), input functions, wildcard
 # constraints and the resolved config file that every `capsmed` call reads.
-import hashlib
 import json
 import os
 import re
@@ -8,10 +7,31 @@ import sys
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from capsmed.config import (
+    config_problems,
+    dataset_hash,
+    evaluation_hash,
+    model_config_hash,
+    path_fold,
+    resolve_fold,
+    trained_folds,
+    validate_config,
+)
+from capsmed.data.splits import stage_case_ids
+from capsmed.evaluate.run import case_file
+from capsmed.fileio import read_json, write_text_if_changed
+from capsmed.paths import Layout
 
 
 validate(config, "../schemas/config.schema.yaml")
+# What the schema cannot check (model names and options, source paths, sizes against
+# spatial_dims), through the same code as `capsmed validate -c CONFIG`, before any job is planned.
+_problems = config_problems(validate_config(config, "config"), "config")
+if _problems:
+    raise WorkflowError("\n".join(_problems))
 
 RESULTS = config["results"].rstrip("/")
 DATASETS = list(config["datasets"])
@@ -28,47 +48,25 @@ def _write_resolved_config() -> str:
     Written only when its content changes, atomically, so re-parsing on cluster nodes is harmless.
     """
     path = Path(RESULTS) / ".capsmed" / "config.yaml"
-    text = yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True)
-    if not path.is_file() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_text_if_changed(path, yaml.safe_dump(json.loads(json.dumps(config)), sort_keys=True))
     return str(path)
 
 
 CONFIG_FILE = _write_resolved_config()
 
 
-def digest(*keys) -> str:
-    """Hash of part of the config: a rule's params change (and it reruns) when that part does."""
-    node = config
-    for key in keys:
-        node = node.get(key, {}) if isinstance(node, dict) else {}
-    return hashlib.sha256(json.dumps(node, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def dataset_digest(wildcards) -> str:
-    ds = {k: v for k, v in config["datasets"][wildcards.dataset].items()
-          if k not in ("models", "inference", "train")}
-    # which folds are trained and reported changes no data file
-    ds["split"] = {k: v for k, v in ds.get("split", {}).items()
-                   if k not in ("fold", "cross_validate")}
-    return hashlib.sha256(json.dumps([ds, config["seed"]], sort_keys=True).encode()).hexdigest()[:12]
+    """A rule's params change (and it reruns) when the config behind the dataset's files does."""
+    return dataset_hash(config, wildcards.dataset)
 
 
 def train_digest(wildcards) -> str:
-    ds = config["datasets"][wildcards.dataset]
-    parts = [dataset_digest(wildcards), config["train"], ds.get("train", {}),
-             config["models"].get(wildcards.model, {})]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    """The trained model's config hash, the same that its checkpoints record."""
+    return model_config_hash(config, wildcards.dataset, wildcards.model)
 
 
 def eval_digest(wildcards) -> str:
-    ds = config["datasets"][wildcards.dataset]
-    parts = [train_digest(wildcards), config["inference"], ds.get("inference", {}),
-             config["evaluate"]]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+    return evaluation_hash(config, wildcards.dataset, wildcards.model)
 
 
 def models_of(wildcards) -> list:
@@ -79,24 +77,18 @@ def models_of(wildcards) -> list:
 # models/{model}/fold{fold} and eval/{model}/fold{fold}/{stage} (rules train_fold and
 # evaluate_fold); every fold is trained and validated, and the fold named by split.fold is
 # evaluated on every stage and reported. A dataset with one fold uses models/{model} and
-# eval/{model}/{stage} (rules train and evaluate).
-def _split(ds: str) -> dict:
-    return config["datasets"][ds].get("split") or {}
+# eval/{model}/{stage} (rules train and evaluate). The rules and paths are capsmed's
+# (capsmed.config, capsmed.paths); only the Snakemake wiring is here.
+LAYOUT = Layout(RESULTS)
 
 
 def n_folds(ds: str) -> int:
-    return int(_split(ds).get("folds", 1))
+    return int(config["datasets"][ds]["split"]["folds"])
 
 
 def reported_fold(ds: str):
     """The fold in paths of the reported model: split.fold with several folds, else None."""
-    return int(_split(ds).get("fold", 0)) if n_folds(ds) > 1 else None
-
-
-def trained_folds(ds: str) -> list:
-    if n_folds(ds) > 1 and _split(ds).get("cross_validate", True):
-        return list(range(n_folds(ds)))
-    return [int(_split(ds).get("fold", 0))]
+    return path_fold(config, ds)
 
 
 def _alternatives(names) -> str:
@@ -108,17 +100,12 @@ ONE_FOLD = _alternatives(ds for ds in DATASETS if n_folds(ds) == 1)
 FOLDED = _alternatives(ds for ds in DATASETS if n_folds(ds) > 1)
 
 
-def _with_fold(model: str, fold) -> str:
-    """``model``, or ``model/fold{k}`` where folds are used."""
-    return model if fold is None else f"{model}/fold{fold}"
-
-
 def train_json(ds: str, model: str, fold=None) -> str:
-    return f"{RESULTS}/{ds}/models/{_with_fold(model, fold)}/train.json"
+    return str(LAYOUT.model_dir(ds, model, fold) / "train.json")
 
 
 def eval_metrics(ds: str, model: str, stage: str, fold=None) -> str:
-    return f"{RESULTS}/{ds}/eval/{_with_fold(model, fold)}/{stage}/metrics.json"
+    return str(LAYOUT.eval_dir(ds, model, stage, fold) / "metrics.json")
 
 
 def reported_train(wildcards) -> str:
@@ -134,8 +121,9 @@ def reported_eval(stage=None):
 
 
 def crossval_files(ds: str) -> list:
-    if n_folds(ds) > 1 and _split(ds).get("cross_validate", True):
-        return [f"{RESULTS}/{ds}/cv/{model}.json" for model in config["datasets"][ds]["models"]]
+    """cv/{model}.json of each model where every fold is trained (capsmed.config.trained_folds)."""
+    if n_folds(ds) > 1 and len(trained_folds(config, ds)) > 1:
+        return [str(LAYOUT.crossval(ds, model)) for model in config["datasets"][ds]["models"]]
     return []
 
 
@@ -156,14 +144,11 @@ def evaluate_inputs(wildcards) -> list:
     inputs = [train_json(ds, wildcards.model, fold)]
     if not PER_CASE:
         return inputs
-    from capsmed.paths import safe_name  # case files are named as capsmed names them
-
-    with open(checkpoints.split.get(dataset=ds).output[0], encoding="utf-8") as fh:
-        splits = json.load(fh)
-    stage = wildcards.stage
-    ids = splits["test"] if stage == "test" else splits["folds"][fold or 0][stage]
-    base = f"{RESULTS}/{ds}/eval/{_with_fold(wildcards.model, fold)}/{stage}/cases"
-    return inputs + [f"{base}/{safe_name(i)}.json" for i in ids]
+    splits = read_json(checkpoints.split.get(dataset=ds).output[0], "split")
+    index = resolve_fold(config, ds, fold)[0]
+    eval_dir = LAYOUT.eval_dir(ds, wildcards.model, wildcards.stage, fold)
+    return inputs + [str(case_file(eval_dir, i))
+                     for i in stage_case_ids(splits, wildcards.stage, index)]
 
 
 def from_cases_arg(wildcards) -> str:

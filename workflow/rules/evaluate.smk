@@ -86,7 +86,7 @@ use rule evaluate_case as evaluate_case_fold with:
 # One model's validation metrics over all folds: mean and sd (results/{dataset}/cv/{model}.json).
 rule crossval:
     input:
-        lambda w: [eval_metrics(w.dataset, w.model, "val", k) for k in trained_folds(w.dataset)],
+        lambda w: [eval_metrics(w.dataset, w.model, "val", k) for k in trained_folds(config, w.dataset)],
     output:
         f"{RESULTS}/{{dataset,{FOLDED}}}/cv/{{model}}.json",
     log:
