@@ -184,9 +184,10 @@ def test_killed_run_resumes_with_the_same_command(repo_root, tmp_path):
 
 def test_configfile_replaces_the_demo_config(repo_root, tmp_path):
     """--configfile runs the user's datasets only (Snakemake would merge them into the demo's)."""
+    (tmp_path / "breastmnist.npz").touch()  # the parse checks that the source path exists
     res = _run(["-n", "--snakefile", str(repo_root / "Snakefile"), "--directory", str(repo_root),
                 "--configfile", str(repo_root / "config/examples/breastmnist.yaml"),
-                "--config", "data_root=/data", f"results={tmp_path}/results", "--cores", "1"],
+                "--config", f"data_root={tmp_path}", f"results={tmp_path}/results", "--cores", "1"],
                cwd=repo_root, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout + res.stderr
