@@ -19,6 +19,7 @@ import pandas as pd
 from capsmed.errors import CapsmedError
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
+from capsmed.report import viewer as vw
 from capsmed.report.files import (
     Layout,
     Volume,
@@ -270,6 +271,60 @@ def _provenance_section(prov: Mapping[str, Any], study: Mapping[str, Any]) -> di
                               caption="Package versions"))
     paragraphs = [] if prov else ["No provenance was recorded for this study."]
     return b.section("provenance", "Provenance", paragraphs=paragraphs, tables=tables)
+
+
+# ----------------------------------------------------------------------------- viewer
+
+
+def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict[str, Any] | None:
+    """The interactive NiiVue viewer of a segmentation study (None when there is no image).
+
+    The image is the background; the prediction, the ground truth (hidden at first) and the
+    uncertainty map (hidden at first) are layers over it. The shared scripts are installed in
+    ``assets`` and linked relatively from ``out_path``.
+
+    Args:
+        study: The study (see :class:`StudyInput`).
+        out_path: The report file.
+        assets: The folder of the shared viewer scripts.
+
+    Returns:
+        The template's ``viewer`` context (``paragraphs``, ``layers``, ``labels``, ``data``,
+        ``scripts``), or None.
+    """
+    image_path = _as_path(study.get("image"))
+    if image_path is None or not image_path.is_file():
+        return None
+    names = _names(study.get("labels")) or {0: "background", 1: "foreground"}
+    layers = [vw.Layer("Image", image_path, "image")]
+    for key, name, role, visible, opacity, cmap in (
+            ("prediction", "Prediction", "labels", True, 0.6, "gray"),
+            ("label", "Ground truth", "labels", False, 0.6, "gray"),
+            ("uncertainty", "Uncertainty", "heat", False, 0.7, "warm")):
+        value = study.get(key)
+        path = None if is_number(value) else _as_path(value)
+        if path is not None and path.is_file():
+            layers.append(vw.Layer(name, path, role, visible, opacity, cmap))
+    data, note = vw.viewer_data(layers, names)
+    if data is None:
+        logger.info("%s: no interactive viewer (%s)", study.get("case_id"), note)
+        return None
+    vw.install_assets(assets)
+    shown = [layer.name.lower() for layer in layers[1:len(data["volumes"])]]
+    paragraphs = [
+        "Drag or click to move the crosshair; the scroller moves through slices of the chosen "
+        "view; the mouse wheel also scrolls slices. Right-drag adjusts the window, or type a "
+        "level and width. Layers and labels can be switched off or made transparent; the "
+        "read-out gives the image value and the label under the crosshair."
+        + (f" Layers: {', '.join(shown)}." if shown else "")]
+    if note:
+        paragraphs.append(f"Not shown: {note}.")
+    layer_rows = [{"index": k, "name": v["name"], "visible": v["visible"], "opacity": v["opacity"]}
+                  for k, v in enumerate(data["volumes"]) if k > 0]
+    labels = [{"index": lab["index"], "name": lab["name"],
+               "colour": fig.label_colour(lab["index"])} for lab in data["labels"]]
+    return {"paragraphs": paragraphs, "layers": layer_rows, "labels": labels, "data": data,
+            "scripts": vw.script_hrefs(out_path, assets)}
 
 
 # ----------------------------------------------------------------------------- the page
@@ -525,12 +580,15 @@ def _capsule_section(study: Mapping[str, Any], names: Mapping[int, str], predict
                      figs=figs)
 
 
-def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) -> Path:
+def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any], *,
+                       assets: Path | None = None) -> Path:
     """Write one study's diagnostic report.
 
     Args:
         out_path: The HTML file to write (parent folders are created).
         study: The study, see :class:`StudyInput`. ``case_id`` is required.
+        assets: Folder for the shared viewer scripts of segmentation reports (default
+            ``assets/niivue-{version}`` beside the report); one copy serves every report.
 
     Returns:
         ``out_path``.
@@ -543,9 +601,12 @@ def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) ->
     out_path = Path(out_path)
     case_id = str(study["case_id"])
     task = _infer_task(study)
+    viewer = None
     if task == "segmentation":
         parts = _segmentation_parts(study)
         capsule = _capsule_section(study, {}, None, None)
+        viewer = viewer_block(study, out_path, Path(assets) if assets is not None
+                              else vw.assets_dir(out_path.parent))
     else:
         parts = _classification_parts(study)
         capsule = _capsule_section(study, parts["names"], parts["predicted"], parts["image"])
@@ -561,9 +622,10 @@ def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) ->
     sub = " \u00b7 ".join(str(x) for x in (study.get("dataset"), study.get("model"),
                                             study.get("stage") and f"{study.get('stage')} stage",
                                             task) if x)
+    extra = {"viewer": viewer, "csp": vw.CSP} if viewer is not None else {}
     return render_page(out_path, "page.html", title=f"Study {case_id}", subtitle=sub, nav=nav,
                        lead=parts["lead"], note=RESEARCH_NOTE, top_cards=parts["cards"],
-                       sections=sections)
+                       sections=sections, **extra)
 
 
 # ----------------------------------------------------------------------------- per stage
@@ -723,6 +785,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
         if case_id in out:
             logger.warning("%s: case id %r appears twice; the last row wins",
                            edir / "cases.csv", case_id)
-        out[case_id] = write_study_report(studies_dir / study_filename(case_id), study)
+        out[case_id] = write_study_report(studies_dir / study_filename(case_id), study,
+                                          assets=vw.assets_dir(results_dir))
     logger.info("wrote %d study reports under %s", len(out), studies_dir)
     return out
