@@ -77,6 +77,7 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
         The row, with the prediction's seconds under ``"_seconds"``.
     """
     from capsmed.evaluate import metrics as M
+    from capsmed.evaluate.uncertainty import case_uncertainty
     from capsmed.train.inference import (
         predict_classification_case,
         predict_segmentation_case,
@@ -109,6 +110,9 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
                else ""}
         fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
         row.update(M.segmentation_case_metrics(pred, label, fg, spacing))
+        row.update(case_uncertainty(out["uncertainty"], pred, label, out["pass_counts"],
+                                    float(np.prod(spacing)) / 1000.0, fg))
+        row["_pass_seconds"] = [float(x) for x in out["pass_seconds"]]
     else:
         out = predict_classification_case(model, case, ctx["preprocess"], ctx["device"])
         seconds = time.perf_counter() - t0
@@ -204,6 +208,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     import torch
 
     from capsmed.data.transforms import build_preprocess_transforms
+    from capsmed.evaluate.uncertainty import calibrate, tta_cost
     from capsmed.paths import read_json
     from capsmed.train.checkpoint import build_model, load_checkpoint
     from capsmed.train.loop import stage_cases
@@ -273,6 +278,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
             return doc
 
     seconds = [float(r.pop("_seconds")) for r in rows]
+    pass_seconds = [r.pop("_pass_seconds", None) for r in rows]
     metrics, ci, fields, extra = _aggregate(task, rows, names, int(cfg["evaluate"]["bootstrap"]),
                                             int(cfg["seed"]))
     doc = {
@@ -282,6 +288,13 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
                  else None, "peak_memory_mb": round(peak, 1), "device": device_name},
         "checkpoint_sha256": ckpt_sha, **extra,
     }
+    if task == "segmentation":
+        doc["cost"].update(tta_cost(pass_seconds))
+        if stage == "val":
+            doc["uncertainty_calibration"] = calibrate(rows)
+    for r in rows:
+        for key in ("_entropy_hist_error", "_entropy_hist_correct"):
+            r.pop(key, None)
     atomic_write_text(out_dir / "cases.csv", _rows_to_csv(rows, fields))
     atomic_write_json(out_dir / "metrics.json", doc)
     if torch.cuda.is_available():

@@ -1,14 +1,16 @@
 """Inference: sliding-window segmentation mapped back to each study's geometry, and classification.
 
 Segmentation runs MONAI ``sliding_window_inference`` on the preprocessed image, optionally averages
-test-time flips (their spread is the per-voxel uncertainty), and maps the class probabilities back to
-the original image grid with MONAI ``Invertd`` before the argmax, so a prediction has the input's shape
-and affine.
+test-time flips (the normalised entropy of their mean probabilities is the per-voxel uncertainty, and
+their separate label maps the spread of each structure's volume), and maps the class probabilities back
+to the original image grid with MONAI ``Invertd`` before the argmax, so a prediction has the input's
+shape and affine.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
 
 
 def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, overlap: float = 0.25,
-            sw_batch_size: int = 2, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            sw_batch_size: int = 2, tta: bool = False) -> dict[str, Any]:
     """Class probabilities of one preprocessed image by sliding windows.
 
     Args:
@@ -33,32 +35,48 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, ov
         patch: Window size.
         overlap: Window overlap.
         sw_batch_size: Windows per forward pass.
-        tta: Average over flips along each spatial axis.
+        tta: Average over flips along each spatial axis (1 + spatial_dims passes).
 
     Returns:
-        ``(probs, uncertainty)``: ``(1, C, *S)`` probabilities and, with ``tta``, the ``(1, 1, *S)``
-        standard deviation over flips of the winning class's probability (else None).
+        ``{"probs", "passes", "seconds"}``: the ``(1, C, *S)`` mean probabilities, the
+        ``(1, C, *S)`` probabilities of each pass (flipped back; only with ``tta``, else empty), and
+        the wall-clock seconds of each pass.
     """
     from monai.inferers import sliding_window_inference
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         return model.probabilities(model(x))
 
-    runs = []
+    runs, seconds = [], []
     flips = _flip_sets(image.ndim - 2) if tta else [()]
     with torch.no_grad():
         for dims in flips:
+            t0 = time.perf_counter()
             x = torch.flip(image, dims) if dims else image
             p = sliding_window_inference(x, roi_size=patch, sw_batch_size=sw_batch_size,
                                          predictor=predictor, overlap=overlap, mode="gaussian")
-            runs.append(torch.flip(p, dims) if dims else p)
+            runs.append((torch.flip(p, dims) if dims else p).float())
+            if image.is_cuda:
+                torch.cuda.synchronize(image.device)
+            seconds.append(time.perf_counter() - t0)
     probs = torch.stack(runs).mean(0)
-    uncertainty = None
-    if tta:
-        winner = probs.argmax(1, keepdim=True)
-        per_run = torch.stack([r.gather(1, winner) for r in runs])
-        uncertainty = per_run.std(0, unbiased=False)
-    return probs.float(), uncertainty
+    return {"probs": probs, "passes": runs if tta else [], "seconds": seconds}
+
+
+def normalised_entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Entropy of class probabilities divided by ``log C``: 0 certain, 1 evenly spread.
+
+    Args:
+        probs: Probabilities with the classes along ``axis``, e.g. ``(C, *S)``.
+        axis: The class axis.
+
+    Returns:
+        Array without the class axis, float32, in [0, 1].
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    n = p.shape[axis]
+    h = -(p * np.log(p)).sum(axis=axis)
+    return (h / np.log(n) if n > 1 else np.zeros_like(h)).clip(0.0, 1.0).astype(np.float32)
 
 
 def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -> torch.Tensor:
@@ -119,6 +137,10 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
                               inference: dict[str, Any]) -> dict[str, Any]:
     """Segment one study and map the result back to its original geometry.
 
+    With ``inference["tta"]`` the image is also segmented flipped along each spatial axis; the
+    uncertainty map is the normalised entropy of the mean probabilities over these passes, and each
+    pass's own label map gives the spread of the structure volumes.
+
     Args:
         model: Trained segmenter in eval mode on ``device``.
         item: ``{"image": path, ...}``.
@@ -128,20 +150,26 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
         inference: ``overlap``, ``sw_batch_size``, ``tta``.
 
     Returns:
-        ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 or None,
-        "affine": (4, 4)}``.
+        ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 entropy in [0, 1]
+        or None, "pass_counts": (passes, C) voxels of each class in each pass's label map (one row
+        without TTA), "pass_seconds": seconds of each network pass, "affine": (4, 4)}``.
     """
     data = preprocess({k: v for k, v in item.items() if k in ("image",)})
     image = data["image"].unsqueeze(0).to(device)
-    probs, unc = segment(model, image, plan["patch_size"], overlap=inference["overlap"],
-                         sw_batch_size=inference["sw_batch_size"], tta=inference["tta"])
-    probs_orig = invert_to_original(data, "pred", probs[0], preprocess)
-    pred = probs_orig.argmax(0).cpu().numpy().astype(np.uint8)
-    unc_orig = None
-    if unc is not None:
-        unc_orig = invert_to_original(data, "unc", unc[0], preprocess)[0].cpu().numpy()
+    res = segment(model, image, plan["patch_size"], overlap=inference["overlap"],
+                  sw_batch_size=inference["sw_batch_size"], tta=inference["tta"])
+    probs_orig = invert_to_original(data, "pred", res["probs"][0], preprocess).cpu().numpy()
+    n_classes = probs_orig.shape[0]
+    pred = probs_orig.argmax(0).astype(np.uint8)
+    unc_orig = normalised_entropy(probs_orig) if res["passes"] else None
+    counts = []
+    for run in res["passes"] or [None]:
+        labels = pred if run is None else invert_to_original(
+            data, "pass", run[0], preprocess).cpu().numpy().argmax(0)
+        counts.append(np.bincount(labels.ravel(), minlength=n_classes)[:n_classes])
     affine = original_affine(item["image"])
-    return {"pred": pred, "uncertainty": unc_orig, "affine": affine}
+    return {"pred": pred, "uncertainty": unc_orig, "pass_counts": np.stack(counts),
+            "pass_seconds": res["seconds"], "affine": affine}
 
 
 def predict_classification_case(model, item: dict, preprocess,

@@ -79,6 +79,29 @@ def test_segmentation_predictions_keep_shape_and_affine(trained_seg):
         assert 0.0 <= float(row["dice"]) <= 1.0
     saved = json.loads(open(out + "/metrics.json").read())
     assert saved["metrics"] == doc["metrics"]
+    # test-time augmentation is on by default: its cost, the entropy map, the volume spread
+    assert saved["cost"]["tta_passes"] == 4 and saved["cost"]["tta_time_factor"] > 1.0
+    for row in rows:
+        unc = nib.load(cfg["results"] + "/" + row["uncertainty"])
+        assert unc.shape == nib.load(row["image"]).shape
+        values = np.asarray(unc.dataobj)
+        assert values.min() >= 0.0 and values.max() <= 1.0
+        assert 0.0 <= float(row["uncertainty_mean"]) <= 1.0
+        assert float(row["volume_spread_ml_a"]) >= 0.0
+        assert not any(k.startswith("_") for k in row)
+
+
+def test_validation_stage_calibrates_the_uncertainty_thresholds(trained_seg):
+    cfg, _, _ = trained_seg
+    doc = evaluate_stage(cfg, "ds", "unet", "val")
+    cal = doc["uncertainty_calibration"]
+    assert cal["n_cases"] == doc["n_cases"]
+    assert 0.0 <= cal["voxel_threshold"] <= 1.0 and 0.0 <= cal["voxel_auc"] <= 1.0
+    with open(cfg["results"] + "/ds/eval/unet/val/cases.csv") as fh:
+        means = [float(r["uncertainty_mean"]) for r in csv.DictReader(fh)]
+    assert cal["study_threshold"] == pytest.approx(max(means), abs=1e-6)
+    saved = json.loads(open(cfg["results"] + "/ds/eval/unet/val/metrics.json").read())
+    assert saved["uncertainty_calibration"] == cal
 
 
 def test_predict_new_study_round_trip(trained_seg, tmp_path):

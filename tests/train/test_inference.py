@@ -1,10 +1,17 @@
-"""Inference on one study: a capsule classifier runs once and returns its extra outputs."""
+"""Inference on one study: a capsule classifier runs once; TTA segmentation gives its uncertainty."""
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 from capsmed.models import get_model
-from capsmed.train.inference import predict_classification_case
+from capsmed.train.inference import (
+    normalised_entropy,
+    predict_classification_case,
+    predict_segmentation_case,
+    segment,
+)
 
 
 def test_capsule_classifier_runs_once_per_study():
@@ -40,3 +47,37 @@ def test_cnn_classifier_has_no_capsule_outputs():
                                       torch.device("cpu"))
     assert out["lengths"] is None and out["reconstruction"] is None
     assert abs(float(out["probs"].sum()) - 1) < 1e-6
+
+
+def test_segmentation_tta_gives_entropy_of_the_mean_and_per_pass_volumes(tmp_path):
+    torch.manual_seed(0)
+    model = get_model("unet", spatial_dims=3, in_channels=1, out_channels=3).eval()
+    image = torch.rand(1, 1, 32, 32, 32)  # one window: the passes equal direct calls
+    res = segment(model, image, [32, 32, 32], tta=True)
+    assert len(res["passes"]) == 4 and len(res["seconds"]) == 4
+    torch.testing.assert_close(res["probs"], torch.stack(res["passes"]).mean(0))
+    with torch.no_grad():
+        direct = model.probabilities(model(image.flip(3))).flip(3)
+    torch.testing.assert_close(res["passes"][2], direct, rtol=1e-4, atol=1e-5)
+    plain = segment(model, image, [32, 32, 32])
+    assert plain["passes"] == [] and len(plain["seconds"]) == 1
+
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((33, 36, 34)).astype(np.float32),
+                             np.eye(4)), tmp_path / "img.nii.gz")
+    pre = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image")])
+    icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": True}
+    out = predict_segmentation_case(model, {"image": str(tmp_path / "img.nii.gz")},
+                                    {"patch_size": [32, 32, 32]}, pre, torch.device("cpu"), icfg)
+    assert out["uncertainty"].shape == out["pred"].shape == (33, 36, 34)
+    assert 0.0 <= out["uncertainty"].min() and out["uncertainty"].max() <= 1.0
+    assert out["pass_counts"].shape == (4, 3) and len(out["pass_seconds"]) == 4
+    assert (out["pass_counts"].sum(1) == 33 * 36 * 34).all()
+    without = predict_segmentation_case(model, {"image": str(tmp_path / "img.nii.gz")},
+                                        {"patch_size": [32, 32, 32]}, pre, torch.device("cpu"),
+                                        {**icfg, "tta": False})
+    assert without["uncertainty"] is None and without["pass_counts"].shape == (1, 3)
+
+
+def test_normalised_entropy():
+    ent = normalised_entropy(np.array([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]]))
+    np.testing.assert_allclose(ent, [0.0, np.log(2) / np.log(3), 1.0], atol=1e-6)
