@@ -81,7 +81,14 @@ class StudyInput(TypedDict, total=False):
         lengths: Capsule models: class-capsule lengths (list in class order or mapping).
         reconstruction: Capsule models: ``.npy`` reconstruction from the winning capsule,
             ``(C, *S)`` or ``(*S)``.
-        uncertainty: Test-time-augmentation uncertainty: a NIfTI voxel map (segmentation) or a number.
+        uncertainty: Test-time-augmentation uncertainty: a NIfTI voxel map (segmentation: the
+            normalised entropy of the mean probabilities, 0 to 1) or a number.
+        uncertainty_mean: Segmentation: mean of the uncertainty map inside the predicted
+            structures (``cases.csv``); computed from the map when absent.
+        volume_spread_ml: Segmentation: per label name, the largest minus the smallest volume over
+            the test-time-augmentation passes.
+        uncertainty_calibration: The validation stage's ``uncertainty_calibration`` (from
+            ``metrics.json``): ``voxel_threshold``, ``study_threshold``, ``n_cases``, ...
         volumes_ml: Predicted structure volume in mL per label name; computed from ``prediction``
             when absent.
         volumes_true_ml: Ground-truth volume in mL per label name; computed from ``label`` when absent.
@@ -112,6 +119,9 @@ class StudyInput(TypedDict, total=False):
     lengths: Sequence[float] | Mapping[Any, float] | None
     reconstruction: str | Path | None
     uncertainty: str | Path | float | None
+    uncertainty_mean: float | None
+    volume_spread_ml: Mapping[str, float]
+    uncertainty_calibration: Mapping[str, Any] | None
     volumes_ml: Mapping[str, float]
     volumes_true_ml: Mapping[str, float]
     volume_range_ml: Mapping[str, Any]
@@ -273,6 +283,75 @@ def _provenance_section(prov: Mapping[str, Any], study: Mapping[str, Any]) -> di
     return b.section("provenance", "Provenance", paragraphs=paragraphs, tables=tables)
 
 
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def read_calibration(lay: Layout, model: str) -> dict[str, Any] | None:
+    """The uncertainty thresholds ``capsmed evaluate`` calibrated on the validation stage."""
+    cal = read_json(lay.eval_dir(model, "val") / "metrics.json").get("uncertainty_calibration")
+    return dict(cal) if isinstance(cal, Mapping) and is_number(cal.get("voxel_threshold")) else None
+
+
+def uncertain_shares(entropy: np.ndarray, pred: np.ndarray, fg: Mapping[int, str],
+                     threshold: float) -> dict[str, float]:
+    """Per predicted structure, the share of its voxels whose uncertainty is above ``threshold``.
+
+    Args:
+        entropy: ``(*S)`` uncertainty map.
+        pred: ``(*S)`` predicted label map.
+        fg: Foreground label index -> name.
+        threshold: The calibrated voxel threshold.
+
+    Returns:
+        ``{name: share in [0, 1]}`` for the structures the prediction contains.
+    """
+    out = {}
+    for k, name in fg.items():
+        inside = pred == k
+        if inside.any():
+            out[name] = float(np.mean(entropy[inside] > threshold))
+    return out
+
+
+def uncertainty_summary(study: Mapping[str, Any], entropy: np.ndarray, pred: np.ndarray | None,
+                        shares: Mapping[str, float]) -> dict[str, Any]:
+    """The study's uncertainty in words, and whether it is flagged.
+
+    The study's score is ``uncertainty_mean`` from ``cases.csv`` (the mean entropy inside the
+    predicted structures; for new studies computed the same way from the map). It is flagged when
+    the score exceeds the highest one among the validation studies.
+
+    Returns:
+        ``{"mean", "flagged" (bool or None without calibration), "text", "card"}``.
+    """
+    mean = to_float(study.get("uncertainty_mean"))
+    if mean is None:
+        inside = pred > 0.5 if pred is not None and np.any(pred > 0.5) else None
+        values = entropy[inside] if inside is not None else entropy.ravel()
+        values = values[np.isfinite(values)]
+        mean = float(values.mean()) if values.size else None
+    cal = study.get("uncertainty_calibration") or {}
+    top = to_float(cal.get("study_threshold"))
+    flagged = None if top is None or mean is None else bool(mean > top)
+    text = ("Uncertainty (entropy of the mean test-time-augmentation probabilities, 0 certain to 1 "
+            f"evenly spread) inside the predicted structures: mean {fmt_num(mean)}.")
+    if shares:
+        text += " Uncertain voxels: " + ", ".join(
+            f"{name} {100 * v:.1f}%" for name, v in shares.items()) + (
+            f" (entropy above {fmt_num(cal.get('voxel_threshold'), 2)}, the threshold that best "
+            "separated wrong from right voxels on the validation stage).")
+    if flagged:
+        text += (f" Flagged: more uncertain than any of the {cal.get('n_cases', 'n/a')} validation "
+                 f"studies (highest {fmt_num(top)}); check this study first.")
+    elif flagged is False:
+        text += f" Within the range of the validation studies (highest {fmt_num(top)})."
+    else:
+        text += " No calibration from a validation stage is available, so no study is flagged."
+    card = "flagged: above every validation study" if flagged else (
+        "within the validation range" if flagged is False else "inside the predicted structures")
+    return {"mean": mean, "flagged": flagged, "text": text, "card": card}
+
+
 # ----------------------------------------------------------------------------- viewer
 
 
@@ -297,14 +376,16 @@ def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict
         return None
     names = _names(study.get("labels")) or {0: "background", 1: "foreground"}
     layers = [vw.Layer("Image", image_path, "image")]
+    threshold = to_float((study.get("uncertainty_calibration") or {}).get("voxel_threshold"))
     for key, name, role, visible, opacity, cmap in (
             ("prediction", "Prediction", "labels", True, 0.6, "gray"),
             ("label", "Ground truth", "labels", False, 0.6, "gray"),
-            ("uncertainty", "Uncertainty", "heat", False, 0.7, "warm")):
+            ("uncertainty", "Uncertainty", "heat", False, 0.8, "warm")):
         value = study.get(key)
         path = None if is_number(value) else _as_path(value)
         if path is not None and path.is_file():
-            layers.append(vw.Layer(name, path, role, visible, opacity, cmap))
+            layers.append(vw.Layer(name, path, role, visible, opacity, cmap,
+                                   (threshold or 0.0, 1.0) if role == "heat" else None))
     data, note = vw.viewer_data(layers, names)
     if data is None:
         logger.info("%s: no interactive viewer (%s)", study.get("case_id"), note)
@@ -317,6 +398,11 @@ def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict
         "level and width. Layers and labels can be switched off or made transparent; the "
         "read-out gives the image value and the label under the crosshair."
         + (f" Layers: {', '.join(shown)}." if shown else "")]
+    if any(layer.role == "heat" for layer in layers):
+        paragraphs.append(
+            "The uncertainty layer shows "
+            + (f"only the uncertain voxels (entropy above {threshold:.2f})" if threshold
+               else "the entropy from 0 to 1") + "; switch it on under Layers.")
     if note:
         paragraphs.append(f"Not shown: {note}.")
     layer_rows = [{"index": k, "name": v["name"], "visible": v["visible"], "opacity": v["opacity"]}
@@ -382,6 +468,12 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
             true_volumes.setdefault(name, computed[k])
     ranges = study.get("volume_range_ml") or {}
 
+    calibration = study.get("uncertainty_calibration") or {}
+    threshold = to_float(calibration.get("voxel_threshold"))
+    spreads = study.get("volume_spread_ml") or {}
+    unc_ok = (unc is not None and pred is not None and unc.data.shape == pred.data.shape)
+    shares = (uncertain_shares(unc.data, np.rint(pred.data), fg, threshold)
+              if unc_ok and threshold is not None else {})
     lead, rows, cards = [], [], []
     found = []
     for name in fg.values():
@@ -400,9 +492,13 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
                     flag, flag_cls = "above the training range", "warn"
                 else:
                     flag, flag_cls = "within the training range", "good"
+        spread = to_float(spreads.get(name))
+        share = shares.get(name)
         rows.append(b.row([b.cell(name), b.num_cell(fmt_num(v, 2)),
                            b.num_cell(fmt_num(t, 2) if t is not None else "unknown"),
-                           b.num_cell(range_text), b.cell(flag, cls=flag_cls)]))
+                           b.num_cell(range_text), b.cell(flag, cls=flag_cls),
+                           b.num_cell(fmt_num(spread, 2) if spread is not None else "n/a"),
+                           b.num_cell(f"{100 * share:.1f}%" if share is not None else "n/a")]))
         if v is not None and v > 0:
             found.append(f"{name} {v:.2f} mL" + (f" ({flag})" if flag else ""))
         cards.append(b.card(f"{name} volume", f"{fmt_num(v, 2)} mL", short_range))
@@ -420,19 +516,9 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
                        if is_number(metrics.get("hd95")) else "") + ".")
 
     if unc is not None:
-        values = unc.data
-        if pred is not None and pred.data.shape == values.shape and np.any(pred.data > 0.5):
-            inside = values[pred.data > 0.5]
-            where = "inside the predicted structure"
-        else:
-            inside = values.ravel()
-            where = "over the image"
-        inside = inside[np.isfinite(inside)]
-        mean, top = (float(inside.mean()), float(inside.max())) if inside.size else (np.nan, np.nan)
-        lead.append(f"Test-time-augmentation uncertainty {where}: mean {fmt_num(mean)}, "
-                    f"max {fmt_num(top)} (bright regions on the uncertainty row are where the "
-                    "augmented predictions disagree).")
-        cards.append(b.card("Mean uncertainty", fmt_num(mean), where))
+        summary = uncertainty_summary(study, unc.data, pred.data if unc_ok else None, shares)
+        lead.append(summary["text"])
+        cards.append(b.card("Uncertainty", fmt_num(summary["mean"]), summary["card"]))
     elif is_number(unc_value):
         lead.append(f"Test-time-augmentation uncertainty: {fmt_num(unc_value)}.")
         cards.append(b.card("Uncertainty", fmt_num(unc_value), "test-time augmentation"))
@@ -446,16 +532,21 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
     if centre is not None:
         caption += f" at voxel ({', '.join(str(c) for c in centre)}) of the RAS-reoriented image"
     caption += ("; rows: prediction" + (", ground truth" if label is not None else "")
-                + (", uncertainty" if unc is not None else "") + ". Letters mark patient directions.")
+                + (", uncertainty (entropy of the mean test-time-augmentation probabilities, "
+                   "0 to 1)" if unc is not None else "") + ". Letters mark patient directions.")
     alt = (f"Orthogonal slices of study {study.get('case_id')} with the predicted segmentation"
            + (" and the ground truth" if label is not None else "") + " overlaid")
     sections.append(b.section("images", "Images", figs=[b.figure(seg["uri"], alt, caption)],
                               paragraphs=[] if seg["uri"] else ["No image could be drawn."]))
     sections.append(b.section(
         "volumes", "Structure volumes",
-        tables=[b.table(["Structure", "Predicted (mL)", "True (mL)", "Training cases (mL)", ""],
+        tables=[b.table(["Structure", "Predicted (mL)", "True (mL)", "Training cases (mL)", "",
+                         "TTA spread (mL)", "Uncertain voxels"],
                         rows, note="Training range: smallest to largest true volume among the "
-                        "training cases.")]))
+                        "training cases. TTA spread: largest minus smallest volume over the "
+                        "test-time-augmentation passes. Uncertain voxels: "
+                        "share of the predicted structure whose entropy is above the threshold "
+                        "calibrated on the validation stage.")]))
     if metrics:
         mrows = [b.row([metric_label(k), b.num_cell(fmt_metric(v, k))])
                  for k, v in sorted(metrics.items(), key=lambda kv: metric_sort_key(kv[0]))]
@@ -688,7 +779,15 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
             c = class_column(cols, "volume_true_ml", k, name)
             if c is not None and is_number(row.get(c)):
                 true_vols[name] = float(row[c])
+        spreads = {}
+        for k, name in names.items():
+            c = class_column(cols, "volume_spread_ml", k, name) if k != 0 else None
+            if c is not None and is_number(row.get(c)):
+                spreads[name] = float(row[c])
         study["volumes_ml"], study["volumes_true_ml"] = vols, true_vols
+        study["volume_spread_ml"] = spreads
+        if is_number(row.get("uncertainty_mean")):
+            study["uncertainty_mean"] = float(row["uncertainty_mean"])
         metrics = {}
         for c in cols:
             base = c.split("_")[0]
@@ -758,6 +857,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
     provenance.setdefault("model", model)
     ranges = training_volume_ranges(results_dir, dataset, model, names, fold) if task == \
         "segmentation" else {}
+    calibration = read_calibration(lay, model) if task == "segmentation" else None
     studies_dir = lay.studies_dir(model)
     bases = [edir, results_dir, lay.dataset_dir, edir / "predictions"]
     out: dict[str, Path] = {}
@@ -780,7 +880,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
                         study[key] = str(candidate)
                         break
         study.update(dataset=dataset, model=model, stage=stage, provenance=provenance,
-                     volume_range_ml=ranges, links=links)
+                     volume_range_ml=ranges, links=links, uncertainty_calibration=calibration)
         case_id = study["case_id"]
         if case_id in out:
             logger.warning("%s: case id %r appears twice; the last row wins",

@@ -113,11 +113,13 @@ def _canonical(path: Path) -> nib.Nifti1Image | None:
         return None
 
 
-def _encode(data: np.ndarray, affine: np.ndarray, kind: str) -> tuple[str, float, float]:
+def _encode(data: np.ndarray, affine: np.ndarray, kind: str,
+            value_range: tuple[float, float] | None = None) -> tuple[str, float, float]:
     """Gzip-compressed NIfTI as base64, and the display range ``(cal_min, cal_max)``.
 
     ``kind`` ``labels`` stores uint8; ``image`` stores integers as they are (up to 16 bits) and
-    floats as int16 with ``scl_slope``/``scl_inter``; ``heat`` stores uint8 scaled over 0..max.
+    floats as int16 with ``scl_slope``/``scl_inter``; ``heat`` stores uint8 scaled over
+    ``value_range`` (default 0..max), which is also its display range.
     """
     finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data.ravel()
     lo = float(finite.min()) if finite.size else 0.0
@@ -127,10 +129,10 @@ def _encode(data: np.ndarray, affine: np.ndarray, kind: str) -> tuple[str, float
         stored = np.rint(np.nan_to_num(data)).clip(0, 255).astype(np.uint8)
         cal = (0.0, float(max(1, stored.max())))
     elif kind == "heat":
-        top = hi if hi > 0 else 1.0
+        bottom, top = value_range if value_range is not None else (0.0, hi if hi > 0 else 1.0)
         slope = top / 255.0
         stored = np.rint(np.nan_to_num(data).clip(0, top) / slope).astype(np.uint8)
-        cal = (0.0, top)
+        cal = (float(bottom), float(top))
     else:
         if np.issubdtype(data.dtype, np.integer) and lo >= -32768 and hi <= 32767:
             stored = data.astype(np.int16)
@@ -165,6 +167,8 @@ class Layer:
         visible: Shown when the page opens.
         opacity: Initial opacity.
         colormap: NiiVue colour map for ``image`` and ``heat`` layers.
+        value_range: ``heat`` layers: the values drawn from transparent to full colour (values
+            below the first are not drawn); default 0 to the map's maximum.
     """
 
     name: str
@@ -173,6 +177,7 @@ class Layer:
     visible: bool = True
     opacity: float = 1.0
     colormap: str = "gray"
+    value_range: tuple[float, float] | None = None
 
 
 def label_rgb(index: int) -> list[int]:
@@ -216,7 +221,7 @@ def viewer_data(layers: Sequence[Layer], label_names: Mapping[int, str]
             notes.append(f"{layer.name} has another grid ({'x'.join(map(str, shape))})")
             continue
         data = np.asanyarray(img.dataobj)
-        b64, cal_min, cal_max = _encode(data, img.affine, layer.role)
+        b64, cal_min, cal_max = _encode(data, img.affine, layer.role, layer.value_range)
         out.append({"name": layer.name, "role": layer.role, "base64": b64,
                     "colormap": layer.colormap, "opacity": layer.opacity,
                     "visible": layer.visible, "cal_min": cal_min, "cal_max": cal_max})

@@ -241,4 +241,5 @@ def test_study_files_found_by_layout_when_columns_are_missing(tmp_path, facts):
     (edir / "cases.csv").write_text("case_id,dice\nc1,0.5\n")
     text = parse(write_study_reports(tmp_path, "ds", "segcaps")["c1"]).text
     assert "organ 0.19 mL" in text  # 64 voxels of 3 mm^3
-    assert "uncertainty inside the predicted structure: mean 0.200" in text
+    assert "evenly spread) inside the predicted structures: mean 0.200" in text
+    assert "No calibration from a validation stage is available" in text
