@@ -74,8 +74,9 @@ def calibrate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
 
     Returns:
         ``{"measure", "voxel_threshold", "voxel_auc", "youden_j", "study_threshold", "n_cases",
-        "n_voxels_error", "n_voxels_correct"}``, or None when the rows have no entropy
-        histograms, or no wrong or no right voxels to separate.
+        "n_voxels_error", "n_voxels_correct"}`` (``voxel_threshold`` None when no threshold does
+        better than chance, Youden's J <= 0), or None when the rows have no entropy histograms, or
+        no wrong or no right voxels to separate.
     """
     err = np.zeros(BINS)
     ok = np.zeros(BINS)
@@ -102,7 +103,9 @@ def calibrate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     roc_x = np.concatenate([[0.0], fpr[::-1]])
     roc_y = np.concatenate([[0.0], tpr[::-1]])
     auc = float(np.sum(np.diff(roc_x) * (roc_y[1:] + roc_y[:-1]) / 2))
-    return {"measure": MEASURE, "voxel_threshold": round(float(threshold), 4),
+    useful = float(j[best]) > 0  # else no threshold finds wrong voxels better than chance
+    return {"measure": MEASURE,
+            "voxel_threshold": round(float(threshold), 4) if useful else None,
             "voxel_auc": round(auc, 4), "youden_j": round(float(j[best]), 4),
             "study_threshold": round(max(means), 6), "n_cases": len(means),
             "n_voxels_error": int(err.sum()), "n_voxels_correct": int(ok.sum())}

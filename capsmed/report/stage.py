@@ -384,13 +384,18 @@ def _uncertainty_section(cases: pd.DataFrame, names: Mapping[int, str],
     lead = None
     if top is not None and calibration:
         n_flag = int(np.sum(u[ok] > top))
+        voxel = (f"A voxel counts as uncertain above an entropy of "
+                 f"{fmt_num(calibration.get('voxel_threshold'), 2)}, the threshold that best "
+                 "separated wrongly from rightly labelled voxels on the validation stage "
+                 f"(Youden's J {fmt_num(calibration.get('youden_j'), 2)}"
+                 if is_number(calibration.get("voxel_threshold")) else
+                 "On the validation stage no entropy threshold separated wrongly from rightly "
+                 "labelled voxels better than chance (Youden's J "
+                 f"{fmt_num(calibration.get('youden_j'), 2)}")
         paragraphs.append(
             f"A study is flagged when it is more uncertain than every one of the "
             f"{calibration.get('n_cases', 'n/a')} validation studies (highest "
-            f"{fmt_num(top)}). A voxel counts as uncertain above an entropy of "
-            f"{fmt_num(calibration.get('voxel_threshold'), 2)}, the threshold that best "
-            f"separated wrongly from rightly labelled voxels on the validation stage (Youden's J "
-            f"{fmt_num(calibration.get('youden_j'), 2)}; entropy finds wrong voxels with AUC "
+            f"{fmt_num(top)}). {voxel}; entropy finds wrong voxels with AUC "
             f"{fmt_num(calibration.get('voxel_auc'), 2)}).")
         lead = (f"{n_flag} of {ok.size} studies are more uncertain than any validation study"
                 + ("; they head the uncertainty ranking." if n_flag else "."))

@@ -289,7 +289,9 @@ def _provenance_section(prov: Mapping[str, Any], study: Mapping[str, Any]) -> di
 def read_calibration(lay: Layout, model: str) -> dict[str, Any] | None:
     """The uncertainty thresholds ``capsmed evaluate`` calibrated on the validation stage."""
     cal = read_json(lay.eval_dir(model, "val") / "metrics.json").get("uncertainty_calibration")
-    return dict(cal) if isinstance(cal, Mapping) and is_number(cal.get("voxel_threshold")) else None
+    if not isinstance(cal, Mapping):
+        return None
+    return dict(cal) if is_number(cal.get("study_threshold")) else None
 
 
 def uncertain_shares(entropy: np.ndarray, pred: np.ndarray, fg: Mapping[int, str],
@@ -335,6 +337,9 @@ def uncertainty_summary(study: Mapping[str, Any], entropy: np.ndarray, pred: np.
     flagged = None if top is None or mean is None else bool(mean > top)
     text = ("Uncertainty (entropy of the mean test-time-augmentation probabilities, 0 certain to 1 "
             f"evenly spread) inside the predicted structures: mean {fmt_num(mean)}.")
+    if cal and not is_number(cal.get("voxel_threshold")):
+        text += (" No entropy threshold separated wrong from right voxels on the validation stage "
+                 f"(AUC {fmt_num(cal.get('voxel_auc'), 2)}), so no voxel is called uncertain.")
     if shares:
         text += " Uncertain voxels: " + ", ".join(
             f"{name} {100 * v:.1f}%" for name, v in shares.items()) + (

@@ -47,6 +47,12 @@ def test_calibration_separates_wrong_from_right_voxels():
         noisy.append(case_uncertainty(entropy, pred, label, np.array([[1, 1]]), 1.0, {1: "x"}))
     assert abs(calibrate(noisy)["voxel_auc"] - 0.5) < 0.1
     assert calibrate([{"case_id": "a"}]) is None
+    # the same entropy for wrong and right voxels: no threshold, but still a study threshold
+    same = [{"_entropy_hist_error": [0] * 50 + [5] * 50, "_entropy_hist_correct": [0] * 50 +
+             [5] * 50, "uncertainty_mean": 0.8}]
+    useless = calibrate(same)
+    assert useless["voxel_threshold"] is None and useless["youden_j"] == 0.0
+    assert useless["study_threshold"] == 0.8 and useless["voxel_auc"] == pytest.approx(0.5)
 
 
 def test_tta_cost():
