@@ -88,7 +88,7 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
     t0 = time.perf_counter()
     if task == "segmentation":
         out = predict_segmentation_case(model, case, ctx["plan"], ctx["preprocess"], ctx["device"],
-                                        ctx["icfg"])
+                                        {**ctx["icfg"], "evidence": True})
         seconds = time.perf_counter() - t0
         label, spacing = _load_label(case["label"])
         pred = out["pred"]
@@ -113,6 +113,7 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
         row.update(case_uncertainty(out["uncertainty"], pred, label, out["pass_counts"],
                                     float(np.prod(spacing)) / 1000.0, fg))
         row["_pass_seconds"] = [float(x) for x in out["pass_seconds"]]
+        row.update(_evidence_files(out, ctx, name))
     else:
         out = predict_classification_case(model, case, ctx["preprocess"], ctx["device"])
         seconds = time.perf_counter() - t0
@@ -131,6 +132,31 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
             row["reconstruction"] = str(rpath.relative_to(layout.results))
     row["_seconds"] = seconds
     return row
+
+
+def _evidence_files(out: dict, ctx: dict[str, Any], name: str) -> dict[str, Any]:
+    """The evidence columns of a segmentation case; its maps saved for the test stage's reports.
+
+    ``evidence_disagreement`` (capsule models only, see :mod:`capsmed.evaluate.evidence`), and the
+    paths of ``{name}_evidence.nii.gz`` and ``{name}_probs.nii.gz`` (channels last, uint8 over
+    [0, 1]).
+    """
+    from capsmed.evaluate.evidence import evidence_disagreement
+    from capsmed.train.inference import save_nifti
+
+    if out.get("evidence") is None:
+        return {}
+    cols: dict[str, Any] = {"evidence": "", "probability_maps": "",
+                            "_evidence_kind": ctx["evidence_kind"]}
+    if ctx["evidence_kind"] == "capsule lengths":
+        cols["evidence_disagreement"] = evidence_disagreement(out["evidence"], out["pred"])
+    if ctx["stage"] == "test":
+        for key, suffix, arr in (("evidence", "_evidence", out["evidence"]),
+                                 ("probability_maps", "_probs", out["probs"])):
+            path = ctx["pred_dir"] / f"{name}{suffix}.nii.gz"
+            save_nifti(np.moveaxis(arr, 0, -1), out["affine"], path, np.uint8, slope=1 / 255)
+            cols[key] = str(path.relative_to(ctx["layout"].results))
+    return cols
 
 
 def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
@@ -211,6 +237,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     from capsmed.evaluate.uncertainty import calibrate, tta_cost
     from capsmed.paths import read_json
     from capsmed.train.checkpoint import build_model, load_checkpoint
+    from capsmed.train.inference import evidence_kind
     from capsmed.train.loop import stage_cases
     from capsmed.train.runtime import (
         atomic_write_json,
@@ -264,7 +291,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         model = build_model(ckpt).to(device)
         ctx = {"plan": ckpt["plan"], "preprocess": build_preprocess_transforms(ckpt["plan"]),
                "device": device, "icfg": icfg, "names": names, "layout": layout,
-               "pred_dir": pred_dir, "stage": stage}
+               "pred_dir": pred_dir, "stage": stage, "evidence_kind": evidence_kind(model)}
         for c in cases:
             rows.append(_case_row(task, model, c, ctx))
         peak = peak_memory_mb(device)
@@ -290,10 +317,13 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     }
     if task == "segmentation":
         doc["cost"].update(tta_cost(pass_seconds))
+        kinds = {r.get("_evidence_kind") for r in rows} - {None}
+        if kinds:
+            doc["evidence_kind"] = kinds.pop()
         if stage == "val":
             doc["uncertainty_calibration"] = calibrate(rows)
     for r in rows:
-        for key in ("_entropy_hist_error", "_entropy_hist_correct"):
+        for key in ("_entropy_hist_error", "_entropy_hist_correct", "_evidence_kind"):
             r.pop(key, None)
     atomic_write_text(out_dir / "cases.csv", _rows_to_csv(rows, fields))
     atomic_write_json(out_dir / "metrics.json", doc)

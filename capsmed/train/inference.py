@@ -25,8 +25,38 @@ def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
     return [()] + [(2 + d,) for d in range(spatial_dims)]
 
 
+def evidence_kind(model: torch.nn.Module) -> str:
+    """What a segmenter's evidence map is: ``"capsule lengths"`` or ``"softmax"`` (CNNs).
+
+    Capsule segmenters with coarse class capsules (``has_coarse_capsules``: ``forward_train``
+    returns ``"coarse_lengths"`` ``(B, C, *S/k)``) show those; capsule segmenters whose output is
+    capsule lengths show their raw lengths; other models their softmax probabilities.
+    """
+    if getattr(model, "has_coarse_capsules", False) or getattr(model, "output_kind", "") == "lengths":
+        return "capsule lengths"
+    return "softmax"
+
+
+def _evidence(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities, evidence)`` of one window, both ``(B, C, *S)``.
+
+    Coarse capsule lengths are repeated to the window's size (nearest neighbour), so the map keeps
+    its own resolution as blocks of ``k`` voxels.
+    """
+    out = model.forward_train(x)
+    probs = model.probabilities(out["scores"])
+    if "coarse_lengths" in out:
+        ev = torch.nn.functional.interpolate(out["coarse_lengths"], size=x.shape[2:],
+                                             mode="nearest")
+    elif getattr(model, "output_kind", "") == "lengths":
+        ev = out["scores"]
+    else:
+        ev = probs
+    return probs, ev
+
+
 def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, overlap: float = 0.25,
-            sw_batch_size: int = 2, tta: bool = False) -> dict[str, Any]:
+            sw_batch_size: int = 2, tta: bool = False, evidence: bool = False) -> dict[str, Any]:
     """Class probabilities of one preprocessed image by sliding windows.
 
     Args:
@@ -36,31 +66,42 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, ov
         overlap: Window overlap.
         sw_batch_size: Windows per forward pass.
         tta: Average over flips along each spatial axis (1 + spatial_dims passes).
+        evidence: Also return the evidence map of the unflipped pass (see :func:`evidence_kind`).
 
     Returns:
-        ``{"probs", "passes", "seconds"}``: the ``(1, C, *S)`` mean probabilities, the
-        ``(1, C, *S)`` probabilities of each pass (flipped back; only with ``tta``, else empty), and
-        the wall-clock seconds of each pass.
+        ``{"probs", "passes", "seconds", "evidence"}``: the ``(1, C, *S)`` mean probabilities, the
+        ``(1, C, *S)`` probabilities of each pass (flipped back; only with ``tta``, else empty),
+        the wall-clock seconds of each pass, and the ``(1, C, *S)`` evidence map (or None).
     """
     from monai.inferers import sliding_window_inference
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         return model.probabilities(model(x))
 
+    def with_evidence(x: torch.Tensor) -> torch.Tensor:
+        # one tensor, classes then evidence: MONAI blends tuple outputs unevenly
+        return torch.cat(_evidence(model, x), dim=1)
+
     runs, seconds = [], []
+    ev = None
     flips = _flip_sets(image.ndim - 2) if tta else [()]
     with torch.no_grad():
         for dims in flips:
             t0 = time.perf_counter()
             x = torch.flip(image, dims) if dims else image
+            want = evidence and not dims
             p = sliding_window_inference(x, roi_size=patch, sw_batch_size=sw_batch_size,
-                                         predictor=predictor, overlap=overlap, mode="gaussian")
+                                         predictor=with_evidence if want else predictor,
+                                         overlap=overlap, mode="gaussian")
+            if want:
+                n = p.shape[1] // 2
+                p, ev = p[:, :n], p[:, n:].float()
             runs.append((torch.flip(p, dims) if dims else p).float())
             if image.is_cuda:
                 torch.cuda.synchronize(image.device)
             seconds.append(time.perf_counter() - t0)
     probs = torch.stack(runs).mean(0)
-    return {"probs": probs, "passes": runs if tta else [], "seconds": seconds}
+    return {"probs": probs, "passes": runs if tta else [], "seconds": seconds, "evidence": ev}
 
 
 def normalised_entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -79,7 +120,8 @@ def normalised_entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
     return (h / np.log(n) if n > 1 else np.zeros_like(h)).clip(0.0, 1.0).astype(np.float32)
 
 
-def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -> torch.Tensor:
+def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess, *,
+                       nearest: bool = False) -> torch.Tensor:
     """Map a ``(C, *S)`` tensor in preprocessed space back to the original image grid.
 
     Args:
@@ -87,6 +129,7 @@ def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -
         key: Name to give the tensor in the dict.
         tensor: ``(C, *S)`` values aligned with ``data['image']``.
         preprocess: The deterministic, invertible transform that produced ``data``.
+        nearest: Resample by nearest neighbour (keeps blocks of coarse maps) instead of linearly.
 
     Returns:
         ``(C, *S_orig)`` MetaTensor with the original affine.
@@ -98,7 +141,7 @@ def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -
     data = dict(data)
     data[key] = MetaTensor(tensor.detach().cpu(), meta=dict(img.meta),
                            applied_operations=list(img.applied_operations))
-    inv = Invertd(keys=key, transform=preprocess, orig_keys="image", nearest_interp=False)
+    inv = Invertd(keys=key, transform=preprocess, orig_keys="image", nearest_interp=nearest)
     return inv(data)[key]
 
 
@@ -115,13 +158,29 @@ def original_affine(path: str) -> np.ndarray:
     return np.asarray(img.affine, dtype=np.float64)
 
 
-def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype=np.uint8) -> None:
-    """Write a NIfTI file atomically."""
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path, dtype=np.uint8,
+               slope: float | None = None) -> None:
+    """Write a NIfTI file atomically.
+
+    Args:
+        array: The values (channels last for several maps).
+        affine: ``(4, 4)`` voxel-to-world matrix.
+        path: ``.nii`` or ``.nii.gz`` file.
+        dtype: Stored data type.
+        slope: Store ``round(array / slope)`` with the NIfTI scale factor ``slope`` (e.g. maps in
+            [0, 1] as uint8 with ``slope=1/255``); None stores the values as they are.
+    """
     import nibabel as nib
 
     from capsmed.train.runtime import atomic_write_bytes
 
-    img = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
+    values = np.asarray(array)
+    if slope is not None:
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values / slope), info.min, info.max)
+    img = nib.Nifti1Image(np.asarray(values, dtype=dtype), affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     img.header.set_xyzt_units("mm")
     atomic_write_bytes(Path(path), img.to_bytes() if not str(path).endswith(".gz")
                        else _gz(img.to_bytes()))
@@ -147,17 +206,21 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
         plan: Preprocessing plan (``patch_size`` used as the window).
         preprocess: Deterministic preprocessing transform.
         device: Device of the model.
-        inference: ``overlap``, ``sw_batch_size``, ``tta``.
+        inference: ``overlap``, ``sw_batch_size``, ``tta``; optional ``evidence`` (bool).
 
     Returns:
         ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 entropy in [0, 1]
         or None, "pass_counts": (passes, C) voxels of each class in each pass's label map (one row
-        without TTA), "pass_seconds": seconds of each network pass, "affine": (4, 4)}``.
+        without TTA), "pass_seconds": seconds of each network pass, "affine": (4, 4)}``; with
+        ``evidence`` also ``"evidence"`` and ``"probs"``, ``(C, *S_orig)`` float32: the evidence
+        map of the unflipped pass (:func:`evidence_kind`; nearest-neighbour resampled) and the
+        mean probabilities.
     """
     data = preprocess({k: v for k, v in item.items() if k in ("image",)})
     image = data["image"].unsqueeze(0).to(device)
     res = segment(model, image, plan["patch_size"], overlap=inference["overlap"],
-                  sw_batch_size=inference["sw_batch_size"], tta=inference["tta"])
+                  sw_batch_size=inference["sw_batch_size"], tta=inference["tta"],
+                  evidence=bool(inference.get("evidence")))
     probs_orig = invert_to_original(data, "pred", res["probs"][0], preprocess).cpu().numpy()
     n_classes = probs_orig.shape[0]
     pred = probs_orig.argmax(0).astype(np.uint8)
@@ -168,8 +231,13 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
             data, "pass", run[0], preprocess).cpu().numpy().argmax(0)
         counts.append(np.bincount(labels.ravel(), minlength=n_classes)[:n_classes])
     affine = original_affine(item["image"])
-    return {"pred": pred, "uncertainty": unc_orig, "pass_counts": np.stack(counts),
-            "pass_seconds": res["seconds"], "affine": affine}
+    out = {"pred": pred, "uncertainty": unc_orig, "pass_counts": np.stack(counts),
+           "pass_seconds": res["seconds"], "affine": affine}
+    if res["evidence"] is not None:
+        out["evidence"] = invert_to_original(data, "evidence", res["evidence"][0], preprocess,
+                                             nearest=True).cpu().numpy().astype(np.float32)
+        out["probs"] = probs_orig.astype(np.float32)
+    return out
 
 
 def predict_classification_case(model, item: dict, preprocess,

@@ -89,6 +89,17 @@ def test_segmentation_predictions_keep_shape_and_affine(trained_seg):
         assert 0.0 <= float(row["uncertainty_mean"]) <= 1.0
         assert float(row["volume_spread_ml_a"]) >= 0.0
         assert not any(k.startswith("_") for k in row)
+        # the evidence beside the prediction: a CNN's softmax, saved for the study reports
+        ev = nib.load(cfg["results"] + "/" + row["evidence"])
+        probs = nib.load(cfg["results"] + "/" + row["probability_maps"])
+        assert ev.shape == probs.shape == (*nib.load(row["image"]).shape, 3)
+        np.testing.assert_allclose(ev.get_fdata().sum(-1), 1.0, atol=0.02)
+        label_map = np.asarray(nib.load(cfg["results"] + "/" + row["prediction"]).dataobj)
+        stored = probs.get_fdata()
+        differ = label_map != stored.argmax(-1)
+        top2 = np.sort(stored[differ], axis=-1)[:, -2:]
+        assert np.all(top2[:, 1] - top2[:, 0] <= 1 / 255 + 1e-6)  # only 8-bit rounding ties
+    assert saved["evidence_kind"] == "softmax" and "evidence_disagreement" not in rows[0]
 
 
 def test_validation_stage_calibrates_the_uncertainty_thresholds(trained_seg):

@@ -7,6 +7,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 from capsmed.models import get_model
 from capsmed.train.inference import (
+    evidence_kind,
     normalised_entropy,
     predict_classification_case,
     predict_segmentation_case,
@@ -81,3 +82,19 @@ def test_segmentation_tta_gives_entropy_of_the_mean_and_per_pass_volumes(tmp_pat
 def test_normalised_entropy():
     ent = normalised_entropy(np.array([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]]))
     np.testing.assert_allclose(ent, [0.0, np.log(2) / np.log(3), 1.0], atol=1e-6)
+
+
+def test_capsule_evidence_keeps_its_own_resolution():
+    torch.manual_seed(0)
+    model = get_model("ucaps", spatial_dims=3, in_channels=1, out_channels=3).eval()
+    assert evidence_kind(model) == "capsule lengths"
+    assert evidence_kind(get_model("unet", spatial_dims=3, in_channels=1,
+                                   out_channels=3)) == "softmax"
+    image = torch.rand(1, 1, 32, 32, 32)
+    res = segment(model, image, [32, 32, 32], tta=True, evidence=True)
+    with torch.no_grad():
+        coarse = model.forward_train(image)["coarse_lengths"]
+    assert coarse.shape[2:] == (4, 4, 4)
+    expected = torch.nn.functional.interpolate(coarse, size=(32, 32, 32), mode="nearest")
+    torch.testing.assert_close(res["evidence"], expected, rtol=1e-4, atol=1e-5)
+    assert segment(model, image, [32, 32, 32])["evidence"] is None
