@@ -265,11 +265,16 @@ class OverlayRow:
         overlay: ``(X, Y, Z)`` array in the image's display orientation, or None (image only).
         kind: ``"labels"`` (integer label map, coloured per label) or ``"heat"`` (continuous map,
             e.g. voxel uncertainty, drawn with a colour bar).
+        vmax: Top of the colour scale of a ``"heat"`` row (default: the map's maximum), e.g. 1
+            for probabilities, so that rows compare.
+        heat_label: Colour-bar label of this ``"heat"`` row (default: the figure's).
     """
 
     title: str
     overlay: np.ndarray | None = None
     kind: str = "labels"
+    vmax: float | None = None
+    heat_label: str | None = None
 
 
 def structure_centre(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -377,7 +382,8 @@ def ortho_figure(image: np.ndarray | None, spacing: Sequence[float], rows: Seque
                 sl = overlay[slicer].T
                 if row.kind == "heat":
                     finite = overlay[np.isfinite(overlay)]
-                    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+                    vmax = row.vmax if row.vmax is not None else (
+                        float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
                     masked = np.ma.masked_where(~np.isfinite(sl) | (sl <= 0), sl)
                     heat_im = ax.imshow(masked, cmap="magma", origin="lower", vmin=0, vmax=vmax,
                                         alpha=0.75, aspect=aspect, interpolation="nearest")
@@ -400,7 +406,7 @@ def ortho_figure(image: np.ndarray | None, spacing: Sequence[float], rows: Seque
             box = axes[r, -1].get_position()
             cax = fig.add_axes((box.x1 + 0.15 / width, box.y0 + 0.1 * box.height,
                                 0.12 / width, 0.8 * box.height))
-            fig.colorbar(heat_im, cax=cax, label=heat_label)
+            fig.colorbar(heat_im, cax=cax, label=row.heat_label or heat_label)
     if used_labels:
         names = label_names or {}
         handles = [Patch(color=label_colour(k), label=str(names.get(k, f"label {k}"))[:24])

@@ -354,6 +354,24 @@ def _segmentation_sections(cases: pd.DataFrame, names: Mapping[int, str],
     return sections
 
 
+def evidence_text(cases: pd.DataFrame, kind: str | None) -> str | None:
+    """How often capsule evidence and the final prediction disagree, over a stage's cases."""
+    if "evidence_disagreement" not in cases.columns:
+        if kind == "softmax":
+            return ("This CNN has no capsules; its study reports show its softmax maps where "
+                    "capsule models show their capsule lengths.")
+        return None
+    v = pd.to_numeric(cases["evidence_disagreement"], errors="coerce").to_numpy(dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    n_any = int(np.sum(v > 0))
+    return (f"Capsule evidence and final prediction: the class capsules' strongest class differs "
+            f"from the final label on {100 * v.mean():.1f}% of the structure voxels on average "
+            f"(median {100 * np.median(v):.1f}%, largest {100 * v.max():.1f}%); they disagree "
+            f"somewhere in {n_any} of {v.size} studies.")
+
+
 def _uncertainty_section(cases: pd.DataFrame, names: Mapping[int, str],
                          links: Mapping[str, str | None], calibration: Mapping[str, Any] | None,
                          cost: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
@@ -528,6 +546,10 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, 
             sections.insert(len(sections) - 1, unc_section)  # before the case table
         if unc_lead:
             lead.append(unc_lead)
+        ev_text = evidence_text(cases, metrics_doc.get("evidence_kind"))
+        if ev_text:
+            sections.insert(len(sections) - 1, b.section(
+                "evidence", "What the capsules saw", paragraphs=[ev_text]))
     record = {**{k: metrics_doc[k] for k in ("checkpoint_sha256",) if metrics_doc.get(k)},
               **{k: v for k, v in train.items() if v not in (None, "")}}
     prov = [(label, record[k]) for k, label in (

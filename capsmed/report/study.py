@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -89,6 +90,12 @@ class StudyInput(TypedDict, total=False):
             the test-time-augmentation passes.
         uncertainty_calibration: The validation stage's ``uncertainty_calibration`` (from
             ``metrics.json``): ``voxel_threshold``, ``study_threshold``, ``n_cases``, ...
+        evidence: Segmentation: NIfTI of the model's evidence per class, channels last (capsule
+            lengths, coarse ones at their own resolution, or a CNN's softmax).
+        probability_maps: Segmentation: NIfTI of the final class probabilities, channels last.
+        evidence_kind: ``"capsule lengths"`` or ``"softmax"`` (``metrics.json``).
+        evidence_disagreement: Capsule segmenters: share of structure voxels where the capsules'
+            strongest class differs from the final label (``cases.csv``).
         volumes_ml: Predicted structure volume in mL per label name; computed from ``prediction``
             when absent.
         volumes_true_ml: Ground-truth volume in mL per label name; computed from ``label`` when absent.
@@ -122,6 +129,10 @@ class StudyInput(TypedDict, total=False):
     uncertainty_mean: float | None
     volume_spread_ml: Mapping[str, float]
     uncertainty_calibration: Mapping[str, Any] | None
+    evidence: str | Path | None
+    probability_maps: str | Path | None
+    evidence_kind: str | None
+    evidence_disagreement: float | None
     volumes_ml: Mapping[str, float]
     volumes_true_ml: Mapping[str, float]
     volume_range_ml: Mapping[str, Any]
@@ -357,6 +368,83 @@ def uncertainty_summary(study: Mapping[str, Any], entropy: np.ndarray, pred: np.
     return {"mean": mean, "flagged": flagged, "text": text, "card": card}
 
 
+# ----------------------------------------------------------------------------- evidence
+
+
+def load_maps(path: Path | None) -> np.ndarray | None:
+    """Per-class maps ``(C, X, Y, Z)`` in RAS from a channels-last NIfTI; None if unreadable."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        img = nib.load(str(path))
+        if len(img.shape) != 4:
+            return None
+        canonical = nib.as_closest_canonical(img)
+        return np.moveaxis(np.asarray(canonical.dataobj, dtype=np.float32), -1, 0)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
+        logger.warning("%s: cannot read the maps (%s)", path, exc)
+        return None
+
+
+def evidence_section(study: Mapping[str, Any], image: Volume | None, centre: Any,
+                     names: Mapping[int, str]) -> dict[str, Any] | None:
+    """What the model saw: per structure its evidence beside its final probability.
+
+    Capsule segmenters show their class-capsule lengths (coarse capsules at their own resolution,
+    visible as blocks) beside the decoder's probabilities; CNN baselines show their softmax, in
+    the same place, so the pages compare like with like.
+
+    Returns:
+        A section, or None when the study has no evidence maps.
+    """
+    evidence = load_maps(_as_path(study.get("evidence")))
+    if evidence is None:
+        return None
+    probs = load_maps(_as_path(study.get("probability_maps")))
+    kind = str(study.get("evidence_kind") or "capsule lengths")
+    capsule = kind != "softmax"
+    ref_shape = image.data.shape if image is not None else evidence.shape[1:]
+    rows = []
+    for k, name in names.items():
+        if k == 0 or k >= evidence.shape[0]:
+            continue
+        if capsule:
+            rows.append(fig.OverlayRow(f"Capsules: {name}", evidence[k], kind="heat", vmax=1.0,
+                                       heat_label="capsule length"))
+            if probs is not None and k < probs.shape[0]:
+                rows.append(fig.OverlayRow(f"Probability: {name}", probs[k], kind="heat",
+                                           vmax=1.0, heat_label="probability"))
+        else:
+            rows.append(fig.OverlayRow(f"Softmax: {name}", evidence[k], kind="heat", vmax=1.0,
+                                       heat_label="probability"))
+    if centre is None:
+        centre = tuple(s // 2 for s in ref_shape)
+    uri = fig.ortho_figure(image.data if image is not None else None,
+                           image.spacing if image is not None else (1.0, 1.0, 1.0), rows, centre,
+                           names)
+    if capsule:
+        paragraphs = [
+            "Each structure has a class capsule; its length (0 to 1) is the network's evidence "
+            "that the structure is there. For each structure the first row shows the capsule "
+            "lengths at the resolution the capsules work at (where that is coarser than the "
+            "image, each block is one capsule position); the row below shows the probabilities "
+            "the decoder makes of them, from which the prediction is taken."]
+        share = to_float(study.get("evidence_disagreement"))
+        if share is not None:
+            paragraphs.append(
+                f"In this study the capsules' strongest class differs from the final label on "
+                f"{100 * share:.1f}% of the voxels that either marks as a structure.")
+    else:
+        paragraphs = [
+            "This model is a CNN: it has no capsules, so its softmax probability per structure "
+            "is shown where capsule models show their capsule lengths."]
+    caption = ("Slices through the same point as the images above; colour scale 0 to 1. "
+               "Maps from the unflipped test-time pass.")
+    return b.section("evidence", "What the model saw", paragraphs=paragraphs,
+                     figs=[b.figure(uri, f"Evidence maps of study {study.get('case_id')}",
+                                    caption)] if uri else [])
+
+
 # ----------------------------------------------------------------------------- viewer
 
 
@@ -557,6 +645,9 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
                  for k, v in sorted(metrics.items(), key=lambda kv: metric_sort_key(kv[0]))]
         sections.append(b.section("case-metrics", "Agreement with the ground truth",
                                   tables=[b.table(["Metric", "Value"], mrows)]))
+    ev_section = evidence_section(study, seg["image"], seg["centre"], names)
+    if ev_section is not None:
+        sections.append(ev_section)
     return {"lead": lead, "cards": cards, "sections": sections}
 
 
@@ -793,6 +884,10 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
         study["volume_spread_ml"] = spreads
         if is_number(row.get("uncertainty_mean")):
             study["uncertainty_mean"] = float(row["uncertainty_mean"])
+        study["evidence"] = path("evidence")
+        study["probability_maps"] = path("probability_maps")
+        if is_number(row.get("evidence_disagreement")):
+            study["evidence_disagreement"] = float(row["evidence_disagreement"])
         metrics = {}
         for c in cols:
             base = c.split("_")[0]
@@ -885,7 +980,8 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
                         study[key] = str(candidate)
                         break
         study.update(dataset=dataset, model=model, stage=stage, provenance=provenance,
-                     volume_range_ml=ranges, links=links, uncertainty_calibration=calibration)
+                     volume_range_ml=ranges, links=links, uncertainty_calibration=calibration,
+                     evidence_kind=metrics_doc.get("evidence_kind"))
         case_id = study["case_id"]
         if case_id in out:
             logger.warning("%s: case id %r appears twice; the last row wins",

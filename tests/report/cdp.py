@@ -178,6 +178,7 @@ class Browser:
         params: dict[str, Any] = {"format": "png"}
         if clip is not None:
             params["clip"] = {**clip, "scale": 1}
+            params["captureBeyondViewport"] = True
         data = self.call("Page.captureScreenshot", params)["data"]
         return imread(io.BytesIO(base64.b64decode(data)), format="png")
 

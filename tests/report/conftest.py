@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from capsmed.evaluate.evidence import evidence_disagreement
 from capsmed.evaluate.uncertainty import calibrate, case_uncertainty, tta_cost
 
 HOSTILE_SCRIPT = "<script>alert(1)</script>"
@@ -201,6 +202,8 @@ def make_segmentation(root: Path) -> None:
                     row[f"volume_error_ml_{name}"] = round(float(pv - tv), 4)
                 row["uncertainty"] = unc
                 row.update(unc_cols)
+                if stage == "test":
+                    row.update(_evidence_maps(edir / "predictions" / stem, model, pred, lab))
                 rows.append(row)
             calibration = calibrate(rows) if stage == "val" else None
             rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
@@ -216,10 +219,33 @@ def make_segmentation(root: Path) -> None:
                 "cost": {"inference_seconds_per_case": 0.42 + m_i, "peak_memory_mb": 900.0,
                          **(tta_cost([[0.1, 0.11, 0.1, 0.12]]) if model == "ucaps" else {})},
                 "labels": SEG_LABELS,
+                "evidence_kind": "capsule lengths" if model == "ucaps" else "softmax",
                 **({"uncertainty_calibration": calibration} if calibration else {})})
 
 
 STAGE_INDEX = {"train": 0, "val": 1, "test": 2}
+
+
+def _evidence_maps(stem: Path, model: str, pred: np.ndarray, lab: np.ndarray) -> dict:
+    """Channels-last evidence and probability maps as ``capsmed evaluate`` saves them.
+
+    ``ucaps``: capsule lengths at 1/4 resolution (blocks of 4 voxels) from the true labels, so they
+    disagree with the (shifted) prediction; ``unet``: its softmax, equal to its probabilities.
+    """
+    onehot = np.stack([pred == k for k in range(3)]).astype(np.float32)
+    probs = 0.1 + 0.7 * onehot
+    if model == "ucaps":
+        coarse = np.stack([lab == k for k in range(3)]).astype(np.float32)[:, ::4, ::4, ::4]
+        evidence = 0.05 + 0.85 * np.repeat(np.repeat(np.repeat(coarse, 4, 1), 4, 2), 4, 3)[
+            :, :SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    else:
+        evidence = probs
+    out = {"evidence": _save_nifti(Path(f"{stem}_evidence.nii.gz"), np.moveaxis(evidence, 0, -1)),
+           "probability_maps": _save_nifti(Path(f"{stem}_probs.nii.gz"),
+                                           np.moveaxis(probs, 0, -1))}
+    if model == "ucaps":
+        out["evidence_disagreement"] = evidence_disagreement(evidence, pred)
+    return out
 
 
 # ----------------------------------------------------------------------------- classification

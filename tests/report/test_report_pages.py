@@ -219,3 +219,25 @@ def test_index_links_everything(rendered, facts):
     assert "Dice 0.812 [0.780, 0.850]" in page.text and "11.00 GFLOPs" in page.text
     assert all(not Path(h).is_absolute() for h in hrefs)
     assert (root / "index.html") == rendered["index"]
+
+
+def test_capsule_evidence_beside_the_prediction(rendered, facts):
+    edir = rendered["root"] / facts.SEG / "eval" / "ucaps" / "test"
+    rows = {r["case_id"]: r for r in csv.DictReader(open(edir / "cases.csv"))}
+    share = float(rows["case_005"]["evidence_disagreement"])
+    assert 0 < share < 1
+    html = rendered["studies"][(facts.SEG, "ucaps")]["case_005"].read_text(encoding="utf-8")
+    section = html.split('<section id="evidence">', 1)[1].split("</section>", 1)[0]
+    assert "What the model saw" in section and "class capsule" in section
+    assert f"differs from the final label on {100 * share:.1f}% of the voxels" in section
+    assert section.count('<img src="data:image/png;base64,') == 1
+    cnn = rendered["studies"][(facts.SEG, "unet")]["case_005"].read_text(encoding="utf-8")
+    cnn_section = cnn.split('<section id="evidence">', 1)[1].split("</section>", 1)[0]
+    assert "This model is a CNN" in cnn_section and "softmax" in cnn_section
+    values = np.array([float(r["evidence_disagreement"]) for r in rows.values()])
+    stage = parse(rendered["stage"][(facts.SEG, "ucaps", "test")]).text
+    assert (f"differs from the final label on {100 * values.mean():.1f}% of the structure voxels "
+            f"on average (median {100 * np.median(values):.1f}%") in stage
+    assert f"they disagree somewhere in {int((values > 0).sum())} of {len(values)} studies" in stage
+    assert "softmax maps where capsule models show their capsule lengths" in parse(
+        rendered["stage"][(facts.SEG, "unet", "test")]).text
