@@ -130,6 +130,15 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
             rpath = pred_dir / f"{safe_name(case['case_id'])}_recon.npy"
             np.save(rpath, out["reconstruction"].astype(np.float32))
             row["reconstruction"] = str(rpath.relative_to(layout.results))
+        row["pose_perturbation"] = ""
+        if out.get("perturbation") is not None and ctx["stage"] == "test":
+            ppath = pred_dir / f"{safe_name(case['case_id'])}_poses.npz"
+            panel = out["perturbation"][:, :, 0]  # first channel: (D, steps, *S)
+            if panel.ndim == 5:  # 3D: the middle slice of the last axis keeps the file small
+                panel = panel[..., panel.shape[-1] // 2]
+            np.savez_compressed(ppath, reconstructions=panel.astype(np.float16),
+                                steps=np.asarray(out["perturbation_steps"]))
+            row["pose_perturbation"] = str(ppath.relative_to(layout.results))
     row["_seconds"] = seconds
     return row
 
@@ -192,7 +201,7 @@ def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
     fields = (["case_id", "image", "class", "predicted", "confidence"]
               + [f"prob_{k}" for k in range(n_cls)]
               + ([f"length_{k}" for k in range(n_cls)] if rows and "length_0" in rows[0]
-                 else []) + ["reconstruction"])
+                 else []) + ["reconstruction", "pose_perturbation"])
     extra = {"classes": names, **{k: v for k, v in result.items() if k != "metrics"}}
     extra["has_reconstruction"] = any(r.get("reconstruction") for r in rows)
     return metrics, ci, fields, extra

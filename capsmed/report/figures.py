@@ -452,6 +452,60 @@ def array_slices(arrays: Sequence[tuple[str, np.ndarray]]) -> str | None:
     return to_data_uri(fig)
 
 
+def pose_effects(panel: np.ndarray, centre: int) -> np.ndarray:
+    """How much moving each pose dimension changes the reconstruction.
+
+    Args:
+        panel: ``(D, steps, *S)`` reconstructions (dimension, offset).
+        centre: The column of the unmoved capsule (offset 0).
+
+    Returns:
+        ``(D,)``: the mean absolute change from the unmoved reconstruction over offsets and
+        pixels.
+    """
+    p = np.asarray(panel, dtype=np.float64)
+    diff = np.abs(p - p[:, centre:centre + 1])
+    return diff.reshape(p.shape[0], -1).mean(axis=1)
+
+
+def pose_grid(panel: np.ndarray, order: Sequence[int], steps: Sequence[float],
+              effects: Sequence[float]) -> str | None:
+    """Sabour et al. (2017) figure 4: reconstructions as each pose dimension is moved.
+
+    Args:
+        panel: ``(D, steps, H, W)`` reconstructions.
+        order: Dimensions in the order of the rows (largest effect first).
+        steps: The offset of each column.
+        effects: Effect per dimension (shown beside each row).
+
+    Returns:
+        PNG data URI, or None when the panel is not 2-D images.
+    """
+    p = np.asarray(panel, dtype=float)
+    if p.ndim != 4 or not len(order):
+        return None
+    lo, hi = float(np.nanmin(p)), float(np.nanmax(p))
+    hi = hi if hi > lo else lo + 1.0
+    cell = 0.55
+    width, height = cell * len(steps) + 1.3, cell * len(order) + 0.6
+    fig = new_figure(width, height)
+    fig.subplots_adjust(left=1.2 / width, right=1 - 0.1 / width, top=1 - 0.45 / height,
+                        bottom=0.1 / height, wspace=0.05, hspace=0.05)
+    axes = fig.subplots(len(order), len(steps), squeeze=False)
+    for r, d in enumerate(order):
+        for c, step in enumerate(steps):
+            ax = axes[r, c]
+            ax.imshow(p[d, c].T, cmap="gray", origin="lower", vmin=lo, vmax=hi,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{step:+.2f}", fontsize=7)
+        axes[r, 0].set_ylabel(f"dim {d}\n{effects[d]:.3f}", fontsize=7, rotation=0,
+                              ha="right", va="center")
+    return to_data_uri(fig)
+
+
 # ----------------------------------------------------------------------------- comparison
 
 

@@ -82,6 +82,8 @@ class StudyInput(TypedDict, total=False):
         lengths: Capsule models: class-capsule lengths (list in class order or mapping).
         reconstruction: Capsule models: ``.npy`` reconstruction from the winning capsule,
             ``(C, *S)`` or ``(*S)``.
+        pose_perturbation: Capsule classifiers: ``.npz`` with ``reconstructions`` ``(D, steps,
+            H, W)`` as each pose dimension of the winning capsule moves by ``steps``.
         uncertainty: Test-time-augmentation uncertainty: a NIfTI voxel map (segmentation: the
             normalised entropy of the mean probabilities, 0 to 1) or a number.
         uncertainty_mean: Segmentation: mean of the uncertainty map inside the predicted
@@ -125,6 +127,7 @@ class StudyInput(TypedDict, total=False):
     confidence: float | None
     lengths: Sequence[float] | Mapping[Any, float] | None
     reconstruction: str | Path | None
+    pose_perturbation: str | Path | None
     uncertainty: str | Path | float | None
     uncertainty_mean: float | None
     volume_spread_ml: Mapping[str, float]
@@ -735,7 +738,8 @@ def _capsule_section(study: Mapping[str, Any], names: Mapping[int, str], predict
         lengths_names = {i: f"class {i}" for i in range(len(lengths))}
     recon_path = _as_path(study.get("reconstruction"))
     recon = load_array(recon_path)
-    if not lengths and recon is None:
+    panel = load_pose_panel(_as_path(study.get("pose_perturbation")))
+    if not lengths and recon is None and panel is None:
         return None
     figs, paragraphs, tables = [], [], []
     if lengths:
@@ -763,8 +767,72 @@ def _capsule_section(study: Mapping[str, Any], names: Mapping[int, str], predict
                              "Input image beside the capsule decoder's reconstruction",
                              "Left: input (middle slice); right: reconstruction from the winning "
                              "capsule."))
+    subsections = []
+    if panel is not None:
+        sub = pose_subsection(*panel, lengths_names.get(int(np.nanargmax(lengths)), "")
+                              if lengths else "")
+        if sub is not None:
+            subsections.append(sub)
     return b.section("capsules", "Capsule evidence", paragraphs=paragraphs, tables=tables,
-                     figs=figs)
+                     figs=figs, subsections=subsections)
+
+
+def load_pose_panel(path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(reconstructions (D, steps, H, W), steps)`` from ``{case}_poses.npz``; None if absent."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as doc:
+            return (np.asarray(doc["reconstructions"], dtype=np.float32),
+                    np.asarray(doc["steps"], dtype=np.float64))
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("%s: cannot read the pose perturbation (%s)", path, exc)
+        return None
+
+
+def pose_subsection(panel: np.ndarray, steps: np.ndarray, winner: str) -> dict[str, Any] | None:
+    """The pose-perturbation panel of a capsule classifier (Sabour et al. 2017, figure 4).
+
+    Args:
+        panel: ``(D, steps, H, W)`` decoder reconstructions as each pose dimension of the winning
+            class capsule is moved by ``steps`` (``{case}_poses.npz``, written by
+            ``capsmed evaluate``).
+        steps: The offset of each column; one of them is 0.
+        winner: Name of the winning class.
+
+    Returns:
+        A subsection (:func:`capsmed.report.blocks.subsection`), or None when the panel does not
+        have one column per step.
+    """
+    zero = np.flatnonzero(np.isclose(steps, 0.0))
+    if panel.ndim != 4 or panel.shape[1] != len(steps) or not zero.size:
+        logger.warning("pose perturbation of shape %s with steps %s: expected (D, steps, H, W) "
+                       "and a 0 step; not shown", panel.shape, steps.tolist())
+        return None
+    effects = fig.pose_effects(panel, int(zero[0]))
+    order = [int(i) for i in np.argsort(-effects, kind="mergesort")]
+    top = order[:5]
+    uri = fig.pose_grid(panel, order, [float(x) for x in steps], effects)
+    lo, hi, step = float(steps.min()), float(steps.max()), float(np.diff(steps).mean())
+    paragraphs = [
+        f"Each of the {panel.shape[0]} pose dimensions of the winning capsule"
+        + (f" ({winner})" if winner else "")
+        + f" is moved in steps of {step:.2f} from {lo:+.2f} to {hi:+.2f} while the others stay, "
+        "and the decoder "
+        "redraws the input from the moved capsule (Sabour et al. 2017, figure 4). Rows are "
+        "ranked by how much they change the reconstruction; dimensions that change it little "
+        "carry little of what the decoder draws.",
+        "Largest effects: " + ", ".join(f"dimension {d} ({effects[d]:.3f})" for d in top) + "."]
+    table = b.table(["Rank", "Pose dimension", "Mean change of the reconstruction"],
+                    [b.row([b.num_cell(i + 1), b.num_cell(d), b.num_cell(f"{effects[d]:.4f}")])
+                     for i, d in enumerate(order)],
+                    note="Mean absolute change of the reconstruction from the unmoved capsule, "
+                         "over all offsets and pixels (the reconstruction's own units).")
+    figure = b.figure(uri, "Decoder reconstructions as each pose dimension of the winning "
+                      "capsule is moved", "Rows: pose dimensions, largest effect first (effect "
+                      "under the name); columns: offset added to that dimension. 3D inputs show "
+                      "their middle slice.") if uri else None
+    return b.subsection("Pose perturbation", paragraphs, [table], [figure])
 
 
 def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any], *,
@@ -913,6 +981,7 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
         study["true_class"] = row.get("class")
         study["confidence"] = to_float(row.get("confidence"))
         study["reconstruction"] = path("reconstruction")
+        study["pose_perturbation"] = path("pose_perturbation")
     return study
 
 
@@ -970,7 +1039,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
         # Files named by PLAN.md's layout when cases.csv leaves the column out.
         pred_dir = edir / "predictions"
         for key, suffix in (("prediction", ".nii.gz"), ("uncertainty", "_uncertainty.nii.gz"),
-                            ("reconstruction", "_recon.npy")):
+                            ("reconstruction", "_recon.npy"), ("pose_perturbation", "_poses.npz")):
             if key == "prediction" and task != "segmentation":
                 continue
             if study.get(key) is None and key not in record:

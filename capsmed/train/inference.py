@@ -240,12 +240,47 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
     return out
 
 
+#: Pose perturbation in the manner of Sabour et al. (2017), figure 4: each dimension of the winning
+#: class capsule moved in steps of 0.05 over [-0.25, 0.25].
+POSE_STEPS = tuple(round(-0.25 + 0.05 * i, 2) for i in range(11))
+
+
+def pose_perturbation(decoder: torch.nn.Module, poses: torch.Tensor, index: int,
+                      steps: tuple[float, ...] = POSE_STEPS) -> torch.Tensor:
+    """Decoder reconstructions as each pose dimension of one class capsule is moved.
+
+    Args:
+        decoder: ``decoder(poses (B, C, D), index (B,))`` -> ``(B, C_in, *S)`` (the capsule
+            classifiers' :class:`~capsmed.models.capsnet.CapsuleDecoder`).
+        poses: ``(C, D)`` class capsules of one study.
+        index: The class capsule to move (the winning one).
+        steps: Offsets added to one dimension at a time.
+
+    Returns:
+        ``(D, len(steps), C_in, *S)`` reconstructions; row ``d``, column ``j`` has dimension ``d``
+        moved by ``steps[j]``.
+    """
+    dims = poses.shape[-1]
+    delta = torch.tensor(steps, dtype=poses.dtype, device=poses.device)
+    batch = poses.unsqueeze(0).unsqueeze(0).repeat(dims, len(steps), 1, 1)  # (D, S, C, D)
+    eye = torch.eye(dims, dtype=poses.dtype, device=poses.device)
+    batch[:, :, index, :] += delta[None, :, None] * eye[:, None, :]
+    flat = batch.reshape(dims * len(steps), *poses.shape)
+    idx = torch.full((flat.shape[0],), int(index), dtype=torch.long, device=poses.device)
+    with torch.no_grad():
+        recon = decoder(flat, idx)
+    return recon.reshape(dims, len(steps), *recon.shape[1:])
+
+
 def predict_classification_case(model, item: dict, preprocess,
                                 device: torch.device) -> dict[str, Any]:
     """Classify one study.
 
     Returns:
-        ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None}``.
+        ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None,
+        "perturbation": (D, steps, C_in, *S) or None, "perturbation_steps"}``; the perturbation
+        (capsule classifiers with a decoder) moves each pose dimension of the winning capsule by
+        each of ``perturbation_steps`` (:data:`POSE_STEPS`).
     """
     data = preprocess({"image": item["image"]})
     image = data["image"].unsqueeze(0).to(device)
@@ -256,8 +291,15 @@ def predict_classification_case(model, item: dict, preprocess,
         probs = model.probabilities(out["scores"])[0].float().cpu().numpy()
     lengths = out.get("lengths")
     recon = out.get("reconstruction")
+    perturbation = None
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None and out.get("poses") is not None and lengths is not None:
+        winner = int(lengths[0].argmax())
+        perturbation = pose_perturbation(decoder, out["poses"][0], winner).float().cpu().numpy()
     return {
         "probs": probs,
         "lengths": None if lengths is None else lengths[0].float().cpu().numpy(),
         "reconstruction": None if recon is None else recon[0].float().cpu().numpy(),
+        "perturbation": perturbation,
+        "perturbation_steps": POSE_STEPS,
     }

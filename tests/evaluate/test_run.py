@@ -238,3 +238,30 @@ def test_predict_dicom_series_folder_keeps_its_geometry(trained_seg, tmp_path):
     assert seg.shape == tuple(src.shape)
     np.testing.assert_allclose(seg.affine, src.affine.numpy(), atol=1e-4)
     assert (tmp_path / "pred" / "studyC.html").is_file()
+
+
+def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path):
+    from capsmed.report import write_study_reports
+    from capsmed.report.figures import pose_effects
+
+    cfg = tiny_config(tmp_path / "results", models=["capsnet"],
+                      train={"epochs": 1, "batch_size": 8})
+    cfg["models"]["capsnet"] = {"args": {"conv_channels": 16, "primary_capsules": 4}}
+    prepare_all(write_config(cfg, tmp_path / "c.yaml"))
+    train_model(cfg, "ds", "capsnet")
+    evaluate_stage(cfg, "ds", "capsnet", "test")
+    results = Path(cfg["results"])
+    rows = list(csv.DictReader((results / "ds/eval/capsnet/test/cases.csv").open()))
+    with np.load(results / rows[0]["pose_perturbation"]) as doc:
+        panel, steps = doc["reconstructions"].astype(np.float32), doc["steps"]
+    np.testing.assert_allclose(steps, np.arange(-0.25, 0.2501, 0.05), atol=1e-9)
+    assert panel.shape == (16, 11, 28, 28)
+    recon = np.load(results / rows[0]["reconstruction"])[0]
+    np.testing.assert_allclose(panel[:, 5], np.broadcast_to(recon, panel[:, 5].shape), atol=2e-3)
+    page = write_study_reports(results, "ds", "capsnet")[rows[0]["case_id"]]
+    html = page.read_text(encoding="utf-8")
+    effects = pose_effects(panel, 5)
+    ranked = [int(d) for d in np.argsort(-effects, kind="mergesort")]
+    assert "Pose perturbation" in html and "moved in steps of 0.05 from -0.25 to +0.25" in html
+    assert "Largest effects: " + ", ".join(
+        f"dimension {d} ({effects[d]:.3f})" for d in ranked[:5]) + "." in html

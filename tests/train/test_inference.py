@@ -7,6 +7,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 from capsmed.models import get_model
 from capsmed.train.inference import (
+    POSE_STEPS,
     evidence_kind,
     normalised_entropy,
     predict_classification_case,
@@ -98,3 +99,28 @@ def test_capsule_evidence_keeps_its_own_resolution():
     expected = torch.nn.functional.interpolate(coarse, size=(32, 32, 32), mode="nearest")
     torch.testing.assert_close(res["evidence"], expected, rtol=1e-4, atol=1e-5)
     assert segment(model, image, [32, 32, 32])["evidence"] is None
+
+
+def test_pose_perturbation_moves_one_dimension_of_the_winning_capsule():
+    torch.manual_seed(0)
+    model = get_model("capsnet", spatial_dims=2, in_channels=1, out_channels=3,
+                      conv_channels=16, primary_capsules=4).eval()
+    image = torch.rand(1, 28, 28)
+    out = predict_classification_case(model, {"image": "unused"}, lambda d: {"image": image},
+                                      torch.device("cpu"))
+    panel, steps = out["perturbation"], out["perturbation_steps"]
+    assert steps == POSE_STEPS and len(steps) == 11 and steps[0] == -0.25 and steps[5] == 0.0
+    assert panel.shape == (16, 11, 1, 28, 28)
+    np.testing.assert_allclose(panel[:, 5], np.broadcast_to(out["reconstruction"], (16, 1, 28, 28)),
+                               rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        poses = model.forward_train(image[None])["poses"]
+        winner = int(poses.norm(dim=-1).argmax())
+        moved = poses.clone()
+        moved[0, winner, 7] += 0.25
+        expected = model.decoder(moved, torch.tensor([winner]))[0].numpy()
+    np.testing.assert_allclose(panel[7, 10], expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(panel[7, 10], panel[7, 0])
+    assert predict_classification_case(
+        get_model("seed_cnn", spatial_dims=2, in_channels=1, out_channels=2).eval(),
+        {"image": "unused"}, lambda d: {"image": image}, torch.device("cpu"))["perturbation"] is None
