@@ -501,7 +501,7 @@ def pose_grid(panel: np.ndarray, order: Sequence[int], steps: Sequence[float],
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"{step:+.2f}", fontsize=7)
-        axes[r, 0].set_ylabel(f"dim {d}\n{effects[d]:.3f}", fontsize=7, rotation=0,
+        axes[r, 0].set_ylabel(f"dim {d}\n{effects[d]:.3g}", fontsize=7, rotation=0,
                               ha="right", va="center")
     return to_data_uri(fig)
 

@@ -822,12 +822,13 @@ def pose_subsection(panel: np.ndarray, steps: np.ndarray, winner: str) -> dict[s
         "redraws the input from the moved capsule (Sabour et al. 2017, figure 4). Rows are "
         "ranked by how much they change the reconstruction; dimensions that change it little "
         "carry little of what the decoder draws.",
-        "Largest effects: " + ", ".join(f"dimension {d} ({effects[d]:.3f})" for d in top) + "."]
+        "Largest effects: " + ", ".join(f"dimension {d} ({effects[d]:.3g})" for d in top) + "."]
     table = b.table(["Rank", "Pose dimension", "Mean change of the reconstruction"],
-                    [b.row([b.num_cell(i + 1), b.num_cell(d), b.num_cell(f"{effects[d]:.4f}")])
-                     for i, d in enumerate(order)],
+                    [b.row([b.num_cell(i + 1), b.num_cell(d), b.num_cell(f"{effects[d]:.3g}")])
+                     for i, d in enumerate(top)],
                     note="Mean absolute change of the reconstruction from the unmoved capsule, "
-                         "over all offsets and pixels (the reconstruction's own units).")
+                         "over all offsets and pixels (the reconstruction's own units). The "
+                         f"figure ranks all {panel.shape[0]} dimensions.")
     figure = b.figure(uri, "Decoder reconstructions as each pose dimension of the winning "
                       "capsule is moved", "Rows: pose dimensions, largest effect first (effect "
                       "under the name); columns: offset added to that dimension. 3D inputs show "

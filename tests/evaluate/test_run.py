@@ -264,4 +264,4 @@ def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path)
     ranked = [int(d) for d in np.argsort(-effects, kind="mergesort")]
     assert "Pose perturbation" in html and "moved in steps of 0.05 from -0.25 to +0.25" in html
     assert "Largest effects: " + ", ".join(
-        f"dimension {d} ({effects[d]:.3f})" for d in ranked[:5]) + "." in html
+        f"dimension {d} ({effects[d]:.3g})" for d in ranked[:5]) + "." in html
