@@ -195,7 +195,8 @@ def viewer_data(layers: Sequence[Layer], label_names: Mapping[int, str]
 
     Args:
         layers: The volumes, background image first.
-        label_names: Label index -> name (0 is background and is drawn transparent).
+        label_names: Label index -> name (0 is background: drawn transparent, named in the
+            read-out).
 
     Returns:
         ``(data, note)``: the JSON-ready block (None when nothing can be shown) and a sentence
@@ -227,7 +228,8 @@ def viewer_data(layers: Sequence[Layer], label_names: Mapping[int, str]
                     "visible": layer.visible, "cal_min": cal_min, "cal_max": cal_max})
     labels = [{"index": int(k), "name": str(v), "rgb": label_rgb(int(k))}
               for k, v in sorted(label_names.items()) if int(k) != 0]
-    return {"volumes": out, "labels": labels}, "; ".join(notes)
+    background = str(dict(label_names).get(0, "background"))
+    return {"volumes": out, "labels": labels, "background": background}, "; ".join(notes)
 
 
 def script_hrefs(page: Path, assets: Path) -> list[str]:

@@ -5,7 +5,7 @@
  *
  * Data block: {"volumes": [{"name", "role": "image"|"labels"|"heat", "base64", "colormap",
  * "opacity", "cal_min", "cal_max", "visible"}], "labels": [{"index", "name", "rgb": [r, g, b]}],
- * "label_opacity": 0..1}. The state of the viewer is written to the container's data-state
+ * "background": name of label 0}. The state of the viewer is written to the container's data-state
  * attribute ("loading", "ready", or "error: ...") for readers and tests.
  */
 (function () {
@@ -36,7 +36,7 @@
 
   var cfg;
   try { cfg = JSON.parse(byId("cv-data").textContent); } catch (e) { fail("bad viewer data"); return; }
-  var labelNames = {};
+  var labelNames = {0: cfg.background || "background"};
   (cfg.labels || []).forEach(function (l) { labelNames[l.index] = l.name; });
   var labelAlpha = {};
   (cfg.labels || []).forEach(function (l) { labelAlpha[l.index] = 1; });
@@ -44,7 +44,8 @@
   (cfg.labels || []).forEach(function (l) { labelOn[l.index] = true; });
 
   var nv = new window.niivue.Niivue({
-    show3Dcrosshair: true, backColor: [0, 0, 0, 1], crosshairColor: [1, 0.85, 0, 1],
+    show3Dcrosshair: true, backColor: [0, 0, 0, 1], crosshairColor: [1, 0.85, 0, 0.8],
+    crosshairWidth: 0.25,
     dragAndDropEnabled: false, isColorbar: false, logLevel: "error", loadingText: "",
     isOrientCube: false, multiplanarShowRender: 1, isNearestInterpolation: true
   });
