@@ -164,3 +164,24 @@ def test_study_viewer_draws_scrolls_and_reads_out_offline(rendered, facts, tmp_p
         assert "Image:" in readout and "voxel (" in readout
     requests = _page_requests(netlog)
     assert requests == [], [r["url"] for r in requests]
+
+
+@needs_chromium
+def test_study_page_policy_runs_only_the_viewer_scripts(rendered, facts, tmp_path):
+    """The page's Content-Security-Policy blocks an injected inline or remote script."""
+    copy = tmp_path / "results"
+    shutil.copytree(rendered["root"], copy)
+    page = copy / rendered["studies"][(facts.SEG, "ucaps")]["case_005"].relative_to(
+        rendered["root"])
+    html = page.read_text(encoding="utf-8")
+    page.write_text(html.replace("</main>", "<script>document.title = 'injected';</script>"
+                                 '<script src="http://example.invalid/x.js"></script></main>'),
+                    encoding="utf-8")
+    netlog = tmp_path / "csp.netlog.json"
+    with Browser(CHROMIUM, tmp_path / "profile", netlog) as br:
+        br.open(page.resolve().as_uri())
+        assert br.wait_for(READY) == "ready"
+        assert br.evaluate("document.title") == "Study case_005"
+        blocked = [m for m in br.console() if "Content Security Policy" in m]
+        assert len(blocked) >= 2, br.console()
+    assert _page_requests(netlog) == []
