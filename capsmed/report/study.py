@@ -1,5 +1,10 @@
 """Per-study diagnostic reports: what the model found in one study, and how sure it is.
 
+A segmentation study page has an interactive NiiVue viewer (:mod:`capsmed.report.viewer`), the
+test-time-augmentation uncertainty with the thresholds calibrated on the validation stage, and what
+the model saw (class-capsule lengths beside the decoder's probabilities, or a CNN's softmax); a
+capsule classifier's page has its class-capsule lengths, reconstruction and pose-perturbation panel.
+
 :func:`write_study_report` renders one study from a :class:`StudyInput` dict; it serves both the test
 studies of an evaluated stage (:func:`write_study_reports` builds the dicts from ``cases.csv``) and new,
 unlabeled studies given to ``capsmed predict``.
