@@ -124,7 +124,7 @@ def stable_hash(obj: Any) -> str:
 
 
 def save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None,
-               dtype: Any = None) -> None:
+               dtype: Any = None, slope: float | None = None) -> None:
     """Write ``array`` as a NIfTI file atomically, spatial units mm, reproducible bytes.
 
     Args:
@@ -132,11 +132,20 @@ def save_nifti(array: np.ndarray, path: Path, affine: np.ndarray | None = None,
         path: destination ``.nii`` or ``.nii.gz`` path; its folder is created.
         affine: 4x4 voxel-to-world matrix (RAS, as nibabel uses); identity when None.
         dtype: stored data type; the array's own when None.
+        slope: store ``round(array / slope)`` (clipped to the integer ``dtype``) with the NIfTI
+            scale factor ``slope``, e.g. maps in [0, 1] as uint8 with ``slope=1/255``; None
+            stores the values as they are.
     """
     import nibabel as nib
 
-    data = np.asarray(array) if dtype is None else np.asarray(array, dtype=dtype)
+    data = np.asarray(array)
+    if slope is not None:
+        info = np.iinfo(dtype)
+        data = np.clip(np.rint(data / slope), info.min, info.max)
+    data = data if dtype is None else np.asarray(data, dtype=dtype)
     img = nib.Nifti1Image(data, np.eye(4) if affine is None else np.asarray(affine, float))
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     img.header.set_xyzt_units("mm")
     raw = img.to_bytes()
     if str(path).endswith(".gz"):

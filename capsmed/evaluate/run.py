@@ -78,6 +78,7 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
         The row, with the prediction's seconds under ``"_seconds"``.
     """
     from capsmed.evaluate import metrics as M
+    from capsmed.evaluate.uncertainty import case_uncertainty
     from capsmed.fileio import save_nifti
     from capsmed.train.inference import (
         classification_tta_axes,
@@ -89,7 +90,7 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
     t0 = time.perf_counter()
     if task == "segmentation":
         out = predict_segmentation_case(model, case, ctx["plan"], ctx["preprocess"], ctx["device"],
-                                        ctx["icfg"])
+                                        {**ctx["icfg"], "evidence": True})
         seconds = time.perf_counter() - t0
         label, spacing = _load_label(case["label"])
         pred = out["pred"]
@@ -111,6 +112,10 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
                else ""}
         fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
         row.update(M.segmentation_case_metrics(pred, label, fg, spacing))
+        row.update(case_uncertainty(out["uncertainty"], pred, label, out["pass_counts"],
+                                    float(np.prod(spacing)) / 1000.0, fg))
+        row["_pass_seconds"] = [float(x) for x in out["pass_seconds"]]
+        row.update(_evidence_files(out, ctx, name))
         if ctx.get("dicom") and Path(case["image"]).is_dir():
             volumes = {str(names[k] if k in names else names[str(k)]): row[f"volume_ml_{v}"]
                        for k, v in fg.items() if f"volume_ml_{v}" in row}
@@ -134,6 +139,15 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
             rpath = pred_dir / f"{safe_name(case['case_id'])}_recon.npy"
             np.save(rpath, out["reconstruction"].astype(np.float32))
             row["reconstruction"] = str(rpath.relative_to(layout.results))
+        row["pose_perturbation"] = ""
+        if out.get("perturbation") is not None and ctx["stage"] == "test":
+            ppath = pred_dir / f"{safe_name(case['case_id'])}_poses.npz"
+            panel = out["perturbation"][:, :, 0]  # first channel: (D, steps, *S)
+            if panel.ndim == 5:  # 3D: the middle slice of the last axis keeps the file small
+                panel = panel[..., panel.shape[-1] // 2]
+            np.savez_compressed(ppath, reconstructions=panel.astype(np.float16),
+                                steps=np.asarray(out["perturbation_steps"]))
+            row["pose_perturbation"] = str(ppath.relative_to(layout.results))
     row["_seconds"] = seconds
     return row
 
@@ -151,6 +165,31 @@ def _write_dicom(case: dict, stem: str, task: str, names: Any, out: dict, ctx: d
 
 #: Classification metrics that get a bootstrap interval in ``metrics.json``.
 CI_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1")
+
+
+def _evidence_files(out: dict, ctx: dict[str, Any], name: str) -> dict[str, Any]:
+    """The evidence columns of a segmentation case; its maps saved for the test stage's reports.
+
+    ``evidence_disagreement`` (capsule models only, see :mod:`capsmed.evaluate.evidence`), and the
+    paths of ``{name}_evidence.nii.gz`` and ``{name}_probs.nii.gz`` (channels last, uint8 over
+    [0, 1]).
+    """
+    from capsmed.evaluate.evidence import evidence_disagreement
+    from capsmed.fileio import save_nifti
+
+    if out.get("evidence") is None:
+        return {}
+    cols: dict[str, Any] = {"evidence": "", "probability_maps": "",
+                            "_evidence_kind": ctx["evidence_kind"]}
+    if ctx["evidence_kind"] == "capsule lengths":
+        cols["evidence_disagreement"] = evidence_disagreement(out["evidence"], out["pred"])
+    if ctx["stage"] == "test":
+        for key, suffix, arr in (("evidence", "_evidence", out["evidence"]),
+                                 ("probability_maps", "_probs", out["probs"])):
+            path = ctx["pred_dir"] / f"{name}{suffix}.nii.gz"
+            save_nifti(np.moveaxis(arr, 0, -1), path, out["affine"], dtype=np.uint8, slope=1 / 255)
+            cols[key] = str(path.relative_to(ctx["layout"].results))
+    return cols
 
 
 def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
@@ -184,7 +223,7 @@ def _aggregate(task: str, rows: list[dict], names: dict, n_boot: int,
     fields = (["case_id", "image", "class", "predicted", "confidence"]
               + [f"prob_{k}" for k in range(n_cls)]
               + ([f"length_{k}" for k in range(n_cls)] if rows and "length_0" in rows[0]
-                 else []) + ["reconstruction"])
+                 else []) + ["reconstruction", "pose_perturbation"])
     extra = {"classes": names, **{k: v for k, v in result.items() if k != "metrics"}}
     extra["has_reconstruction"] = any(r.get("reconstruction") for r in rows)
     return metrics, ci, fields, extra
@@ -227,8 +266,10 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
 
     from capsmed.data.splits import stage_cases
     from capsmed.data.transforms import build_preprocess_transforms
+    from capsmed.evaluate.uncertainty import calibrate, tta_cost
     from capsmed.paths import read_json
     from capsmed.train.checkpoint import build_model, load_checkpoint
+    from capsmed.train.inference import evidence_kind
     from capsmed.train.runtime import (
         atomic_write_json,
         atomic_write_text,
@@ -281,7 +322,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         model = build_model(ckpt).to(device)
         ctx = {"plan": ckpt["plan"], "preprocess": build_preprocess_transforms(ckpt["plan"]),
                "device": device, "icfg": icfg, "names": names, "layout": layout,
-               "pred_dir": pred_dir, "stage": stage,
+               "pred_dir": pred_dir, "stage": stage, "evidence_kind": evidence_kind(model),
                "dicom": {"model": model_name, "checkpoint_sha256": ckpt_sha}
                if cfg["evaluate"].get("dicom_out") else None}
         if ctx["dicom"] and not any(Path(c["image"]).is_dir() for c in cases):
@@ -301,6 +342,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
             return doc
 
     seconds = [float(r.pop("_seconds")) for r in rows]
+    pass_seconds = [r.pop("_pass_seconds", None) for r in rows]
     metrics, ci, fields, extra = _aggregate(task, rows, names, int(cfg["evaluate"]["bootstrap"]),
                                             int(cfg["seed"]))
     doc = {
@@ -310,6 +352,16 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
                  else None, "peak_memory_mb": round(peak, 1), "device": device_name},
         "checkpoint_sha256": ckpt_sha, "inference": icfg, **extra,
     }
+    if task == "segmentation":
+        doc["cost"].update(tta_cost(pass_seconds))
+        kinds = {r.get("_evidence_kind") for r in rows} - {None}
+        if kinds:
+            doc["evidence_kind"] = kinds.pop()
+        if stage == "val":
+            doc["uncertainty_calibration"] = calibrate(rows)
+    for r in rows:
+        for key in ("_entropy_hist_error", "_entropy_hist_correct", "_evidence_kind"):
+            r.pop(key, None)
     atomic_write_text(out_dir / "cases.csv", _rows_to_csv(rows, fields))
     atomic_write_json(out_dir / "metrics.json", doc)
     if torch.cuda.is_available():

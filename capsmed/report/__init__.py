@@ -1,7 +1,10 @@
 """HTML reports from the evaluation files (knows no torch, no MONAI, no model code).
 
 Pages are self-contained HTML (Jinja2 with autoescaping; figures embedded as PNG data URIs; no
-external CSS, scripts or fonts) and open from ``file://``. Paths follow PLAN.md's "Evaluation files":
+external CSS or fonts) and open from ``file://``. Segmentation study pages also run the interactive
+viewer: NiiVue and its glue script from the one shared copy under ``results/assets/`` (see
+:mod:`capsmed.report.viewer`), the only scripts their Content-Security-Policy admits. Paths follow
+PLAN.md's "Evaluation files":
 
 - :func:`write_stage_report`: ``results/{ds}/reports/{model}/{stage}.html``
 - :func:`write_study_reports`: ``results/{ds}/reports/{model}/studies/{case}.html`` per case

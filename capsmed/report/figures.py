@@ -265,11 +265,16 @@ class OverlayRow:
         overlay: ``(X, Y, Z)`` array in the image's display orientation, or None (image only).
         kind: ``"labels"`` (integer label map, coloured per label) or ``"heat"`` (continuous map,
             e.g. voxel uncertainty, drawn with a colour bar).
+        vmax: Top of the colour scale of a ``"heat"`` row (default: the map's maximum), e.g. 1
+            for probabilities, so that rows compare.
+        heat_label: Colour-bar label of this ``"heat"`` row (default: the figure's).
     """
 
     title: str
     overlay: np.ndarray | None = None
     kind: str = "labels"
+    vmax: float | None = None
+    heat_label: str | None = None
 
 
 def structure_centre(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -377,7 +382,8 @@ def ortho_figure(image: np.ndarray | None, spacing: Sequence[float], rows: Seque
                 sl = overlay[slicer].T
                 if row.kind == "heat":
                     finite = overlay[np.isfinite(overlay)]
-                    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+                    vmax = row.vmax if row.vmax is not None else (
+                        float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
                     masked = np.ma.masked_where(~np.isfinite(sl) | (sl <= 0), sl)
                     heat_im = ax.imshow(masked, cmap="magma", origin="lower", vmin=0, vmax=vmax,
                                         alpha=0.75, aspect=aspect, interpolation="nearest")
@@ -400,7 +406,7 @@ def ortho_figure(image: np.ndarray | None, spacing: Sequence[float], rows: Seque
             box = axes[r, -1].get_position()
             cax = fig.add_axes((box.x1 + 0.15 / width, box.y0 + 0.1 * box.height,
                                 0.12 / width, 0.8 * box.height))
-            fig.colorbar(heat_im, cax=cax, label=heat_label)
+            fig.colorbar(heat_im, cax=cax, label=row.heat_label or heat_label)
     if used_labels:
         names = label_names or {}
         handles = [Patch(color=label_colour(k), label=str(names.get(k, f"label {k}"))[:24])
@@ -443,6 +449,60 @@ def array_slices(arrays: Sequence[tuple[str, np.ndarray]]) -> str | None:
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    return to_data_uri(fig)
+
+
+def pose_effects(panel: np.ndarray, centre: int) -> np.ndarray:
+    """How much moving each pose dimension changes the reconstruction.
+
+    Args:
+        panel: ``(D, steps, *S)`` reconstructions (dimension, offset).
+        centre: The column of the unmoved capsule (offset 0).
+
+    Returns:
+        ``(D,)``: the mean absolute change from the unmoved reconstruction over offsets and
+        pixels.
+    """
+    p = np.asarray(panel, dtype=np.float64)
+    diff = np.abs(p - p[:, centre:centre + 1])
+    return diff.reshape(p.shape[0], -1).mean(axis=1)
+
+
+def pose_grid(panel: np.ndarray, order: Sequence[int], steps: Sequence[float],
+              effects: Sequence[float]) -> str | None:
+    """Sabour et al. (2017) figure 4: reconstructions as each pose dimension is moved.
+
+    Args:
+        panel: ``(D, steps, H, W)`` reconstructions.
+        order: Dimensions in the order of the rows (largest effect first).
+        steps: The offset of each column.
+        effects: Effect per dimension (shown beside each row).
+
+    Returns:
+        PNG data URI, or None when the panel is not 2-D images.
+    """
+    p = np.asarray(panel, dtype=float)
+    if p.ndim != 4 or not len(order):
+        return None
+    lo, hi = float(np.nanmin(p)), float(np.nanmax(p))
+    hi = hi if hi > lo else lo + 1.0
+    cell = 0.55
+    width, height = cell * len(steps) + 1.3, cell * len(order) + 0.6
+    fig = new_figure(width, height)
+    fig.subplots_adjust(left=1.2 / width, right=1 - 0.1 / width, top=1 - 0.45 / height,
+                        bottom=0.1 / height, wspace=0.05, hspace=0.05)
+    axes = fig.subplots(len(order), len(steps), squeeze=False)
+    for r, d in enumerate(order):
+        for c, step in enumerate(steps):
+            ax = axes[r, c]
+            ax.imshow(p[d, c].T, cmap="gray", origin="lower", vmin=lo, vmax=hi,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"{step:+.2f}", fontsize=7)
+        axes[r, 0].set_ylabel(f"dim {d}\n{effects[d]:.3g}", fontsize=7, rotation=0,
+                              ha="right", va="center")
     return to_data_uri(fig)
 
 

@@ -40,7 +40,7 @@ from capsmed.report.render import (
     render_page,
     study_filename,
 )
-from capsmed.report.study import segmentation_figure
+from capsmed.report.study import read_calibration, segmentation_figure
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,18 @@ def cost_pairs(train: Mapping[str, Any], cost: Mapping[str, Any]) -> list[tuple[
         ("Peak memory, training", fmt_mb(train.get("peak_memory_mb"))),
         ("Inference time per case", fmt_seconds(cost.get("inference_seconds_per_case"))),
         ("Peak memory, inference", fmt_mb(cost.get("peak_memory_mb"))),
-    ] + ([("Inference device", str(cost["device"]))] if cost.get("device") else [])
+    ] + ([("Inference device", str(cost["device"]))] if cost.get("device") else []) + (
+        [("Test-time augmentation", tta_text(cost))] if cost.get("tta_passes") else [])
+
+
+def tta_text(cost: Mapping[str, Any]) -> str:
+    """``4 passes per case: +1.2 s per case, 3.9x one pass`` from ``metrics.json``'s cost."""
+    text = f"{cost.get('tta_passes')} passes per case"
+    if is_number(cost.get("tta_extra_seconds_per_case")):
+        text += f": +{fmt_seconds(cost['tta_extra_seconds_per_case'])} per case"
+    if is_number(cost.get("tta_time_factor")):
+        text += f", {float(cost['tta_time_factor']):.1f}x the time of one pass"
+    return text
 
 
 def _metrics_table(metrics_doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -343,6 +354,90 @@ def _segmentation_sections(cases: pd.DataFrame, names: Mapping[int, str],
     return sections
 
 
+def evidence_text(cases: pd.DataFrame, kind: str | None) -> str | None:
+    """How often capsule evidence and the final prediction disagree, over a stage's cases."""
+    if "evidence_disagreement" not in cases.columns:
+        if kind == "softmax":
+            return ("This CNN has no capsules; its study reports show its softmax maps where "
+                    "capsule models show their capsule lengths.")
+        return None
+    v = pd.to_numeric(cases["evidence_disagreement"], errors="coerce").to_numpy(dtype=float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    n_any = int(np.sum(v > 0))
+    return (f"Capsule evidence and final prediction: the class capsules' strongest class differs "
+            f"from the final label on {100 * v.mean():.1f}% of the structure voxels on average "
+            f"(median {100 * np.median(v):.1f}%, largest {100 * v.max():.1f}%); they disagree "
+            f"somewhere in {n_any} of {v.size} studies.")
+
+
+def _uncertainty_section(cases: pd.DataFrame, names: Mapping[int, str],
+                         links: Mapping[str, str | None], calibration: Mapping[str, Any] | None,
+                         cost: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """Studies ranked by uncertainty, most uncertain first, with the calibrated flag.
+
+    Returns:
+        ``(section, lead sentence)``; ``(None, None)`` when ``cases.csv`` has no
+        ``uncertainty_mean`` (test-time augmentation did not run).
+    """
+    if "uncertainty_mean" not in cases.columns:
+        return None, None
+    u = pd.to_numeric(cases["uncertainty_mean"], errors="coerce").to_numpy(dtype=float)
+    ok = np.flatnonzero(np.isfinite(u))
+    if not ok.size:
+        return None, None
+    order = ok[np.argsort(-u[ok], kind="mergesort")]
+    top = to_float((calibration or {}).get("study_threshold"))
+    fg = {k: v for k, v in names.items() if k != 0}
+    scols = [(n, class_column(cases.columns, "volume_spread_ml", k, n)) for k, n in fg.items()]
+    scols = [(n, c) for n, c in scols if c]
+    dice = _case_dice(cases, fg)
+    paragraphs = [
+        "Each study's uncertainty is the mean, inside its predicted structures, of the voxel "
+        "entropy of the mean test-time-augmentation probabilities (0 certain, 1 evenly spread). "
+        "Most uncertain first: check these studies before the others."]
+    if cost.get("tta_passes"):
+        paragraphs.append(f"Test-time augmentation: {tta_text(cost)}.")
+    lead = None
+    if top is not None and calibration:
+        n_flag = int(np.sum(u[ok] > top))
+        voxel = (f"A voxel counts as uncertain above an entropy of "
+                 f"{fmt_num(calibration.get('voxel_threshold'), 2)}, the threshold that best "
+                 "separated wrongly from rightly labelled voxels on the validation stage "
+                 f"(Youden's J {fmt_num(calibration.get('youden_j'), 2)}"
+                 if is_number(calibration.get("voxel_threshold")) else
+                 "On the validation stage no entropy threshold separated wrongly from rightly "
+                 "labelled voxels better than chance (Youden's J "
+                 f"{fmt_num(calibration.get('youden_j'), 2)}")
+        paragraphs.append(
+            f"A study is flagged when it is more uncertain than every one of the "
+            f"{calibration.get('n_cases', 'n/a')} validation studies (highest "
+            f"{fmt_num(top)}). {voxel}; entropy finds wrong voxels with AUC "
+            f"{fmt_num(calibration.get('voxel_auc'), 2)}).")
+        lead = (f"{n_flag} of {ok.size} studies are more uncertain than any validation study"
+                + ("; they head the uncertainty ranking." if n_flag else "."))
+    else:
+        paragraphs.append("No calibration from the validation stage is available (evaluate the "
+                          "val stage with test-time augmentation), so no study is flagged.")
+    header = ["Rank", "Case", "Uncertainty", "Flag", "Dice"] + [
+        f"TTA spread {n} (mL)" for n, _ in scols]
+    rows = []
+    for rank, i in enumerate(order[:MAX_TABLE_ROWS], start=1):
+        r = cases.iloc[i]
+        cid = str(r["case_id"])
+        flagged = top is not None and u[i] > top
+        cells = [b.num_cell(rank), b.cell(cid, href=links.get(cid)), b.num_cell(fmt_num(u[i])),
+                 b.cell("above validation range" if flagged else "", cls="warn" if flagged
+                        else ""), b.num_cell(fmt_metric(dice[i], "dice"))]
+        cells += [b.num_cell(fmt_num(r[c], 2)) for _, c in scols]
+        rows.append(b.row(cells))
+    note = (f"Showing {MAX_TABLE_ROWS} of {ok.size} studies; all are in cases.csv."
+            if ok.size > MAX_TABLE_ROWS else "")
+    return b.section("uncertainty", "Studies by uncertainty", paragraphs=paragraphs,
+                     tables=[b.table(header, rows, note=note)]), lead
+
+
 # ----------------------------------------------------------------------------- page
 
 
@@ -434,6 +529,16 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, 
     else:
         bases = [edir, results_dir, lay.dataset_dir, edir / "predictions"]
         sections += _segmentation_sections(cases, names, links, bases)
+        unc_section, unc_lead = _uncertainty_section(cases, names, links,
+                                                     read_calibration(lay, model), cost)
+        if unc_section is not None:
+            sections.insert(len(sections) - 1, unc_section)  # before the case table
+        if unc_lead:
+            lead.append(unc_lead)
+        ev_text = evidence_text(cases, metrics_doc.get("evidence_kind"))
+        if ev_text:
+            sections.insert(len(sections) - 1, b.section(
+                "evidence", "What the capsules saw", paragraphs=[ev_text]))
     record = {**{k: metrics_doc[k] for k in ("checkpoint_sha256",) if metrics_doc.get(k)},
               **{k: v for k, v in train.items() if v not in (None, "")}}
     prov = [(label, record[k]) for k, label in (

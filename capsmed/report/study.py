@@ -1,5 +1,10 @@
 """Per-study diagnostic reports: what the model found in one study, and how sure it is.
 
+A segmentation study page has an interactive NiiVue viewer (:mod:`capsmed.report.viewer`), the
+test-time-augmentation uncertainty with the thresholds calibrated on the validation stage, and what
+the model saw (class-capsule lengths beside the decoder's probabilities, or a CNN's softmax); a
+capsule classifier's page has its class-capsule lengths, reconstruction and pose-perturbation panel.
+
 :func:`write_study_report` renders one study from a :class:`StudyInput` dict; it serves both the test
 studies of an evaluated stage (:func:`write_study_reports` builds the dicts from ``cases.csv``) and new,
 unlabeled studies given to ``capsmed predict``.
@@ -13,12 +18,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from capsmed.errors import CapsmedError
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
+from capsmed.report import viewer as vw
 from capsmed.report.files import (
     Layout,
     Volume,
@@ -80,7 +87,22 @@ class StudyInput(TypedDict, total=False):
         lengths: Capsule models: class-capsule lengths (list in class order or mapping).
         reconstruction: Capsule models: ``.npy`` reconstruction from the winning capsule,
             ``(C, *S)`` or ``(*S)``.
-        uncertainty: Test-time-augmentation uncertainty: a NIfTI voxel map (segmentation) or a number.
+        pose_perturbation: Capsule classifiers: ``.npz`` with ``reconstructions`` ``(D, steps,
+            H, W)`` as each pose dimension of the winning capsule moves by ``steps``.
+        uncertainty: Test-time-augmentation uncertainty: a NIfTI voxel map (segmentation: the
+            normalised entropy of the mean probabilities, 0 to 1) or a number.
+        uncertainty_mean: Segmentation: mean of the uncertainty map inside the predicted
+            structures (``cases.csv``); computed from the map when absent.
+        volume_spread_ml: Segmentation: per label name, the largest minus the smallest volume over
+            the test-time-augmentation passes.
+        uncertainty_calibration: The validation stage's ``uncertainty_calibration`` (from
+            ``metrics.json``): ``voxel_threshold``, ``study_threshold``, ``n_cases``, ...
+        evidence: Segmentation: NIfTI of the model's evidence per class, channels last (capsule
+            lengths, coarse ones at their own resolution, or a CNN's softmax).
+        probability_maps: Segmentation: NIfTI of the final class probabilities, channels last.
+        evidence_kind: ``"capsule lengths"`` or ``"softmax"`` (``metrics.json``).
+        evidence_disagreement: Capsule segmenters: share of structure voxels where the capsules'
+            strongest class differs from the final label (``cases.csv``).
         volumes_ml: Predicted structure volume in mL per label name; computed from ``prediction``
             when absent.
         volumes_true_ml: Ground-truth volume in mL per label name; computed from ``label`` when absent.
@@ -112,7 +134,15 @@ class StudyInput(TypedDict, total=False):
     confidence: float | None
     lengths: Sequence[float] | Mapping[Any, float] | None
     reconstruction: str | Path | None
+    pose_perturbation: str | Path | None
     uncertainty: str | Path | float | None
+    uncertainty_mean: float | None
+    volume_spread_ml: Mapping[str, float]
+    uncertainty_calibration: Mapping[str, Any] | None
+    evidence: str | Path | None
+    probability_maps: str | Path | None
+    evidence_kind: str | None
+    evidence_disagreement: float | None
     volumes_ml: Mapping[str, float]
     volumes_true_ml: Mapping[str, float]
     volume_range_ml: Mapping[str, Any]
@@ -301,6 +331,218 @@ def _dicom_section(record_path: Any) -> dict[str, Any] | None:
                                       "Stored to"], rows)])
 
 
+# ----------------------------------------------------------------------------- uncertainty
+
+
+def read_calibration(lay: Layout, model: str) -> dict[str, Any] | None:
+    """The uncertainty thresholds ``capsmed evaluate`` calibrated on the validation stage."""
+    cal = read_json(lay.eval_dir(model, "val") / "metrics.json").get("uncertainty_calibration")
+    if not isinstance(cal, Mapping):
+        return None
+    return dict(cal) if is_number(cal.get("study_threshold")) else None
+
+
+def uncertain_shares(entropy: np.ndarray, pred: np.ndarray, fg: Mapping[int, str],
+                     threshold: float) -> dict[str, float]:
+    """Per predicted structure, the share of its voxels whose uncertainty is above ``threshold``.
+
+    Args:
+        entropy: ``(*S)`` uncertainty map.
+        pred: ``(*S)`` predicted label map.
+        fg: Foreground label index -> name.
+        threshold: The calibrated voxel threshold.
+
+    Returns:
+        ``{name: share in [0, 1]}`` for the structures the prediction contains.
+    """
+    out = {}
+    for k, name in fg.items():
+        inside = pred == k
+        if inside.any():
+            out[name] = float(np.mean(entropy[inside] > threshold))
+    return out
+
+
+def uncertainty_summary(study: Mapping[str, Any], entropy: np.ndarray, pred: np.ndarray | None,
+                        shares: Mapping[str, float]) -> dict[str, Any]:
+    """The study's uncertainty in words, and whether it is flagged.
+
+    The study's score is ``uncertainty_mean`` from ``cases.csv`` (the mean entropy inside the
+    predicted structures; for new studies computed the same way from the map). It is flagged when
+    the score exceeds the highest one among the validation studies.
+
+    Returns:
+        ``{"mean", "flagged" (bool or None without calibration), "text", "card"}``.
+    """
+    mean = to_float(study.get("uncertainty_mean"))
+    if mean is None:
+        inside = pred > 0.5 if pred is not None and np.any(pred > 0.5) else None
+        values = entropy[inside] if inside is not None else entropy.ravel()
+        values = values[np.isfinite(values)]
+        mean = float(values.mean()) if values.size else None
+    cal = study.get("uncertainty_calibration") or {}
+    top = to_float(cal.get("study_threshold"))
+    flagged = None if top is None or mean is None else bool(mean > top)
+    text = ("Uncertainty (entropy of the mean test-time-augmentation probabilities, 0 certain to 1 "
+            f"evenly spread) inside the predicted structures: mean {fmt_num(mean)}.")
+    if cal and not is_number(cal.get("voxel_threshold")):
+        text += (" No entropy threshold separated wrong from right voxels on the validation stage "
+                 f"(AUC {fmt_num(cal.get('voxel_auc'), 2)}), so no voxel is called uncertain.")
+    if shares:
+        text += " Uncertain voxels: " + ", ".join(
+            f"{name} {100 * v:.1f}%" for name, v in shares.items()) + (
+            f" (entropy above {fmt_num(cal.get('voxel_threshold'), 2)}, the threshold that best "
+            "separated wrong from right voxels on the validation stage).")
+    if flagged:
+        text += (f" Flagged: more uncertain than any of the {cal.get('n_cases', 'n/a')} validation "
+                 f"studies (highest {fmt_num(top)}); check this study first.")
+    elif flagged is False:
+        text += f" Within the range of the validation studies (highest {fmt_num(top)})."
+    else:
+        text += " No calibration from a validation stage is available, so no study is flagged."
+    card = "flagged: above every validation study" if flagged else (
+        "within the validation range" if flagged is False else "inside the predicted structures")
+    return {"mean": mean, "flagged": flagged, "text": text, "card": card}
+
+
+# ----------------------------------------------------------------------------- evidence
+
+
+def load_maps(path: Path | None) -> np.ndarray | None:
+    """Per-class maps ``(C, X, Y, Z)`` in RAS from a channels-last NIfTI; None if unreadable."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        img = nib.load(str(path))
+        if len(img.shape) != 4:
+            return None
+        canonical = nib.as_closest_canonical(img)
+        return np.moveaxis(np.asarray(canonical.dataobj, dtype=np.float32), -1, 0)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for broken files
+        logger.warning("%s: cannot read the maps (%s)", path, exc)
+        return None
+
+
+def evidence_section(study: Mapping[str, Any], image: Volume | None, centre: Any,
+                     names: Mapping[int, str]) -> dict[str, Any] | None:
+    """What the model saw: per structure its evidence beside its final probability.
+
+    Capsule segmenters show their class-capsule lengths (coarse capsules at their own resolution,
+    visible as blocks) beside the decoder's probabilities; CNN baselines show their softmax, in
+    the same place, so the pages compare like with like.
+
+    Returns:
+        A section, or None when the study has no evidence maps.
+    """
+    evidence = load_maps(_as_path(study.get("evidence")))
+    if evidence is None:
+        return None
+    probs = load_maps(_as_path(study.get("probability_maps")))
+    kind = str(study.get("evidence_kind") or "capsule lengths")
+    capsule = kind != "softmax"
+    ref_shape = image.data.shape if image is not None else evidence.shape[1:]
+    rows = []
+    for k, name in names.items():
+        if k == 0 or k >= evidence.shape[0]:
+            continue
+        if capsule:
+            rows.append(fig.OverlayRow(f"Capsules: {name}", evidence[k], kind="heat", vmax=1.0,
+                                       heat_label="capsule length"))
+            if probs is not None and k < probs.shape[0]:
+                rows.append(fig.OverlayRow(f"Probability: {name}", probs[k], kind="heat",
+                                           vmax=1.0, heat_label="probability"))
+        else:
+            rows.append(fig.OverlayRow(f"Softmax: {name}", evidence[k], kind="heat", vmax=1.0,
+                                       heat_label="probability"))
+    if centre is None:
+        centre = tuple(s // 2 for s in ref_shape)
+    uri = fig.ortho_figure(image.data if image is not None else None,
+                           image.spacing if image is not None else (1.0, 1.0, 1.0), rows, centre,
+                           names)
+    if capsule:
+        paragraphs = [
+            "Each structure has a class capsule; its length (0 to 1) is the network's evidence "
+            "that the structure is there. For each structure the first row shows the capsule "
+            "lengths at the resolution the capsules work at (where that is coarser than the "
+            "image, each block is one capsule position); the row below shows the probabilities "
+            "the decoder makes of them, from which the prediction is taken."]
+        share = to_float(study.get("evidence_disagreement"))
+        if share is not None:
+            paragraphs.append(
+                f"In this study the capsules' strongest class differs from the final label on "
+                f"{100 * share:.1f}% of the voxels that either marks as a structure.")
+    else:
+        paragraphs = [
+            "This model is a CNN: it has no capsules, so its softmax probability per structure "
+            "is shown where capsule models show their capsule lengths."]
+    caption = ("Slices through the same point as the images above; colour scale 0 to 1. "
+               "Maps from the unflipped test-time pass.")
+    return b.section("evidence", "What the model saw", paragraphs=paragraphs,
+                     figs=[b.figure(uri, f"Evidence maps of study {study.get('case_id')}",
+                                    caption)] if uri else [])
+
+
+# ----------------------------------------------------------------------------- viewer
+
+
+def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict[str, Any] | None:
+    """The interactive NiiVue viewer of a segmentation study (None when there is no image).
+
+    The image is the background; the prediction, the ground truth (hidden at first) and the
+    uncertainty map (hidden at first) are layers over it. The shared scripts are installed in
+    ``assets`` and linked relatively from ``out_path``.
+
+    Args:
+        study: The study (see :class:`StudyInput`).
+        out_path: The report file.
+        assets: The folder of the shared viewer scripts.
+
+    Returns:
+        The template's ``viewer`` context (``paragraphs``, ``layers``, ``labels``, ``data``,
+        ``scripts``), or None.
+    """
+    image_path = _as_path(study.get("image"))
+    if image_path is None or not image_path.is_file():
+        return None
+    names = _names(study.get("labels")) or {0: "background", 1: "foreground"}
+    layers = [vw.Layer("Image", image_path, "image")]
+    threshold = to_float((study.get("uncertainty_calibration") or {}).get("voxel_threshold"))
+    for key, name, role, visible, opacity, cmap in (
+            ("prediction", "Prediction", "labels", True, 0.6, "gray"),
+            ("label", "Ground truth", "labels", False, 0.6, "gray"),
+            ("uncertainty", "Uncertainty", "heat", False, 0.8, "warm")):
+        value = study.get(key)
+        path = None if is_number(value) else _as_path(value)
+        if path is not None and path.is_file():
+            layers.append(vw.Layer(name, path, role, visible, opacity, cmap,
+                                   (threshold or 0.0, 1.0) if role == "heat" else None))
+    data, note = vw.viewer_data(layers, names)
+    if data is None:
+        logger.info("%s: no interactive viewer (%s)", study.get("case_id"), note)
+        return None
+    vw.install_assets(assets)
+    shown = [layer.name.lower() for layer in layers[1:len(data["volumes"])]]
+    paragraphs = [
+        "Drag or click to move the crosshair; the scroller moves through slices of the chosen "
+        "view; the mouse wheel also scrolls slices. Right-drag adjusts the window, or type a "
+        "level and width. Layers and labels can be switched off or made transparent; the "
+        "read-out gives the image value and the label under the crosshair."
+        + (f" Layers: {', '.join(shown)}." if shown else "")]
+    if any(layer.role == "heat" for layer in layers):
+        paragraphs.append(
+            "The uncertainty layer shows "
+            + (f"only the uncertain voxels (entropy above {threshold:.2f})" if threshold
+               else "the entropy from 0 to 1") + "; switch it on under Layers.")
+    if note:
+        paragraphs.append(f"Not shown: {note}.")
+    layer_rows = [{"index": k, "name": v["name"], "visible": v["visible"], "opacity": v["opacity"]}
+                  for k, v in enumerate(data["volumes"]) if k > 0]
+    labels = [{"index": lab["index"], "name": lab["name"],
+               "colour": fig.label_colour(lab["index"])} for lab in data["labels"]]
+    return {"paragraphs": paragraphs, "layers": layer_rows, "labels": labels, "data": data,
+            "scripts": vw.script_hrefs(out_path, assets)}
+
+
 # ----------------------------------------------------------------------------- the page
 
 
@@ -356,6 +598,12 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
             true_volumes.setdefault(name, computed[k])
     ranges = study.get("volume_range_ml") or {}
 
+    calibration = study.get("uncertainty_calibration") or {}
+    threshold = to_float(calibration.get("voxel_threshold"))
+    spreads = study.get("volume_spread_ml") or {}
+    unc_ok = (unc is not None and pred is not None and unc.data.shape == pred.data.shape)
+    shares = (uncertain_shares(unc.data, np.rint(pred.data), fg, threshold)
+              if unc_ok and threshold is not None else {})
     lead, rows, cards = [], [], []
     found = []
     for name in fg.values():
@@ -374,9 +622,13 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
                     flag, flag_cls = "above the training range", "warn"
                 else:
                     flag, flag_cls = "within the training range", "good"
+        spread = to_float(spreads.get(name))
+        share = shares.get(name)
         rows.append(b.row([b.cell(name), b.num_cell(fmt_num(v, 2)),
                            b.num_cell(fmt_num(t, 2) if t is not None else "unknown"),
-                           b.num_cell(range_text), b.cell(flag, cls=flag_cls)]))
+                           b.num_cell(range_text), b.cell(flag, cls=flag_cls),
+                           b.num_cell(fmt_num(spread, 2) if spread is not None else "n/a"),
+                           b.num_cell(f"{100 * share:.1f}%" if share is not None else "n/a")]))
         if v is not None and v > 0:
             found.append(f"{name} {v:.2f} mL" + (f" ({flag})" if flag else ""))
         cards.append(b.card(f"{name} volume", f"{fmt_num(v, 2)} mL", short_range))
@@ -394,19 +646,9 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
                        if is_number(metrics.get("hd95")) else "") + ".")
 
     if unc is not None:
-        values = unc.data
-        if pred is not None and pred.data.shape == values.shape and np.any(pred.data > 0.5):
-            inside = values[pred.data > 0.5]
-            where = "inside the predicted structure"
-        else:
-            inside = values.ravel()
-            where = "over the image"
-        inside = inside[np.isfinite(inside)]
-        mean, top = (float(inside.mean()), float(inside.max())) if inside.size else (np.nan, np.nan)
-        lead.append(f"Test-time-augmentation uncertainty {where}: mean {fmt_num(mean)}, "
-                    f"max {fmt_num(top)} (bright regions on the uncertainty row are where the "
-                    "augmented predictions disagree).")
-        cards.append(b.card("Mean uncertainty", fmt_num(mean), where))
+        summary = uncertainty_summary(study, unc.data, pred.data if unc_ok else None, shares)
+        lead.append(summary["text"])
+        cards.append(b.card("Uncertainty", fmt_num(summary["mean"]), summary["card"]))
     elif is_number(unc_value):
         lead.append(f"Test-time-augmentation uncertainty: {fmt_num(unc_value)}.")
         cards.append(b.card("Uncertainty", fmt_num(unc_value), "test-time augmentation"))
@@ -420,21 +662,29 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
     if centre is not None:
         caption += f" at voxel ({', '.join(str(c) for c in centre)}) of the RAS-reoriented image"
     caption += ("; rows: prediction" + (", ground truth" if label is not None else "")
-                + (", uncertainty" if unc is not None else "") + ". Letters mark patient directions.")
+                + (", uncertainty (entropy of the mean test-time-augmentation probabilities, "
+                   "0 to 1)" if unc is not None else "") + ". Letters mark patient directions.")
     alt = (f"Orthogonal slices of study {study.get('case_id')} with the predicted segmentation"
            + (" and the ground truth" if label is not None else "") + " overlaid")
     sections.append(b.section("images", "Images", figs=[b.figure(seg["uri"], alt, caption)],
                               paragraphs=[] if seg["uri"] else ["No image could be drawn."]))
     sections.append(b.section(
         "volumes", "Structure volumes",
-        tables=[b.table(["Structure", "Predicted (mL)", "True (mL)", "Training cases (mL)", ""],
+        tables=[b.table(["Structure", "Predicted (mL)", "True (mL)", "Training cases (mL)", "",
+                         "TTA spread (mL)", "Uncertain voxels"],
                         rows, note="Training range: smallest to largest true volume among the "
-                        "training cases.")]))
+                        "training cases. TTA spread: largest minus smallest volume over the "
+                        "test-time-augmentation passes. Uncertain voxels: "
+                        "share of the predicted structure whose entropy is above the threshold "
+                        "calibrated on the validation stage.")]))
     if metrics:
         mrows = [b.row([metric_label(k), b.num_cell(fmt_metric(v, k))])
                  for k, v in sorted(metrics.items(), key=lambda kv: metric_sort_key(kv[0]))]
         sections.append(b.section("case-metrics", "Agreement with the ground truth",
                                   tables=[b.table(["Metric", "Value"], mrows)]))
+    ev_section = evidence_section(study, seg["image"], seg["centre"], names)
+    if ev_section is not None:
+        sections.append(ev_section)
     return {"lead": lead, "cards": cards, "sections": sections}
 
 
@@ -522,7 +772,8 @@ def _capsule_section(study: Mapping[str, Any], names: Mapping[int, str], predict
         lengths_names = {i: f"class {i}" for i in range(len(lengths))}
     recon_path = _as_path(study.get("reconstruction"))
     recon = load_array(recon_path)
-    if not lengths and recon is None:
+    panel = load_pose_panel(_as_path(study.get("pose_perturbation")))
+    if not lengths and recon is None and panel is None:
         return None
     figs, paragraphs, tables = [], [], []
     if lengths:
@@ -550,16 +801,84 @@ def _capsule_section(study: Mapping[str, Any], names: Mapping[int, str], predict
                              "Input image beside the capsule decoder's reconstruction",
                              "Left: input (middle slice); right: reconstruction from the winning "
                              "capsule."))
+    subsections = []
+    if panel is not None:
+        sub = pose_subsection(*panel, lengths_names.get(int(np.nanargmax(lengths)), "")
+                              if lengths else "")
+        if sub is not None:
+            subsections.append(sub)
     return b.section("capsules", "Capsule evidence", paragraphs=paragraphs, tables=tables,
-                     figs=figs)
+                     figs=figs, subsections=subsections)
 
 
-def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) -> Path:
+def load_pose_panel(path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(reconstructions (D, steps, H, W), steps)`` from ``{case}_poses.npz``; None if absent."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as doc:
+            return (np.asarray(doc["reconstructions"], dtype=np.float32),
+                    np.asarray(doc["steps"], dtype=np.float64))
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("%s: cannot read the pose perturbation (%s)", path, exc)
+        return None
+
+
+def pose_subsection(panel: np.ndarray, steps: np.ndarray, winner: str) -> dict[str, Any] | None:
+    """The pose-perturbation panel of a capsule classifier (Sabour et al. 2017, figure 4).
+
+    Args:
+        panel: ``(D, steps, H, W)`` decoder reconstructions as each pose dimension of the winning
+            class capsule is moved by ``steps`` (``{case}_poses.npz``, written by
+            ``capsmed evaluate``).
+        steps: The offset of each column; one of them is 0.
+        winner: Name of the winning class.
+
+    Returns:
+        A subsection (:func:`capsmed.report.blocks.subsection`), or None when the panel does not
+        have one column per step.
+    """
+    zero = np.flatnonzero(np.isclose(steps, 0.0))
+    if panel.ndim != 4 or panel.shape[1] != len(steps) or not zero.size:
+        logger.warning("pose perturbation of shape %s with steps %s: expected (D, steps, H, W) "
+                       "and a 0 step; not shown", panel.shape, steps.tolist())
+        return None
+    effects = fig.pose_effects(panel, int(zero[0]))
+    order = [int(i) for i in np.argsort(-effects, kind="mergesort")]
+    top = order[:5]
+    uri = fig.pose_grid(panel, order, [float(x) for x in steps], effects)
+    lo, hi, step = float(steps.min()), float(steps.max()), float(np.diff(steps).mean())
+    paragraphs = [
+        f"Each of the {panel.shape[0]} pose dimensions of the winning capsule"
+        + (f" ({winner})" if winner else "")
+        + f" is moved in steps of {step:.2f} from {lo:+.2f} to {hi:+.2f} while the others stay, "
+        "and the decoder "
+        "redraws the input from the moved capsule (Sabour et al. 2017, figure 4). Rows are "
+        "ranked by how much they change the reconstruction; dimensions that change it little "
+        "carry little of what the decoder draws.",
+        "Largest effects: " + ", ".join(f"dimension {d} ({effects[d]:.3g})" for d in top) + "."]
+    table = b.table(["Rank", "Pose dimension", "Mean change of the reconstruction"],
+                    [b.row([b.num_cell(i + 1), b.num_cell(d), b.num_cell(f"{effects[d]:.3g}")])
+                     for i, d in enumerate(top)],
+                    note="Mean absolute change of the reconstruction from the unmoved capsule, "
+                         "over all offsets and pixels (the reconstruction's own units). The "
+                         f"figure ranks all {panel.shape[0]} dimensions.")
+    figure = b.figure(uri, "Decoder reconstructions as each pose dimension of the winning "
+                      "capsule is moved", "Rows: pose dimensions, largest effect first (effect "
+                      "under the name); columns: offset added to that dimension. 3D inputs show "
+                      "their middle slice.") if uri else None
+    return b.subsection("Pose perturbation", paragraphs, [table], [figure])
+
+
+def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any], *,
+                       assets: Path | None = None) -> Path:
     """Write one study's diagnostic report.
 
     Args:
         out_path: The HTML file to write (parent folders are created).
         study: The study, see :class:`StudyInput`. ``case_id`` is required.
+        assets: Folder for the shared viewer scripts of segmentation reports (default
+            ``assets/niivue-{version}`` beside the report); one copy serves every report.
 
     Returns:
         ``out_path``.
@@ -572,9 +891,12 @@ def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) ->
     out_path = Path(out_path)
     case_id = str(study["case_id"])
     task = _infer_task(study)
+    viewer = None
     if task == "segmentation":
         parts = _segmentation_parts(study)
         capsule = _capsule_section(study, {}, None, None)
+        viewer = viewer_block(study, out_path, Path(assets) if assets is not None
+                              else vw.assets_dir(out_path.parent))
     else:
         parts = _classification_parts(study)
         capsule = _capsule_section(study, parts["names"], parts["predicted"], parts["image"])
@@ -593,9 +915,10 @@ def write_study_report(out_path: Path, study: StudyInput | Mapping[str, Any]) ->
     sub = " \u00b7 ".join(str(x) for x in (study.get("dataset"), study.get("model"),
                                             study.get("stage") and f"{study.get('stage')} stage",
                                             task) if x)
+    extra = {"viewer": viewer, "csp": vw.CSP} if viewer is not None else {}
     return render_page(out_path, "page.html", title=f"Study {case_id}", subtitle=sub, nav=nav,
                        lead=parts["lead"], note=RESEARCH_NOTE, top_cards=parts["cards"],
-                       sections=sections)
+                       sections=sections, **extra)
 
 
 # ----------------------------------------------------------------------------- per stage
@@ -658,12 +981,24 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
             c = class_column(cols, "volume_true_ml", k, name)
             if c is not None and is_number(row.get(c)):
                 true_vols[name] = float(row[c])
+        spreads = {}
+        for k, name in names.items():
+            c = class_column(cols, "volume_spread_ml", k, name) if k != 0 else None
+            if c is not None and is_number(row.get(c)):
+                spreads[name] = float(row[c])
         study["volumes_ml"], study["volumes_true_ml"] = vols, true_vols
         pred = _as_path(study["prediction"])
         stem = pred.name.removesuffix(".gz").removesuffix(".nii") if pred else ""
         record = pred.with_name(stem + "_dicom.json") if pred else None
         if record is not None and record.is_file():  # evaluate.dicom_out wrote a SEG/SR
             study["dicom"] = str(record)
+        study["volume_spread_ml"] = spreads
+        if is_number(row.get("uncertainty_mean")):
+            study["uncertainty_mean"] = float(row["uncertainty_mean"])
+        study["evidence"] = path("evidence")
+        study["probability_maps"] = path("probability_maps")
+        if is_number(row.get("evidence_disagreement")):
+            study["evidence_disagreement"] = float(row["evidence_disagreement"])
         metrics = {}
         for c in cols:
             base = c.split("_")[0]
@@ -689,6 +1024,7 @@ def study_from_row(row: Mapping[str, Any], task: str, names: Mapping[int, str],
         study["true_class"] = row.get("class")
         study["confidence"] = to_float(row.get("confidence"))
         study["reconstruction"] = path("reconstruction")
+        study["pose_perturbation"] = path("pose_perturbation")
     return study
 
 
@@ -733,6 +1069,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
     provenance.setdefault("model", model)
     ranges = training_volume_ranges(results_dir, dataset, model, names, fold) if task == \
         "segmentation" else {}
+    calibration = read_calibration(lay, model) if task == "segmentation" else None
     studies_dir = lay.studies_dir(model)
     bases = [edir, results_dir, lay.dataset_dir, edir / "predictions"]
     out: dict[str, Path] = {}
@@ -745,7 +1082,7 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
         # Files named by PLAN.md's layout when cases.csv leaves the column out.
         pred_dir = edir / "predictions"
         for key, suffix in (("prediction", ".nii.gz"), ("uncertainty", "_uncertainty.nii.gz"),
-                            ("reconstruction", "_recon.npy")):
+                            ("reconstruction", "_recon.npy"), ("pose_perturbation", "_poses.npz")):
             if key == "prediction" and task != "segmentation":
                 continue
             if study.get(key) is None and key not in record:
@@ -755,11 +1092,13 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
                         study[key] = str(candidate)
                         break
         study.update(dataset=dataset, model=model, stage=stage, provenance=provenance,
-                     volume_range_ml=ranges, links=links)
+                     volume_range_ml=ranges, links=links, uncertainty_calibration=calibration,
+                     evidence_kind=metrics_doc.get("evidence_kind"))
         case_id = study["case_id"]
         if case_id in out:
             logger.warning("%s: case id %r appears twice; the last row wins",
                            edir / "cases.csv", case_id)
-        out[case_id] = write_study_report(studies_dir / study_filename(case_id), study)
+        out[case_id] = write_study_report(studies_dir / study_filename(case_id), study,
+                                          assets=vw.assets_dir(results_dir))
     logger.info("wrote %d study reports under %s", len(out), studies_dir)
     return out

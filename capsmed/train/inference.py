@@ -1,14 +1,16 @@
 """Inference: sliding-window segmentation mapped back to each study's geometry, and classification.
 
 Segmentation runs MONAI ``sliding_window_inference`` on the preprocessed image, optionally averages
-test-time flips (their spread is the per-voxel uncertainty), and maps the class probabilities back to
-the original image grid with MONAI ``Invertd`` before the argmax, so a prediction has the input's shape
-and affine.
+test-time flips (the normalised entropy of their mean probabilities is the per-voxel uncertainty, and
+their separate label maps the spread of each structure's volume), and maps the class probabilities back
+to the original image grid with MONAI ``Invertd`` before the argmax, so a prediction has the input's
+shape and affine.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,38 @@ def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
     return [()] + [(2 + d,) for d in range(spatial_dims)]
 
 
+def evidence_kind(model: torch.nn.Module) -> str:
+    """What a segmenter's evidence map is: ``"capsule lengths"`` or ``"softmax"`` (CNNs).
+
+    Capsule segmenters with coarse class capsules (``has_coarse_capsules``: ``forward_train``
+    returns ``"coarse_lengths"`` ``(B, C, *S/k)``) show those; capsule segmenters whose output is
+    capsule lengths show their raw lengths; other models their softmax probabilities.
+    """
+    if getattr(model, "has_coarse_capsules", False) or getattr(model, "output_kind", "") == "lengths":
+        return "capsule lengths"
+    return "softmax"
+
+
+def _evidence(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probabilities, evidence)`` of one window, both ``(B, C, *S)``.
+
+    Coarse capsule lengths are repeated to the window's size (nearest neighbour), so the map keeps
+    its own resolution as blocks of ``k`` voxels.
+    """
+    out = model.forward_train(x)
+    probs = model.probabilities(out["scores"])
+    if "coarse_lengths" in out:
+        ev = torch.nn.functional.interpolate(out["coarse_lengths"], size=x.shape[2:],
+                                             mode="nearest")
+    elif getattr(model, "output_kind", "") == "lengths":
+        ev = out["scores"]
+    else:
+        ev = probs
+    return probs, ev
+
+
 def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, overlap: float = 0.25,
-            sw_batch_size: int = 2, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            sw_batch_size: int = 2, tta: bool = False, evidence: bool = False) -> dict[str, Any]:
     """Class probabilities of one preprocessed image by sliding windows.
 
     Args:
@@ -33,35 +65,63 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, ov
         patch: Window size.
         overlap: Window overlap.
         sw_batch_size: Windows per forward pass.
-        tta: Average over flips along each spatial axis.
+        tta: Average over flips along each spatial axis (1 + spatial_dims passes).
+        evidence: Also return the evidence map of the unflipped pass (see :func:`evidence_kind`).
 
     Returns:
-        ``(probs, uncertainty)``: ``(1, C, *S)`` probabilities and, with ``tta``, the ``(1, 1, *S)``
-        standard deviation over flips of the winning class's probability (else None).
+        ``{"probs", "passes", "seconds", "evidence"}``: the ``(1, C, *S)`` mean probabilities, the
+        ``(1, C, *S)`` probabilities of each pass (flipped back; only with ``tta``, else empty),
+        the wall-clock seconds of each pass, and the ``(1, C, *S)`` evidence map (or None).
     """
     from monai.inferers import sliding_window_inference
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         return model.probabilities(model(x))
 
-    runs = []
+    def with_evidence(x: torch.Tensor) -> torch.Tensor:
+        # one tensor, classes then evidence: MONAI blends tuple outputs unevenly
+        return torch.cat(_evidence(model, x), dim=1)
+
+    runs, seconds = [], []
+    ev = None
     flips = _flip_sets(image.ndim - 2) if tta else [()]
     with torch.no_grad():
         for dims in flips:
+            t0 = time.perf_counter()
             x = torch.flip(image, dims) if dims else image
+            want = evidence and not dims
             p = sliding_window_inference(x, roi_size=patch, sw_batch_size=sw_batch_size,
-                                         predictor=predictor, overlap=overlap, mode="gaussian")
-            runs.append(torch.flip(p, dims) if dims else p)
+                                         predictor=with_evidence if want else predictor,
+                                         overlap=overlap, mode="gaussian")
+            if want:
+                n = p.shape[1] // 2
+                p, ev = p[:, :n], p[:, n:].float()
+            runs.append((torch.flip(p, dims) if dims else p).float())
+            if image.is_cuda:
+                torch.cuda.synchronize(image.device)
+            seconds.append(time.perf_counter() - t0)
     probs = torch.stack(runs).mean(0)
-    uncertainty = None
-    if tta:
-        winner = probs.argmax(1, keepdim=True)
-        per_run = torch.stack([r.gather(1, winner) for r in runs])
-        uncertainty = per_run.std(0, unbiased=False)
-    return probs.float(), uncertainty
+    return {"probs": probs, "passes": runs if tta else [], "seconds": seconds, "evidence": ev}
 
 
-def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -> torch.Tensor:
+def normalised_entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Entropy of class probabilities divided by ``log C``: 0 certain, 1 evenly spread.
+
+    Args:
+        probs: Probabilities with the classes along ``axis``, e.g. ``(C, *S)``.
+        axis: The class axis.
+
+    Returns:
+        Array without the class axis, float32, in [0, 1].
+    """
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
+    n = p.shape[axis]
+    h = -(p * np.log(p)).sum(axis=axis)
+    return (h / np.log(n) if n > 1 else np.zeros_like(h)).clip(0.0, 1.0).astype(np.float32)
+
+
+def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess, *,
+                       nearest: bool = False) -> torch.Tensor:
     """Map a ``(C, *S)`` tensor in preprocessed space back to the original image grid.
 
     Args:
@@ -69,6 +129,7 @@ def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -
         key: Name to give the tensor in the dict.
         tensor: ``(C, *S)`` values aligned with ``data['image']``.
         preprocess: The deterministic, invertible transform that produced ``data``.
+        nearest: Resample by nearest neighbour (keeps blocks of coarse maps) instead of linearly.
 
     Returns:
         ``(C, *S_orig)`` MetaTensor with the original affine.
@@ -80,7 +141,7 @@ def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess) -
     data = dict(data)
     data[key] = MetaTensor(tensor.detach().cpu(), meta=dict(img.meta),
                            applied_operations=list(img.applied_operations))
-    inv = Invertd(keys=key, transform=preprocess, orig_keys="image", nearest_interp=False)
+    inv = Invertd(keys=key, transform=preprocess, orig_keys="image", nearest_interp=nearest)
     return inv(data)[key]
 
 
@@ -124,31 +185,83 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
                               inference: dict[str, Any]) -> dict[str, Any]:
     """Segment one study and map the result back to its original geometry.
 
+    With ``inference["tta"]`` the image is also segmented flipped along each spatial axis; the
+    uncertainty map is the normalised entropy of the mean probabilities over these passes, and each
+    pass's own label map gives the spread of the structure volumes.
+
     Args:
         model: Trained segmenter in eval mode on ``device``.
         item: ``{"image": path, ...}``.
         plan: Preprocessing plan (``patch_size`` used as the window).
         preprocess: Deterministic preprocessing transform.
         device: Device of the model.
-        inference: ``overlap``, ``sw_batch_size``, ``tta``, ``largest_component``.
+        inference: ``overlap``, ``sw_batch_size``, ``tta``, ``largest_component``; optional
+            ``evidence`` (bool).
 
     Returns:
-        ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 or None,
-        "affine": (4, 4)}``.
+        ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 entropy in [0, 1]
+        or None, "pass_counts": (passes, C) voxels of each class in each pass's label map (one row
+        without TTA), "pass_seconds": seconds of each network pass, "affine": (4, 4)}``; with
+        ``evidence`` also ``"evidence"`` and ``"probs"``, ``(C, *S_orig)`` float32: the evidence
+        map of the unflipped pass (:func:`evidence_kind`; nearest-neighbour resampled) and the
+        mean probabilities.
     """
     data = preprocess({k: v for k, v in item.items() if k in ("image",)})
     image = data["image"].unsqueeze(0).to(device)
-    probs, unc = segment(model, image, plan["patch_size"], overlap=inference["overlap"],
-                         sw_batch_size=inference["sw_batch_size"], tta=inference["tta"])
-    probs_orig = invert_to_original(data, "pred", probs[0], preprocess)
-    pred = probs_orig.argmax(0).cpu().numpy().astype(np.uint8)
+    res = segment(model, image, plan["patch_size"], overlap=inference["overlap"],
+                  sw_batch_size=inference["sw_batch_size"], tta=inference["tta"],
+                  evidence=bool(inference.get("evidence")))
+    probs_orig = invert_to_original(data, "pred", res["probs"][0], preprocess).cpu().numpy()
+    n_classes = probs_orig.shape[0]
+    pred = probs_orig.argmax(0).astype(np.uint8)
     if inference.get("largest_component"):
-        pred = keep_largest_components(pred, int(probs_orig.shape[0]))
-    unc_orig = None
-    if unc is not None:
-        unc_orig = invert_to_original(data, "unc", unc[0], preprocess)[0].cpu().numpy()
+        pred = keep_largest_components(pred, n_classes)
+    unc_orig = normalised_entropy(probs_orig) if res["passes"] else None
+    counts = []
+    for run in res["passes"] or [None]:
+        labels = pred if run is None else invert_to_original(
+            data, "pass", run[0], preprocess).cpu().numpy().argmax(0)
+        counts.append(np.bincount(labels.ravel(), minlength=n_classes)[:n_classes])
     affine = original_affine(item["image"])
-    return {"pred": pred, "uncertainty": unc_orig, "affine": affine}
+    out = {"pred": pred, "uncertainty": unc_orig, "pass_counts": np.stack(counts),
+           "pass_seconds": res["seconds"], "affine": affine}
+    if res["evidence"] is not None:
+        out["evidence"] = invert_to_original(data, "evidence", res["evidence"][0], preprocess,
+                                             nearest=True).cpu().numpy().astype(np.float32)
+        out["probs"] = probs_orig.astype(np.float32)
+    return out
+
+
+#: Pose perturbation in the manner of Sabour et al. (2017), figure 4: each dimension of the winning
+#: class capsule moved in steps of 0.05 over [-0.25, 0.25].
+POSE_STEPS = tuple(round(-0.25 + 0.05 * i, 2) for i in range(11))
+
+
+def pose_perturbation(decoder: torch.nn.Module, poses: torch.Tensor, index: int,
+                      steps: tuple[float, ...] = POSE_STEPS) -> torch.Tensor:
+    """Decoder reconstructions as each pose dimension of one class capsule is moved.
+
+    Args:
+        decoder: ``decoder(poses (B, C, D), index (B,))`` -> ``(B, C_in, *S)`` (the capsule
+            classifiers' :class:`~capsmed.models.capsnet.CapsuleDecoder`).
+        poses: ``(C, D)`` class capsules of one study.
+        index: The class capsule to move (the winning one).
+        steps: Offsets added to one dimension at a time.
+
+    Returns:
+        ``(D, len(steps), C_in, *S)`` reconstructions; row ``d``, column ``j`` has dimension ``d``
+        moved by ``steps[j]``.
+    """
+    dims = poses.shape[-1]
+    delta = torch.tensor(steps, dtype=poses.dtype, device=poses.device)
+    batch = poses.unsqueeze(0).unsqueeze(0).repeat(dims, len(steps), 1, 1)  # (D, S, C, D)
+    eye = torch.eye(dims, dtype=poses.dtype, device=poses.device)
+    batch[:, :, index, :] += delta[None, :, None] * eye[:, None, :]
+    flat = batch.reshape(dims * len(steps), *poses.shape)
+    idx = torch.full((flat.shape[0],), int(index), dtype=torch.long, device=poses.device)
+    with torch.no_grad():
+        recon = decoder(flat, idx)
+    return recon.reshape(dims, len(steps), *recon.shape[1:])
 
 
 def classification_tta_axes(plan: dict) -> list[int]:
@@ -177,8 +290,11 @@ def predict_classification_case(model, item: dict, preprocess, device: torch.dev
             its flip along each of them. Empty: one pass.
 
     Returns:
-        ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None}``;
-        lengths and reconstruction come from the unflipped image.
+        ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None,
+        "perturbation": (D, steps, C_in, *S) or None, "perturbation_steps"}``; the perturbation
+        (capsule classifiers with a decoder) moves each pose dimension of the winning capsule by
+        each of ``perturbation_steps`` (:data:`POSE_STEPS`).
+        Lengths and reconstruction come from the unflipped image.
     """
     data = preprocess({"image": item["image"]})
     image = data["image"].unsqueeze(0).to(device)
@@ -193,8 +309,15 @@ def predict_classification_case(model, item: dict, preprocess, device: torch.dev
         probs = torch.stack(runs).mean(0).cpu().numpy()
     lengths = out.get("lengths")
     recon = out.get("reconstruction")
+    perturbation = None
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None and out.get("poses") is not None and lengths is not None:
+        winner = int(lengths[0].argmax())
+        perturbation = pose_perturbation(decoder, out["poses"][0], winner).float().cpu().numpy()
     return {
         "probs": probs,
         "lengths": None if lengths is None else lengths[0].float().cpu().numpy(),
         "reconstruction": None if recon is None else recon[0].float().cpu().numpy(),
+        "perturbation": perturbation,
+        "perturbation_steps": POSE_STEPS,
     }

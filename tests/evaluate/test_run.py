@@ -79,6 +79,40 @@ def test_segmentation_predictions_keep_shape_and_affine(trained_seg):
         assert 0.0 <= float(row["dice"]) <= 1.0
     saved = json.loads(open(out + "/metrics.json").read())
     assert saved["metrics"] == doc["metrics"]
+    # test-time augmentation is on by default: its cost, the entropy map, the volume spread
+    assert saved["cost"]["tta_passes"] == 4 and saved["cost"]["tta_time_factor"] > 1.0
+    for row in rows:
+        unc = nib.load(cfg["results"] + "/" + row["uncertainty"])
+        assert unc.shape == nib.load(row["image"]).shape
+        values = np.asarray(unc.dataobj)
+        assert values.min() >= 0.0 and values.max() <= 1.0
+        assert 0.0 <= float(row["uncertainty_mean"]) <= 1.0
+        assert float(row["volume_spread_ml_a"]) >= 0.0
+        assert not any(k.startswith("_") for k in row)
+        # the evidence beside the prediction: a CNN's softmax, saved for the study reports
+        ev = nib.load(cfg["results"] + "/" + row["evidence"])
+        probs = nib.load(cfg["results"] + "/" + row["probability_maps"])
+        assert ev.shape == probs.shape == (*nib.load(row["image"]).shape, 3)
+        np.testing.assert_allclose(ev.get_fdata().sum(-1), 1.0, atol=0.02)
+        label_map = np.asarray(nib.load(cfg["results"] + "/" + row["prediction"]).dataobj)
+        stored = probs.get_fdata()
+        differ = label_map != stored.argmax(-1)
+        top2 = np.sort(stored[differ], axis=-1)[:, -2:]
+        assert np.all(top2[:, 1] - top2[:, 0] <= 1 / 255 + 1e-6)  # only 8-bit rounding ties
+    assert saved["evidence_kind"] == "softmax" and "evidence_disagreement" not in rows[0]
+
+
+def test_validation_stage_calibrates_the_uncertainty_thresholds(trained_seg):
+    cfg, _, _ = trained_seg
+    doc = evaluate_stage(cfg, "ds", "unet", "val")
+    cal = doc["uncertainty_calibration"]
+    assert cal["n_cases"] == doc["n_cases"]
+    assert 0.0 <= cal["voxel_threshold"] <= 1.0 and 0.0 <= cal["voxel_auc"] <= 1.0
+    with open(cfg["results"] + "/ds/eval/unet/val/cases.csv") as fh:
+        means = [float(r["uncertainty_mean"]) for r in csv.DictReader(fh)]
+    assert cal["study_threshold"] == pytest.approx(max(means), abs=1e-6)
+    saved = json.loads(open(cfg["results"] + "/ds/eval/unet/val/metrics.json").read())
+    assert saved["uncertainty_calibration"] == cal
 
 
 def test_predict_new_study_round_trip(trained_seg, tmp_path):
@@ -219,3 +253,30 @@ def test_spacing_is_read_from_the_affine_as_every_stage_reads_it(tmp_path):
     assert nib.load(path).header.get_zooms() == (1.0, 1.0, 1.0)
     assert _load_label(str(path))[1] == (1.5, 1.0, 2.0)
     assert tuple(read_volume(path, load=False)[0].spacing) == (1.5, 1.0, 2.0)
+
+
+def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path):
+    from capsmed.report import write_study_reports
+    from capsmed.report.figures import pose_effects
+
+    cfg = tiny_config(tmp_path / "results", models=["capsnet"],
+                      train={"epochs": 1, "batch_size": 8})
+    cfg["models"]["capsnet"] = {"args": {"conv_channels": 16, "primary_capsules": 4}}
+    prepare_all(write_config(cfg, tmp_path / "c.yaml"))
+    train_model(cfg, "ds", "capsnet")
+    evaluate_stage(cfg, "ds", "capsnet", "test")
+    results = Path(cfg["results"])
+    rows = list(csv.DictReader((results / "ds/eval/capsnet/test/cases.csv").open()))
+    with np.load(results / rows[0]["pose_perturbation"]) as doc:
+        panel, steps = doc["reconstructions"].astype(np.float32), doc["steps"]
+    np.testing.assert_allclose(steps, np.arange(-0.25, 0.2501, 0.05), atol=1e-9)
+    assert panel.shape == (16, 11, 28, 28)
+    recon = np.load(results / rows[0]["reconstruction"])[0]
+    np.testing.assert_allclose(panel[:, 5], np.broadcast_to(recon, panel[:, 5].shape), atol=2e-3)
+    page = write_study_reports(results, "ds", "capsnet")[rows[0]["case_id"]]
+    html = page.read_text(encoding="utf-8")
+    effects = pose_effects(panel, 5)
+    ranked = [int(d) for d in np.argsort(-effects, kind="mergesort")]
+    assert "Pose perturbation" in html and "moved in steps of 0.05 from -0.25 to +0.25" in html
+    assert "Largest effects: " + ", ".join(
+        f"dimension {d} ({effects[d]:.3g})" for d in ranked[:5]) + "." in html

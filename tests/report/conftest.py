@@ -19,6 +19,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from capsmed.evaluate.evidence import evidence_disagreement
+from capsmed.evaluate.uncertainty import calibrate, case_uncertainty, tta_cost
+
 HOSTILE_SCRIPT = "<script>alert(1)</script>"
 HOSTILE_IMG = '"><img src=x onerror=alert(1)>'
 HOSTILE_IDS = (HOSTILE_SCRIPT, HOSTILE_IMG)
@@ -166,16 +169,22 @@ def make_segmentation(root: Path) -> None:
             rows = []
             for n, cid in enumerate(ids):
                 lab = np.asarray(nib.load(labels[cid]).dataobj)
-                pred = np.roll(lab, shift=m_i + (n % 2), axis=0)
+                pred = np.roll(lab, shift=m_i + (n % 2) + (stage == "val"), axis=0)
                 if stage == "test" and n == 1:
                     pred[pred == 2] = 0  # missed structure -> infinite HD95
                 stem = safe_name(cid)
                 _save_nifti(edir / "predictions" / f"{stem}.nii.gz", pred.astype(np.uint8))
-                unc = ""
-                if model == "ucaps" and stage == "test":
+                unc, unc_cols = "", {}
+                if model == "ucaps" and stage in ("val", "test"):
                     u = np.clip(np.abs(pred.astype(float) - lab) * 0.6
                                 + rng.uniform(0, 0.05, SHAPE), 0, 1).astype(np.float32)
                     unc = _save_nifti(edir / "predictions" / f"{stem}_uncertainty.nii.gz", u)
+                    # the evaluation's own summaries, from per-pass label maps (shifted copies)
+                    passes = [np.roll(pred, s, axis=1) for s in (0, 1, -1, 0)]
+                    counts = np.stack([np.bincount(p.ravel(), minlength=3) for p in passes])
+                    unc_cols = case_uncertainty(u, pred, lab, counts,
+                                                float(np.prod(SPACING)) / 1000,
+                                                {1: "anterior", 2: "posterior"})
                 voxel_ml = float(np.prod(SPACING)) / 1000
                 row = {"case_id": cid, "image": images[cid], "label": labels[cid],
                        "prediction": f"predictions/{stem}.nii.gz"}
@@ -195,7 +204,12 @@ def make_segmentation(root: Path) -> None:
                     row[f"volume_true_ml_{name}"] = round(float(tv), 4)
                     row[f"volume_error_ml_{name}"] = round(float(pv - tv), 4)
                 row["uncertainty"] = unc
+                row.update(unc_cols)
+                if stage == "test":
+                    row.update(_evidence_maps(edir / "predictions" / stem, model, pred, lab))
                 rows.append(row)
+            calibration = calibrate(rows) if stage == "val" else None
+            rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
             _write_csv(edir / "cases.csv", rows)
             base = SEG_METRICS[model] if stage == "test" else {
                 "dice": 0.9 - 0.05 * STAGE_INDEX[stage], "hd95": 2.0, "assd": 0.6}
@@ -205,11 +219,36 @@ def make_segmentation(root: Path) -> None:
                 "dataset": SEG, "model": model, "stage": stage, "task": "segmentation",
                 "n_cases": len(ids), "metrics": metrics,
                 "ci95": SEG_CI[model] if stage == "test" else {},
-                "cost": {"inference_seconds_per_case": 0.42 + m_i, "peak_memory_mb": 900.0},
-                "labels": SEG_LABELS})
+                "cost": {"inference_seconds_per_case": 0.42 + m_i, "peak_memory_mb": 900.0,
+                         **(tta_cost([[0.1, 0.11, 0.1, 0.12]]) if model == "ucaps" else {})},
+                "labels": SEG_LABELS,
+                "evidence_kind": "capsule lengths" if model == "ucaps" else "softmax",
+                **({"uncertainty_calibration": calibration} if calibration else {})})
 
 
 STAGE_INDEX = {"train": 0, "val": 1, "test": 2}
+
+
+def _evidence_maps(stem: Path, model: str, pred: np.ndarray, lab: np.ndarray) -> dict:
+    """Channels-last evidence and probability maps as ``capsmed evaluate`` saves them.
+
+    ``ucaps``: capsule lengths at 1/4 resolution (blocks of 4 voxels) from the true labels, so they
+    disagree with the (shifted) prediction; ``unet``: its softmax, equal to its probabilities.
+    """
+    onehot = np.stack([pred == k for k in range(3)]).astype(np.float32)
+    probs = 0.1 + 0.7 * onehot
+    if model == "ucaps":
+        coarse = np.stack([lab == k for k in range(3)]).astype(np.float32)[:, ::4, ::4, ::4]
+        evidence = 0.05 + 0.85 * np.repeat(np.repeat(np.repeat(coarse, 4, 1), 4, 2), 4, 3)[
+            :, :SHAPE[0], :SHAPE[1], :SHAPE[2]]
+    else:
+        evidence = probs
+    out = {"evidence": _save_nifti(Path(f"{stem}_evidence.nii.gz"), np.moveaxis(evidence, 0, -1)),
+           "probability_maps": _save_nifti(Path(f"{stem}_probs.nii.gz"),
+                                           np.moveaxis(probs, 0, -1))}
+    if model == "ucaps":
+        out["evidence_disagreement"] = evidence_disagreement(evidence, pred)
+    return out
 
 
 # ----------------------------------------------------------------------------- classification

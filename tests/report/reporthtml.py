@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -77,3 +78,22 @@ def parse(path: Path) -> Page:
     if parser.stack:
         page.errors.append(f"unclosed tags: {parser.stack}")
     return page
+
+
+#: The only script elements a report may hold: the viewer's data block (not executed) and the two
+#: shared viewer scripts under ``results/assets/niivue-{version}/``.
+_VIEWER_SCRIPT = re.compile(
+    r'<script (type="application/json" id="cv-data"'
+    r'|src="(\.\./)+assets/niivue-[0-9.]+/(niivue\.umd|capsmed-viewer)\.js")>', re.IGNORECASE)
+
+
+def foreign_scripts(html: str) -> list[str]:
+    """Opening ``<script`` tags of a page other than the viewer's own (should be none)."""
+    tags = re.findall(r"<script\b[^>]*>", html, flags=re.IGNORECASE)
+    return [t for t in tags if not _VIEWER_SCRIPT.fullmatch(t)]
+
+
+def is_viewer_script(attrs: dict[str, str | None]) -> bool:
+    """True for the attributes of one of the viewer's script elements."""
+    tag = "<script " + " ".join(f'{k}="{v}"' for k, v in attrs.items()) + ">"
+    return bool(_VIEWER_SCRIPT.fullmatch(tag))

@@ -1,7 +1,8 @@
 """Reports open in headless Chromium from file://, draw something, and request nothing external.
 
 Needs the Debian packages ``chromium`` (and ``chromium-driver`` for other tools); install them with
-``.ci/install_browser.sh``. Skipped when no Chromium is on PATH.
+``.ci/install_browser.sh``. Skipped when no Chromium is on PATH. The viewer tests drive Chromium over
+the DevTools protocol (``cdp.py``) with WebGL2 in software (SwiftShader), so they need no GPU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cdp import Browser
 from matplotlib.image import imread
 
 pytestmark = pytest.mark.browser
@@ -88,3 +90,98 @@ def test_request_detection_is_not_vacuous(tmp_path):
                     '<img src="http://example.invalid/x.png" alt="x"></body></html>')
     _, requests = _screenshot(page, tmp_path, "remote")
     assert [r["url"] for r in requests] == ["http://example.invalid/x.png"]
+
+
+# ----------------------------------------------------------------------------- the study viewer
+
+READY = ("(() => { const s = document.getElementById('cv-viewer').getAttribute('data-state');"
+         " return s === 'ready' || s.startsWith('error') ? s : null; })()")
+
+
+def _canvas(br: Browser) -> np.ndarray:
+    rect = br.evaluate("(() => { const c = document.getElementById('cv-canvas');"
+                       " c.scrollIntoView(); const r = c.getBoundingClientRect();"
+                       " return {x: r.x + window.scrollX, y: r.y + window.scrollY,"
+                       " width: r.width, height: r.height}; })()")
+    br.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    return br.screenshot(clip=rect)[..., :3]
+
+
+def _near(pixels: np.ndarray, colour: str, tol: float = 0.12) -> np.ndarray:
+    """Pixels whose hue is that of ``colour`` (an overlay blended over grey keeps the hue)."""
+    rgb = np.array([int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    centred = pixels - pixels.mean(-1, keepdims=True)
+    target = rgb - rgb.mean()
+    norm = np.linalg.norm(centred, axis=-1)
+    cos = (centred @ target) / (norm * np.linalg.norm(target) + 1e-9)
+    return (norm > tol) & (cos > 0.95)
+
+
+def _set(br: Browser, element_id: str, value: object, checked: bool | None = None) -> None:
+    prop = f"e.checked = {str(checked).lower()};" if checked is not None else f"e.value = '{value}';"
+    br.evaluate(f"(() => {{ const e = document.getElementById('{element_id}'); {prop}"
+                " e.dispatchEvent(new Event('input', {bubbles: true})); })()")
+
+
+@needs_chromium
+def test_study_viewer_draws_scrolls_and_reads_out_offline(rendered, facts, tmp_path):
+    """From a copied results folder: the overlay is drawn in the label colours, the scroller moves
+    the slice, a click reads the voxel, and the page makes no network request."""
+    from capsmed.report.figures import label_colour
+
+    copy = tmp_path / "moved" / "results copy"
+    shutil.copytree(rendered["root"], copy)
+    original = rendered["studies"][(facts.SEG, "ucaps")]["case_005"]
+    page = copy / original.relative_to(rendered["root"])
+    netlog = tmp_path / "viewer.netlog.json"
+    with Browser(CHROMIUM, tmp_path / "profile", netlog) as br:
+        br.open(page.resolve().as_uri())
+        assert br.wait_for(READY) == "ready", br.console()
+        loaded = br.evaluate("Array.from(document.scripts).filter(s => s.src).map(s => s.src)")
+        assert sorted(u.rsplit("/", 1)[1] for u in loaded) == ["capsmed-viewer.js",
+                                                               "niivue.umd.js"]
+        assert all(u.startswith(copy.resolve().as_uri()) for u in loaded), loaded
+        br.evaluate("document.querySelector('#cv-views [data-view=axial]').click()")
+        _set(br, "cv-slice", 6)
+        first = _canvas(br)
+        anterior = _near(first, label_colour(1))
+        assert anterior.mean() > 0.01, "no pixels in the colour of the first label"
+        _set(br, "cv-layer-on-1", None, checked=False)  # prediction layer off: the colour goes
+        assert _near(_canvas(br), label_colour(1)).mean() < anterior.mean() / 10
+        _set(br, "cv-layer-on-1", None, checked=True)
+        _set(br, "cv-label-on-1", None, checked=False)  # label 1 off, the others stay
+        assert _near(_canvas(br), label_colour(1)).mean() < anterior.mean() / 10
+        _set(br, "cv-label-on-1", None, checked=True)
+        _set(br, "cv-slice", 1)
+        moved = _canvas(br)
+        assert br.evaluate("document.getElementById('cv-slice-text').textContent") == "2 / 12"
+        assert np.abs(moved - first).mean() > 0.01, "moving the slice did not change the view"
+        rect = br.evaluate("(() => { const r = document.getElementById('cv-canvas')"
+                           ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")
+        br.click(rect[0] + rect[2] / 2, rect[1] + rect[3] / 2)
+        readout = br.wait_for("(() => { const t = document.getElementById('cv-readout')"
+                              ".textContent; return t.includes('Prediction:') ? t : null; })()")
+        assert "Image:" in readout and "voxel (" in readout
+    requests = _page_requests(netlog)
+    assert requests == [], [r["url"] for r in requests]
+
+
+@needs_chromium
+def test_study_page_policy_runs_only_the_viewer_scripts(rendered, facts, tmp_path):
+    """The page's Content-Security-Policy blocks an injected inline or remote script."""
+    copy = tmp_path / "results"
+    shutil.copytree(rendered["root"], copy)
+    page = copy / rendered["studies"][(facts.SEG, "ucaps")]["case_005"].relative_to(
+        rendered["root"])
+    html = page.read_text(encoding="utf-8")
+    page.write_text(html.replace("</main>", "<script>document.title = 'injected';</script>"
+                                 '<script src="http://example.invalid/x.js"></script></main>'),
+                    encoding="utf-8")
+    netlog = tmp_path / "csp.netlog.json"
+    with Browser(CHROMIUM, tmp_path / "profile", netlog) as br:
+        br.open(page.resolve().as_uri())
+        assert br.wait_for(READY) == "ready"
+        assert br.evaluate("document.title") == "Study case_005"
+        blocked = [m for m in br.console() if "Content Security Policy" in m]
+        assert len(blocked) >= 2, br.console()
+    assert _page_requests(netlog) == []

@@ -248,4 +248,12 @@ def test_study_files_found_by_layout_when_columns_are_missing(tmp_path, facts):
     (edir / "cases.csv").write_text("case_id,dice\nc1,0.5\n")
     text = parse(write_study_reports(tmp_path, "ds", "segcaps")["c1"]).text
     assert "organ 0.19 mL" in text  # 64 voxels of 3 mm^3
-    assert "uncertainty inside the predicted structure: mean 0.200" in text
+    assert "evenly spread) inside the predicted structures: mean 0.200" in text
+    assert "No calibration from a validation stage is available" in text
+    _json(edir.parent / "val" / "metrics.json", {"uncertainty_calibration": {
+        "voxel_threshold": None, "voxel_auc": 0.49, "youden_j": 0.0, "study_threshold": 0.15,
+        "n_cases": 2}})
+    text = parse(write_study_reports(tmp_path, "ds", "segcaps")["c1"]).text
+    assert "No entropy threshold separated wrong from right voxels on the validation stage " \
+        "(AUC 0.49)" in text
+    assert "Flagged: more uncertain than any of the 2 validation studies (highest 0.150)" in text

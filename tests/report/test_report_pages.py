@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import nibabel as nib
+import numpy as np
 import pytest
-from reporthtml import parse
+from reporthtml import is_viewer_script, parse
 
 from capsmed.report import study_filename
 
@@ -28,7 +32,8 @@ def test_every_page_parses_and_is_self_contained(rendered):
         assert not page.errors, (path, page.errors)
         assert page.title.strip(), path
         for tag, attrs in page.tags:
-            assert tag not in ("script", "link", "iframe", "object", "embed", "base"), (path, tag)
+            assert tag not in ("link", "iframe", "object", "embed", "base"), (path, tag)
+            assert tag != "script" or is_viewer_script(attrs), (path, attrs)
             for name in attrs:
                 assert not name.lower().startswith("on"), (path, tag, name)
         for url in page.srcs + page.hrefs:
@@ -103,7 +108,26 @@ def test_segmentation_study_report(rendered, facts):
     assert "16 x 20 x 12" in text and "1.5 x 1 x 2" in text and "RAS" in text
     assert "anterior" in text and "posterior" in text and "mL" in text
     assert "training cases" in text.lower()
-    assert "Test-time-augmentation uncertainty inside the predicted structure" in text
+    cases = {r["case_id"]: r for r in csv.DictReader(open(
+        rendered["root"] / facts.SEG / "eval" / "ucaps" / "test" / "cases.csv"))}
+    cal = json.loads((rendered["root"] / facts.SEG / "eval" / "ucaps" / "val" /
+                      "metrics.json").read_text())["uncertainty_calibration"]
+    row = cases["case_005"]
+    mean = float(row["uncertainty_mean"])
+    assert f"evenly spread) inside the predicted structures: mean {mean:.3f}" in text
+    verdict = ("Flagged: more uncertain than any of the 1 validation studies"
+               if mean > cal["study_threshold"] else "Within the range of the validation studies")
+    assert f"{verdict}" in text and f"(highest {cal['study_threshold']:.3f})" in text
+    # per structure: the TTA spread from cases.csv, the share of uncertain voxels from the map
+    unc = np.asarray(nib.load(rendered["root"] / facts.SEG / "eval" / "ucaps" / "test" /
+                              "predictions" / "case_005_uncertainty.nii.gz").dataobj)
+    pred = np.asarray(nib.load(rendered["root"] / facts.SEG / "eval" / "ucaps" / "test" /
+                               "predictions" / "case_005.nii.gz").dataobj)
+    for k, name in ((1, "anterior"), (2, "posterior")):
+        share = float(np.mean(unc[pred == k] > cal["voxel_threshold"]))
+        spread = float(row[f"volume_spread_ml_{name}"])
+        assert f"{name} {100 * share:.1f}%" in text
+        assert re.search(rf"{name} [0-9.]+ [0-9.]+ .*?{spread:.2f} {100 * share:.1f}%", text)
     assert "Ground truth" in " ".join(img["alt"] for img in page.images) or "ground truth" in \
         " ".join(img["alt"] for img in page.images)
     assert "ab" * 32 in text and "c0ffeeucaps" in text and "2026-01-02 03:04" in text
@@ -114,6 +138,27 @@ def test_segmentation_study_report(rendered, facts):
 def test_segmentation_study_without_uncertainty(rendered, facts):
     page = parse(rendered["studies"][(facts.SEG, "unet")]["case_005"])
     assert "test-time augmentation did not run" in page.text
+    stage = parse(rendered["stage"][(facts.SEG, "unet", "test")])
+    assert "Studies by uncertainty" not in stage.text
+
+
+def test_stage_report_ranks_studies_by_uncertainty(rendered, facts):
+    edir = rendered["root"] / facts.SEG / "eval" / "ucaps"
+    rows = list(csv.DictReader(open(edir / "test" / "cases.csv")))
+    cal = json.loads((edir / "val" / "metrics.json").read_text())["uncertainty_calibration"]
+    html = rendered["stage"][(facts.SEG, "ucaps", "test")].read_text(encoding="utf-8")
+    section = html.split('<section id="uncertainty">', 1)[1].split("</section>", 1)[0]
+    ranked = sorted(rows, key=lambda r: -float(r["uncertainty_mean"]))
+    body = section.split("<tbody>", 1)[1]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", tr, re.S) for tr in body.split("<tr")[1:]]
+    assert [c[0] for c in cells] == [str(i) for i in range(1, len(rows) + 1)]
+    assert [float(c[2]) for c in cells] == [round(float(r["uncertainty_mean"]), 3)
+                                            for r in ranked]
+    n_flag = sum(float(r["uncertainty_mean"]) > cal["study_threshold"] for r in rows)
+    assert section.count("above validation range") == n_flag
+    text = parse(rendered["stage"][(facts.SEG, "ucaps", "test")]).text
+    assert f"{n_flag} of {len(rows)} studies are more uncertain than any validation study" in text
+    assert "4 passes per case" in text and "Youden" in text
 
 
 def test_classification_study_reports(rendered, facts):
@@ -208,3 +253,25 @@ def test_summary_links_the_study_reports_that_were_written(rendered, facts):
             assert set(linked) == set(written) and set(facts.HOSTILE_IDS) <= set(linked)
             for cid, rel in linked.items():
                 assert root / rel == written[cid]
+
+
+def test_capsule_evidence_beside_the_prediction(rendered, facts):
+    edir = rendered["root"] / facts.SEG / "eval" / "ucaps" / "test"
+    rows = {r["case_id"]: r for r in csv.DictReader(open(edir / "cases.csv"))}
+    share = float(rows["case_005"]["evidence_disagreement"])
+    assert 0 < share < 1
+    html = rendered["studies"][(facts.SEG, "ucaps")]["case_005"].read_text(encoding="utf-8")
+    section = html.split('<section id="evidence">', 1)[1].split("</section>", 1)[0]
+    assert "What the model saw" in section and "class capsule" in section
+    assert f"differs from the final label on {100 * share:.1f}% of the voxels" in section
+    assert section.count('<img src="data:image/png;base64,') == 1
+    cnn = rendered["studies"][(facts.SEG, "unet")]["case_005"].read_text(encoding="utf-8")
+    cnn_section = cnn.split('<section id="evidence">', 1)[1].split("</section>", 1)[0]
+    assert "This model is a CNN" in cnn_section and "softmax" in cnn_section
+    values = np.array([float(r["evidence_disagreement"]) for r in rows.values()])
+    stage = parse(rendered["stage"][(facts.SEG, "ucaps", "test")]).text
+    assert (f"differs from the final label on {100 * values.mean():.1f}% of the structure voxels "
+            f"on average (median {100 * np.median(values):.1f}%") in stage
+    assert f"they disagree somewhere in {int((values > 0).sum())} of {len(values)} studies" in stage
+    assert "softmax maps where capsule models show their capsule lengths" in parse(
+        rendered["stage"][(facts.SEG, "unet", "test")]).text

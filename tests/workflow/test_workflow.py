@@ -130,6 +130,14 @@ def test_tiny_demo_end_to_end(repo_root, tmp_path):
     for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece"):
         assert key in cls["models"]["capsnet"]["stages"]["test"]["metrics"]
     assert (results / "index.html").is_file()
+    # segmentation study pages carry the viewer (one shared NiiVue copy) and the TTA uncertainty,
+    # whose flag the validation stage calibrated
+    assert len(list(results.rglob("niivue.umd.js"))) == 1
+    study = (results / next(iter(seg["models"]["ucaps"]["studies"].values()))).read_text()
+    assert 'id="cv-data"' in study and "assets/niivue-" in study
+    val = json.loads((results / "demo_seg3d/eval/ucaps/val/metrics.json").read_text())
+    assert val["cost"]["tta_passes"] == 4 and "uncertainty_calibration" in val
+    assert "uncertainty_mean" in (results / "demo_seg3d/eval/ucaps/test/cases.csv").read_text()
     # snakemake --report bundles the reports into one offline HTML file
     rep = _run(["--snakefile", str(repo_root / "Snakefile"), "--directory", str(tmp_path),
                 "--configfile", str(repo_root / "tests/workflow/tiny_config.yaml"),

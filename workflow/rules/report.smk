@@ -6,6 +6,8 @@ rule report_stage:
     input:
         metrics=reported_eval(),
         train=reported_train,
+        # the validation stage calibrates the uncertainty flag (segmentation)
+        calibration=lambda w: [reported_eval("val")(w)] if "val" in STAGES else [],
     output:
         report(
             f"{RESULTS}/{{dataset}}/reports/{{model}}/{{stage}}.html",
@@ -30,6 +32,7 @@ rule report_studies:
     input:
         metrics=reported_eval("test"),
         train=reported_train,
+        calibration=lambda w: [reported_eval("val")(w)] if "val" in STAGES else [],
     output:
         directory(f"{RESULTS}/{{dataset}}/reports/{{model}}/studies"),
     log:
