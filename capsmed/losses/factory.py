@@ -209,6 +209,8 @@ class CapsuleClassificationLoss(_TermsLoss):
         self.margin = margin
         self._set_capsule_weights(margin_weight, reconstruction)
         self.register_buffer("class_weights", class_weights, persistent=False)
+        # per-sample margin loss for the weighted mean, built once (not on every step)
+        self.per_item = MarginLoss(margin.m_plus, margin.m_minus, margin.lambda_, "none")
 
     def forward(
         self, outputs: dict[str, torch.Tensor], target: torch.Tensor, image: torch.Tensor
@@ -231,8 +233,7 @@ class CapsuleClassificationLoss(_TermsLoss):
         if self.class_weights is None:
             margin = self.margin(lengths, target)
         else:
-            per_item = MarginLoss(self.margin.m_plus, self.margin.m_minus, self.margin.lambda_,
-                                  "none")(lengths, target)  # (B,)
+            per_item = self.per_item(lengths, target)  # (B,)
             w = (as_one_hot(target, lengths) * self.class_weights.to(lengths)).sum(dim=1)
             margin = (w * per_item).sum() / w.sum().clamp_min(1e-12)
         terms = {"margin": self.margin_weight * margin}

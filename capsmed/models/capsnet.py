@@ -12,7 +12,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.layers.factories import Act, Conv
 from torch import nn
 
-from capsmed.layers import DenseCapsule, PrimaryCapsule, squash_efficient
+from capsmed.layers import DenseCapsule, PrimaryCapsule, squash, squash_efficient
 from capsmed.models.base import CapsmedModel, capsule_lengths, plain_tensor
 from capsmed.models.registry import register_model
 
@@ -432,8 +432,6 @@ class _LinearClassCapsules(nn.Module):
 
     def forward(self, x: torch.Tensor, return_coupling: bool = False) -> torch.Tensor:
         """``(B, I, Din) -> (B, J, Dout)`` squashed; ``return_coupling`` must be False."""
-        from capsmed.layers import squash
-
         if return_coupling:
             raise ValueError("a linear block has no couplings")
         y = self.linear(x.flatten(1)).view(x.shape[0], self.out_capsules, self.out_dim)
