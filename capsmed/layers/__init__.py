@@ -4,7 +4,13 @@ Tensor layout: capsules ``(B, capsules, dim, *spatial)``; dense capsules ``(B, c
 votes ``(B, I, J, D, *spatial)``.
 """
 
-from capsmed.layers.capsules import ConvCapsule, ConvTransposeCapsule, DenseCapsule, PrimaryCapsule
+from capsmed.layers.capsules import (
+    ConvCapsule,
+    ConvTransposeCapsule,
+    DenseCapsule,
+    GridCapsule,
+    PrimaryCapsule,
+)
 from capsmed.layers.routing import attention_routing, coupling_statistics, dynamic_routing
 from capsmed.layers.squash import squash, squash_efficient
 
@@ -12,6 +18,7 @@ __all__ = [
     "ConvCapsule",
     "ConvTransposeCapsule",
     "DenseCapsule",
+    "GridCapsule",
     "PrimaryCapsule",
     "attention_routing",
     "coupling_statistics",

@@ -24,6 +24,8 @@ TINY = {
     "unet": {"channels": (4, 8, 16), "strides": (2, 2)},
     "segcaps": {"width": 4},
     "rescapsnet": {"image_size": 20, "channels": (4, 8), "primary_capsules": 2},
+    "densecapsnet": {"image_size": 20, "init_features": 4, "growth_rate": 4, "block_config": (2,),
+                     "primary_capsules": 2},
     "capsunet": {"encoder_channels": (4, 8), "primary_capsules": 2, "primary_dim": 4, "capsules": 2,
                  "capsule_dim": 4, "class_dim": 4, "decoder_channels": (4, 4, 4)},
     "ucaps": {"stem_channels": (4,), "primary_capsules": 2, "encoder_capsules": (2, 2, 2, 2, 2),
@@ -82,6 +84,7 @@ def test_loss_kinds_and_terms():
         "ucaps": (SegmentationLoss, {"dice_ce", "margin", "reconstruction"}),
         "segcaps": (CapsuleSegmentationLoss, {"dice", "margin", "reconstruction"}),
         "rescapsnet": (CapsuleClassificationLoss, {"margin"}),
+        "densecapsnet": (CapsuleClassificationLoss, {"margin"}),
         "capsunet": (SegmentationLoss, {"dice_ce", "margin"}),
     }
     for name, (cls, terms) in kinds.items():

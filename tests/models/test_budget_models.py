@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from capsmed.layers import GridCapsule
 from capsmed.losses import build_loss
 from capsmed.models import get_model
 from capsmed.train.loop import estimate_flops
@@ -188,10 +189,49 @@ def test_rescapsnet_linear_ablation_costs_the_same():
     assert attention.couplings(torch.rand(1, 1, 28, 28)).shape == (1, 784, 2)
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_rescapsnet_per_type_votes_share_weights_across_positions(spatial_dims):
+    torch.manual_seed(0)
+    base = get_model("rescapsnet", spatial_dims, 1, 2)
+    shared = get_model("rescapsnet", spatial_dims, 1, 2, vote_weights="per_type")
+    assert isinstance(shared.digits, GridCapsule)
+    # the front end is the same; the class layer keeps one transformation per type, not per capsule
+    assert base.num_parameters() - base.digits.weight.numel() == (
+        shared.num_parameters() - shared.digits.weight.numel())
+    assert shared.digits.weight.numel() == base.digits.weight.numel() // base.grid_size**spatial_dims
+    size = [28] * spatial_dims
+    assert estimate_flops(shared, 1, size) == estimate_flops(base, 1, size)
+    x = torch.rand(2, 1, *size)
+    couplings = shared.couplings(x)
+    assert couplings.shape == (2, shared.num_primary, 2)
+    # capsule n = type * G + position in both layouts
+    flat = shared.primary_capsules(x)
+    grid = shared._digit_inputs(x).flatten(3)
+    positions = grid.shape[-1]
+    torch.testing.assert_close(flat[:, 3], grid[:, 0, :, 3])
+    torch.testing.assert_close(flat[:, 5 * positions + 1], grid[:, 5, :, 1])
+    out = shared.forward_train(x, torch.tensor([0, 1]))
+    build_loss(shared)(out, torch.tensor([0, 1]), x).backward()
+    assert _finite_grads(shared)
+
+
+def test_rescapsnet_batch_norm_front_end():
+    model = get_model("rescapsnet", 3, 1, 2, norm="batch", vote_weights="per_type")
+    norms = {type(m).__name__ for m in model.features.modules()}
+    assert "BatchNorm3d" in norms and "InstanceNorm3d" not in norms
+    assert "InstanceNorm3d" in {type(m).__name__ for m in get_model("rescapsnet", 3, 1, 2).modules()}
+    model.eval()
+    assert model(torch.rand(1, 1, 28, 28, 28)).shape == (1, 2)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"channels": ()}, "channels must list"), ({"stem_stride": 3}, "stem_stride"),
      ({"routing": "em"}, "routing must be"), ({"capsule_block": "conv"}, "capsule_block must be"),
+     ({"vote_weights": "per_position"}, "vote_weights must be one of per_capsule, per_type"),
+     ({"vote_weights": "per_type", "capsule_block": "linear"}, "its fixed-weight ablation is"),
+     ({"vote_weights": "per_type", "routing": "attention"}, "routes dynamically"),
+     ({"norm": "group"}, "norm must be one of instance, batch"),
      ({"image_size": 6}, "image_size must be >= 8"), ({"class_dim": 0}, "must be >= 1")],
 )
 def test_rescapsnet_bad_arguments(kwargs, message):
@@ -212,3 +252,51 @@ def test_ucaps_paper_configuration_of_the_example_builds():
         narrow = get_model("ucaps", 3, 1, 3)
     assert not paper.encoder[0].shared_votes and narrow.encoder[0].shared_votes
     assert paper.num_parameters() > 5 * narrow.num_parameters()
+
+
+# ---------------------------------------------------------------- DenseCapsNet
+@pytest.mark.parametrize(("spatial_dims", "size", "grid"), [(2, 28, 3), (2, 33, 4), (3, 28, 3),
+                                                            (3, 17, 2)])
+def test_densecapsnet_shapes_odd_sizes(spatial_dims, size, grid):
+    torch.manual_seed(0)
+    model = get_model("densecapsnet", spatial_dims, 1, 3, image_size=size)
+    assert model.grid_size == grid and model.num_primary == 16 * grid**spatial_dims
+    x = torch.rand(2, 1, *[size] * spatial_dims)
+    lengths = model(x)
+    assert lengths.shape == (2, 3) and ((lengths >= 0) & (lengths < 1)).all()
+    out = model.forward_train(x, torch.tensor([0, 2]))
+    loss_fn = build_loss(model)
+    loss_fn(out, torch.tensor([0, 2]), x).backward()
+    assert set(loss_fn.last_terms) == {"margin"} and _finite_grads(model)
+    couplings = model.couplings(x)
+    torch.testing.assert_close(couplings.sum(-1), torch.ones(2, model.num_primary))
+
+
+def test_densecapsnet_is_the_densenet_baseline_with_a_capsule_head():
+    """Same front end as the DenseNet of the AdrenalMNIST3D example; its FLOPs, fewer weights."""
+    caps = get_model("densecapsnet", 3, 1, 2)
+    dense = get_model("densenet", 3, 1, 2, **DENSENET_ADRENAL)
+    front = caps.features[0]
+    assert [n for n, _ in front.named_children()] == [
+        "conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "denseblock2", "norm5"]
+    shared = {k: v.shape for k, v in front.state_dict().items() if not k.startswith("norm5")}
+    theirs = {k: v.shape for k, v in dense.net.features.state_dict().items() if k in shared}
+    assert theirs == shared  # the DenseNet's first two blocks, layer for layer
+    assert isinstance(caps.digits, GridCapsule) and caps.num_parameters() < dense.num_parameters()
+    flops, dense_flops = (estimate_flops(m, 1, [28] * 3) for m in (caps, dense))
+    assert 0.9 * dense_flops < flops < 1.1 * dense_flops
+    one = get_model("densecapsnet", 3, 1, 2, routing_iterations=1)
+    assert one.num_parameters() == caps.num_parameters()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"block_config": ()}, "block_config must list"), ({"growth_rate": 0}, "growth_rate"),
+     ({"image_size": 12}, "image_size must be >= 16"), ({"primary_dim": 0}, "must be >= 1"),
+     ({"capsule_block": "linear"}, "its fixed-weight ablation is"),
+     ({"vote_weights": "shared"}, "vote_weights must be one of"),
+     ({"block_config": (2, 2, 2, 2, 2), "image_size": 16}, "leaves no grid")],
+)
+def test_densecapsnet_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_model("densecapsnet", 2, 1, 2, **kwargs)

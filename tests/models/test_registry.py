@@ -3,8 +3,8 @@ import torch
 
 from capsmed.models import MODEL_REGISTRY, CapsmedModel, describe_models, get_model, list_models
 
-EXPECTED = {"capsnet", "efficient_capsnet", "rescapsnet", "segcaps", "ucaps", "capsunet", "seed_cnn",
-            "unet", "densenet"}
+EXPECTED = {"capsnet", "efficient_capsnet", "rescapsnet", "densecapsnet", "segcaps", "ucaps",
+            "capsunet", "seed_cnn", "unet", "densenet"}
 
 
 def test_list_models_has_every_model():
