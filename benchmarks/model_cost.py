@@ -35,7 +35,10 @@ ROWS = [
     ("BreastMNIST, 28^2", "efficient_capsnet", 2, 2, 28, {}),
     ("BreastMNIST, 28^2", "capsnet", 2, 2, 28, {}),
     ("BreastMNIST, 28^2", "seed_cnn", 2, 2, 28, {}),
+    ("AdrenalMNIST3D, 28^3", "densecapsnet", 3, 2, 28, {}),
     ("AdrenalMNIST3D, 28^3", "rescapsnet", 3, 2, 28, {}),
+    ("AdrenalMNIST3D, 28^3", "rescapsnet (vote_weights=per_type)", 3, 2, 28,
+     {"vote_weights": "per_type"}),
     ("AdrenalMNIST3D, 28^3", "densenet (blocks 4, 8, 6)", 3, 2, 28, DENSENET),
     ("AdrenalMNIST3D, 28^3", "capsnet", 3, 2, 28, {}),
 ]

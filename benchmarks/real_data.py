@@ -9,8 +9,9 @@ and standard deviation over seeds (test stage).
     python benchmarks/real_data.py msd_hippocampus --seeds 0 --ablation   # + routing ablations
 
 ``--ablation`` adds the config's ablation entries (``models.<capsule model>_1iter`` and ``_conv`` /
-``_linear``: same parameters and FLOPs, one routing iteration or no routing) to the dataset's
-models, in the same results folder, so the comparison page shows them beside the others.
+``_linear``: same parameters and FLOPs, one routing iteration or no routing; AdrenalMNIST3D's
+``densecapsnet`` has only the first, its CNN counterpart being the DenseNet beside it) to the
+dataset's models, in the same results folder, so the comparison page shows them beside the others.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 #: Ablation entries of each row's config (``models:``), added to the dataset's models by --ablation.
 ABLATIONS = {
     "breastmnist": ("breastmnist", ["rescapsnet_1iter", "rescapsnet_linear"]),
-    "adrenalmnist3d": ("adrenalmnist3d", ["rescapsnet_1iter", "rescapsnet_linear"]),
+    "adrenalmnist3d": ("adrenalmnist3d", ["densecapsnet_1iter"]),
     "msd_hippocampus": ("hippocampus", ["capsunet_1iter", "capsunet_conv"]),
 }
 ROWS = {

@@ -1,8 +1,8 @@
 """Routing at work: coupling statistics of trained capsule models on their test cases (issue 12).
 
 For every capsule model in the given results folders whose layers route (``capsunet``,
-``rescapsnet`` and their variants), runs each test case through the model as the evaluation
-preprocesses it and summarises the couplings of every routing layer with
+``rescapsnet``, ``densecapsnet`` and their variants), runs each test case through the model as the
+evaluation preprocesses it and summarises the couplings of every routing layer with
 :func:`capsmed.layers.coupling_statistics`: the mean of the largest coupling of each input capsule
 (``1/J`` for uniform couplings, 1 for a one-hot choice) and the coupling entropy over ``log J``
 (1 uniform, 0 one-hot). One routing iteration gives exactly ``1/J`` and 1.
@@ -26,7 +26,7 @@ from capsmed.layers import coupling_statistics
 from capsmed.paths import Layout, read_json
 from capsmed.train.checkpoint import build_model, load_checkpoint
 
-ROUTED = ("capsunet", "rescapsnet")
+ROUTED = ("capsunet", "rescapsnet", "densecapsnet")
 
 
 def case_couplings(model: torch.nn.Module, image: torch.Tensor) -> list[torch.Tensor]:
