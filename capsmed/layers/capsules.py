@@ -258,12 +258,10 @@ class GridCapsule(nn.Module):
     ``T * J * Din * Dout`` and spends the same multiply-adds, so the routing, not a per-position
     weight, decides which positions speak for a class.
 
-    One deviation: the paper scales centres to ``[0, 1]``; here they are centred,
-    ``(index + 0.5) / n - 0.5`` in ``(-0.5, 0.5)``. Dynamic routing *sums* its ``G * T`` votes, so
-    uncentred coordinates would add about ``G * T / 4`` to every output at uniform couplings and
-    saturate the squash from the first step (measured: margin loss stuck at ``lambda * 0.9^2``);
-    centred ones cancel at uniform couplings and move the output only as the routing departs from
-    uniform.
+    Dynamic routing *sums* its ``T * G`` votes where matrix capsules' EM routing averages them, so
+    the added coordinates grow with the grid: on AdrenalMNIST3D (1024 votes) they saturated the
+    class capsules at the start of training (lengths near 1, margin loss at ``lambda * 0.9^2``;
+    BENCHMARKS.md). ``coordinate_addition`` is therefore off in the models that use this layer.
 
     Initialisation: ``W ~ N(0, 0.01^2)`` as :class:`DenseCapsule` under dynamic routing.
 
@@ -316,11 +314,10 @@ class GridCapsule(nn.Module):
     def coordinates(self, grid: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """Scaled position centres padded to a vote: ``(G, Dout)``, ``G = prod(grid)``.
 
-        Entry ``d < spatial_dims`` of row ``g`` is ``(index_d + 0.5) / grid_d - 0.5`` of position ``g``
+        Entry ``d < spatial_dims`` of row ``g`` is ``(index_d + 0.5) / grid_d`` of position ``g``
         (C order, as ``reshape`` flattens the grid); the other entries are 0.
         """
-        axes = [(torch.arange(n, dtype=like.dtype, device=like.device) + 0.5) / n - 0.5
-                for n in grid]
+        axes = [(torch.arange(n, dtype=like.dtype, device=like.device) + 0.5) / n for n in grid]
         centres = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
         return nn.functional.pad(centres, (0, self.out_dim - len(grid)))
 

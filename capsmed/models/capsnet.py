@@ -518,7 +518,8 @@ class ResCapsNet(_CapsuleClassifier):
         capsule_block: ``"capsule"`` or the ``"linear"`` ablation (per-capsule votes only; with
             per-type votes the fixed-weight sum of the same votes is ``routing_iterations=1``).
         vote_weights: ``"per_capsule"`` (DenseCapsule) or ``"per_type"`` (GridCapsule).
-        coordinate_addition: per-type votes only: add each position's centred coordinates.
+        coordinate_addition: per-type votes only: add each position's scaled coordinates (off:
+            with routing's sums they saturated the class capsules, see ``GridCapsule``).
         norm: front-end normalisation, ``"instance"`` (affine) or ``"batch"``.
         decoder_hidden: hidden widths of a reconstruction decoder, or None for none.
         reconstruction_activation: ``"sigmoid"`` (inputs in [0, 1]) or None (linear).
@@ -703,7 +704,8 @@ class DenseCapsNet(ResCapsNet):
         routing_iterations: dynamic routing iterations (3).
         capsule_block: ``"capsule"`` or the ``"linear"`` ablation (per-capsule votes only).
         vote_weights: ``"per_type"`` (GridCapsule) or ``"per_capsule"`` (DenseCapsule).
-        coordinate_addition: per-type votes only: add each position's centred coordinates.
+        coordinate_addition: per-type votes only: add each position's scaled coordinates (off:
+            with routing's sums they saturated the class capsules, see ``GridCapsule``).
         decoder_hidden: hidden widths of a reconstruction decoder, or None for none.
         reconstruction_activation: ``"sigmoid"`` (inputs in [0, 1]) or None (linear).
 

@@ -8,14 +8,12 @@ from capsmed.layers import DenseCapsule, GridCapsule, dynamic_routing
 GRIDS = {1: (5,), 2: (3, 5), 3: (3, 2, 5)}
 
 
-def test_coordinates_are_centred_position_centres():
+def test_coordinates_are_scaled_position_centres():
     layer = GridCapsule(2, 2, 3, 2, 4)
     coords = layer.coordinates((2, 3), torch.zeros(1))
-    # C order: position g = row * 3 + col; rows at 1/4 - 1/2, 3/4 - 1/2, cols at 1/6 - 1/2 ...
-    expected = torch.tensor([[r, c, 0.0, 0.0] for r in (-0.25, 0.25)
-                             for c in (-1 / 3, 0.0, 1 / 3)])
+    # C order: position g = row * 3 + col; rows at 1/4, 3/4, cols at 1/6, 1/2, 5/6 (Hinton et al.)
+    expected = torch.tensor([[r, c, 0.0, 0.0] for r in (0.25, 0.75) for c in (1 / 6, 0.5, 5 / 6)])
     torch.testing.assert_close(coords, expected)
-    assert coords[:, :2].sum(0).abs().max() < 1e-6  # centred: they cancel at uniform couplings
 
 
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
