@@ -7,6 +7,7 @@ votes ``(B, I, J, D, *spatial)``.
 from capsmed.layers.capsules import ConvCapsule, ConvTransposeCapsule, DenseCapsule, PrimaryCapsule
 from capsmed.layers.routing import attention_routing, coupling_statistics, dynamic_routing
 from capsmed.layers.squash import squash, squash_efficient
+from capsmed.layers.tensors import plain_tensor
 
 __all__ = [
     "ConvCapsule",
@@ -16,6 +17,7 @@ __all__ = [
     "attention_routing",
     "coupling_statistics",
     "dynamic_routing",
+    "plain_tensor",
     "squash",
     "squash_efficient",
 ]
