@@ -125,13 +125,14 @@ def volumes_ml(pred: np.ndarray, affine: np.ndarray, names: Any) -> dict[str, fl
     Returns:
         ``{name: mL}`` for every foreground label.
     """
-    from capsmed.report.files import label_volumes_ml, name_map
+    from nibabel.affines import voxel_sizes
+
+    from capsmed.report.files import name_map
 
     labels = name_map({"labels": names}, "labels")
-    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
-    voxel_ml = float(np.prod(spacing)) / 1000.0  # as the report's Volume.voxel_ml
-    fg = [k for k in labels if k > 0]
-    return {labels[k]: v for k, v in label_volumes_ml(pred, voxel_ml, fg).items()}
+    voxel_ml = float(np.prod(voxel_sizes(np.asarray(affine, float))[:3])) / 1000.0
+    rounded = np.rint(pred).astype(np.int64)
+    return {labels[k]: float(np.count_nonzero(rounded == k)) * voxel_ml for k in labels if k > 0}
 
 
 def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSeries, task: str,

@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from capsmed.errors import CapsmedError
+from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
-from capsmed.report.files import STAGES, Layout, read_json, to_float
+from capsmed.report.files import STAGES, read_json, task_of, to_float
 from capsmed.report.render import (
     fmt_ci,
     fmt_flops,
@@ -143,9 +144,9 @@ def _less(a: dict[str, Any], b_: dict[str, Any], key: str) -> bool | None:
     return x < y
 
 
-def _crossval_section(lay: Layout, models: Sequence[str], fold: int | None) -> Any | None:
+def _crossval_section(lay: DatasetLayout, models: Sequence[str], fold: int | None) -> Any | None:
     """A table of each model's cross-validation result (``cv/{model}.json``), if any."""
-    docs = {m: read_json(lay.dataset_dir / "cv" / f"{m}.json") for m in models}
+    docs = {m: read_json(lay.crossval(m)) for m in models}
     docs = {m: d for m, d in docs.items() if d.get("mean")}
     if not docs:
         return None
@@ -170,7 +171,7 @@ def _crossval_section(lay: Layout, models: Sequence[str], fold: int | None) -> A
         tables=[b.table(["Model", "Folds"] + [metric_label(m) for m in names], rows)])
 
 
-def _model_entry(lay: Layout, model: str) -> dict[str, Any]:
+def _model_entry(lay: DatasetLayout, model: str) -> dict[str, Any]:
     """What the page shows of one model: train.json, metrics and CIs per stage, costs, family."""
     train = read_json(lay.model_dir(model) / "train.json")
     metrics, ci95, costs = {}, {}, {k: train.get(k) for k in _COST_KEYS}
@@ -195,7 +196,7 @@ def _model_entry(lay: Layout, model: str) -> dict[str, Any]:
             "family": model_family(train), "task": task}
 
 
-def _metrics_section(entries: Sequence[dict[str, Any]], stage: str, lay: Layout,
+def _metrics_section(entries: Sequence[dict[str, Any]], stage: str, lay: DatasetLayout,
                      out: Path) -> dict[str, Any] | None:
     """Every model's metrics with 95% CIs on one stage, the best value per metric in green."""
     names = sorted({m for e in entries for m, v in e["metrics"].get(stage, {}).items()
@@ -293,12 +294,11 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     if not models:
         raise CapsmedError(f"comparison report for {dataset}: no models given")
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset, fold)
+    lay = DatasetLayout(results_dir, dataset, fold)
     out = lay.reports_dir / "comparison.html"
     entries = [_model_entry(lay, model) for model in models]
     missing = [e["model"] for e in entries if not e["metrics"] and not e["train"]]
-    task = next((e["task"] for e in entries if e["task"]), "") or str(
-        read_json(lay.dataset_dir / "data" / "cases.json").get("task") or "")
+    task = task_of(*entries, read_json(lay.cases), default="")
     judged = next((s for s in ("test", "val", "train")
                    if any(s in e["metrics"] for e in entries)), "test")
     metric = next((m for m in (primary_metric(task, e["metrics"].get(judged, {}))

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
-from capsmed.report.files import Layout, label_names, read_json, to_float
+from capsmed.report.files import label_names, read_json, task_of, to_float
 from capsmed.report.render import fmt_num, rel_href, render_page
 
 logger = logging.getLogger(__name__)
@@ -202,15 +203,15 @@ def write_qc_report(results_dir: Path, dataset: str) -> Path:
         CapsmedError: ``fingerprint.json`` is missing or unreadable.
     """
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset)
-    fp_path = lay.dataset_dir / "preprocessed" / "fingerprint.json"
+    lay = DatasetLayout(results_dir, dataset)
+    fp_path = lay.fingerprint
     fp = read_json(fp_path, required=True)
     if not fp:
         logger.warning("%s is empty", fp_path)
-    plan = read_json(lay.dataset_dir / "preprocessed" / "plan.json")
-    cases_doc = read_json(lay.dataset_dir / "data" / "cases.json")
-    splits = read_json(lay.dataset_dir / "splits.json")
-    task = str(fp.get("task") or cases_doc.get("task") or plan.get("task") or "")
+    plan = read_json(lay.plan)
+    cases_doc = read_json(lay.cases)
+    splits = read_json(lay.splits)
+    task = task_of(fp, cases_doc, plan, default="")
     count_key = "label_voxels" if task == "segmentation" else "class_counts"
     n_names = len(fp[count_key]) if isinstance(fp.get(count_key), Mapping) else 0
     names = label_names(task, fp, cases_doc, count=n_names) if task else {}
