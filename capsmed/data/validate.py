@@ -37,7 +37,7 @@ from capsmed.config import (
     dataset_schema_problems,
 )
 from capsmed.data._io import (
-    Volume,
+    ImageInfo,
     dicom_files,
     find_dicom_series,
     is_within,
@@ -208,7 +208,7 @@ def _header_shape(path: Path) -> tuple[int, ...] | None:
         return None
 
 
-def _split_channels(image: Path, vol: Volume, geo: _Geometry,
+def _split_channels(image: Path, vol: ImageInfo, geo: _Geometry,
                     problems: list[str]) -> tuple[tuple[int, ...], int] | None:
     """Split an array shape into (spatial shape, channels) as decided by :meth:`_Geometry.decide`.
 
@@ -235,7 +235,7 @@ def _split_channels(image: Path, vol: Volume, geo: _Geometry,
 
 
 def _check_case(image: Path, label: Path | None, geo: _Geometry, problems: list[str],
-                load: bool = True) -> Volume | None:
+                load: bool = True) -> ImageInfo | None:
     """Check one image (and its label map): readability, dimensionality, NaN/inf, geometry, values.
 
     Args:
@@ -266,7 +266,7 @@ def _check_case(image: Path, label: Path | None, geo: _Geometry, problems: list[
     return vol
 
 
-def _check_label(image: Path, vol: Volume, spatial: tuple[int, ...] | None, label: Path,
+def _check_label(image: Path, vol: ImageInfo, spatial: tuple[int, ...] | None, label: Path,
                  geo: _Geometry, problems: list[str], load: bool) -> None:
     """Check a label map against its image and the declared label values."""
     lab, probs = read_volume(label, load=load)

@@ -23,7 +23,7 @@ from capsmed.config import (
 from capsmed.data.splits import stage_case_ids
 from capsmed.evaluate.run import case_file
 from capsmed.fileio import read_json, write_text_if_changed
-from capsmed.paths import Layout
+from capsmed.paths import STAGES, Layout
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -35,7 +35,8 @@ if _problems:
 
 RESULTS = config["results"].rstrip("/")
 DATASETS = list(config["datasets"])
-STAGES = list(config["evaluate"]["stages"])
+# The stages this config evaluates and reports, of capsmed.paths.STAGES.
+EVALUATED_STAGES = list(config["evaluate"]["stages"])
 # `python -m capsmed` with the interpreter running Snakemake (the project's .venv), so rules work
 # without an activated environment, locally and on SLURM nodes sharing the filesystem.
 # Set CAPSMED_COMMAND=capsmed to use the command on PATH instead (e.g. with --sdm conda).
@@ -164,13 +165,13 @@ def all_targets() -> list:
     out = [f"{RESULTS}/summary.json", f"{RESULTS}/index.html"]
     for ds in DATASETS:
         for model in config["datasets"][ds]["models"]:
-            out += [f"{RESULTS}/{ds}/reports/{model}/{stage}.html" for stage in STAGES]
+            out += [f"{RESULTS}/{ds}/reports/{model}/{stage}.html" for stage in EVALUATED_STAGES]
     return out
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     model="[A-Za-z][A-Za-z0-9_]*",
-    stage="train|val|test",
+    stage="|".join(STAGES),
     fold="[0-9]+",
     case="[A-Za-z0-9._-]+",
