@@ -269,6 +269,26 @@ def _cost_section(entries: Sequence[dict[str, Any]], judged: str, metric: str
                        "Cost per model; orange: capsule networks, green: CNN baselines.")])
 
 
+def _judged_metric(entries: Sequence[dict[str, Any]], task: str) -> tuple[str, str]:
+    """The stage models are judged on (test, else val, else train) and its primary metric."""
+    judged = next((s for s in ("test", "val", "train")
+                   if any(s in e["metrics"] for e in entries)), "test")
+    metric = next((m for m in (primary_metric(task, e["metrics"].get(judged, {}))
+                               for e in entries) if m), None)
+    return judged, metric or PRIMARY_METRICS.get(task, ("dice",))[0]
+
+
+def _links_section(entries: Sequence[dict[str, Any]], lay: DatasetLayout, out: Path
+                   ) -> dict[str, Any] | None:
+    """Links to every stage report of every model; None when there is none."""
+    links = [b.link(f"{e['model']} {s}", rel_href(lay.stage_report(e["model"], s), out.parent))
+             for e in entries for s in STAGES if s in e["metrics"]]
+    if not links:
+        return None
+    return b.section("reports", "Stage reports", details=b.details("All stage reports",
+                                                                   links=links))
+
+
 def write_comparison_report(results_dir: Path, dataset: str, models: list[str], *,
                             fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/comparison.html``.
@@ -299,30 +319,18 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     entries = [_model_entry(lay, model) for model in models]
     missing = [e["model"] for e in entries if not e["metrics"] and not e["train"]]
     task = task_of(*entries, read_json(lay.cases), default="")
-    judged = next((s for s in ("test", "val", "train")
-                   if any(s in e["metrics"] for e in entries)), "test")
-    metric = next((m for m in (primary_metric(task, e["metrics"].get(judged, {}))
-                               for e in entries) if m), None)
-    metric = metric or PRIMARY_METRICS.get(task, ("dice",))[0]
-
+    judged, metric = _judged_metric(entries, task)
     sections = [s for s in (_metrics_section(entries, stage, lay, out) for stage in STAGES) if s]
-    cv_section = _crossval_section(lay, models, fold)
-    if cv_section is not None:
-        sections.append(cv_section)
+    sections.append(_crossval_section(lay, models, fold))
     sections.append(_cost_section(entries, judged, metric))
     if missing:
         sections.append(b.section("missing", "Missing results", paragraphs=[
             "No train.json or metrics.json was found for: " + ", ".join(missing) + "."]))
-    report_links = [b.link(f"{e['model']} {s}", rel_href(lay.stage_report(e["model"], s),
-                                                         out.parent))
-                    for e in entries for s in STAGES if s in e["metrics"]]
-    if report_links:
-        sections.append(b.section("reports", "Stage reports", details=b.details(
-            "All stage reports", links=report_links)))
+    sections.append(_links_section(entries, lay, out))
     nav = [b.link("All results", rel_href(results_dir / "index.html", out.parent))]
     if (lay.reports_dir / "qc.html").exists():
         nav.append(b.link("Preprocessing QC", "qc.html"))
     return render_page(out, "page.html", title=f"{dataset}: model comparison",
                        subtitle=f"{task} \u00b7 {len(models)} models", nav=nav,
                        lead=_verdict(judged, entries, metric), note=None, top_cards=[],
-                       sections=sections)
+                       sections=[s for s in sections if s is not None])
