@@ -738,9 +738,21 @@ def _scan_rows(scan: Scan, m: _Manifest, d: _Declared) -> None:
     if d.max_cases is not None:
         pending = pending[:d.max_cases]
     geo.decide([image for _, image, _ in pending])
+    _read_cases(scan, pending, geo, d.load)
+    _record_names(scan, rc, geo, declared_labels)
+
+
+def _read_cases(scan: Scan, pending: list[tuple[dict, Path, Path | None]], geo: _Geometry,
+                load: bool) -> None:
+    """Read each pending case's image and label against the geometry; keep the clean ones.
+
+    Fills ``scan.cases`` (with a ``patient_id``: the row's, the DICOM tag's, or the case id),
+    ``spatial_dims``, ``in_channels`` and ``modality``.
+    """
+    p = scan.problems
     for case, image, label in pending:
         n_before = len(p)
-        vol = _check_case(image, label, geo, p, load=d.load)
+        vol = _check_case(image, label, geo, p, load=load)
         if vol is not None and "patient_id" not in case:
             case["patient_id"] = vol.patient_id or case["case_id"]
         if len(p) == n_before:
@@ -752,10 +764,15 @@ def _scan_rows(scan: Scan, m: _Manifest, d: _Declared) -> None:
     scan.in_channels = geo.channels or 1
     if geo.modalities:
         scan.modality = geo.modalities.pop() if len(geo.modalities) == 1 else "other"
+
+
+def _record_names(scan: Scan, rc: _RowChecks, geo: _Geometry,
+                  declared_labels: dict[str, str] | None) -> None:
+    """Label and class names: the config's where declared, else from the values found."""
     if rc.check_label:
         if declared_labels is not None:
             if "0" not in declared_labels:
-                p.append("dataset config: 'labels' has no entry '0' (background)")
+                scan.problems.append("dataset config: 'labels' has no entry '0' (background)")
             scan.labels = declared_labels
         else:
             found = sorted(geo.found_labels | {0})
