@@ -11,7 +11,6 @@ import pytest
 from capsmed.errors import CapsmedError
 from capsmed.report import model_family, stats
 from capsmed.report.files import (
-    label_names,
     load_volume,
     read_json,
     read_table,
@@ -196,16 +195,9 @@ def test_label_names_one_rule_for_every_page():
     assert label_names("classification", {}, count=2) == {0: "class 0", 1: "class 1"}
 
 
-def test_task_and_names_follow_one_rule_on_every_page():
-    """The first document naming a task wins; prob_ columns mean classification; then names."""
+def test_task_follows_one_rule_on_every_page():
+    """The first document naming a task wins; else prob_ columns mean classification."""
     assert task_of({}, {"task": "classification"}, {"task": "segmentation"}) == "classification"
     assert task_of({}, columns=["case_id", "prob_0", "prob_1"]) == "classification"
     assert task_of({}, columns=["case_id", "dice"]) == "segmentation"
     assert task_of({}, default="") == ""
-    assert label_names("segmentation", {}, {"labels": {"0": "bg", "1": "liver"}}) == {
-        0: "bg", 1: "liver"}
-    assert label_names("segmentation", {}) == {0: "background", 1: "foreground"}
-    assert label_names("segmentation", {}, count=3) == {0: "background", 1: "label 1",
-                                                       2: "label 2"}
-    assert label_names("classification", {"classes": ["no", "yes"]}) == {0: "no", 1: "yes"}
-    assert label_names("classification", {}, count=2) == {0: "class 0", 1: "class 1"}
