@@ -689,10 +689,9 @@ def _classification_parts(study: Mapping[str, Any]) -> dict[str, Any]:
     names = _names(study.get("classes"))
     probs = _per_class(study.get("probabilities"), names) if names or isinstance(
         study.get("probabilities"), Sequence) else None
-    if not names and probs:
-        names = {i: f"class {i}" for i in range(len(probs))}
     if probs is not None and len(probs) != len(names):
-        names = {i: names.get(i, f"class {i}") for i in range(len(probs))}
+        fallback = label_names("classification", count=len(probs))
+        names = {i: names.get(i, fallback[i]) for i in range(len(probs))}
     predicted = _class_index(study.get("predicted"), names)
     if predicted is None and probs:
         predicted = int(np.nanargmax(probs))
@@ -766,7 +765,7 @@ def _capsule_section(study: Mapping[str, Any], names: Mapping[int, str], predict
     lengths = _per_class(study.get("lengths"), lengths_names) if study.get(
         "lengths") is not None else None
     if lengths is not None and not lengths_names:
-        lengths_names = {i: f"class {i}" for i in range(len(lengths))}
+        lengths_names = label_names("classification", count=len(lengths))
     recon_path = _as_path(study.get("reconstruction"))
     recon = load_array(recon_path)
     panel = load_pose_panel(_as_path(study.get("pose_perturbation")))
