@@ -398,6 +398,41 @@ class TrainingState:
         return improved
 
 
+def build_objective(model: torch.nn.Module, tcfg: dict, train_items: list[dict],
+                    n_classes: int, device: torch.device, label: str):
+    """The loss, optimiser and weight average of a model, from its training settings.
+
+    Args:
+        model: The model (on ``device``).
+        tcfg: Its training settings.
+        train_items: The training cases (their classes weigh the loss with
+            ``class_weights: balanced``).
+        n_classes: Output classes.
+        device: Where the model runs.
+        label: ``dataset/model`` for the log.
+
+    Returns:
+        ``(loss_fn, optimizer, ema)``; ``ema`` is None without ``ema_decay``.
+    """
+    from capsmed.losses import build_loss
+
+    class_weights = None
+    if model.task == "classification" and tcfg["class_weights"] == "balanced":
+        from capsmed.train.recipe import balanced_class_weights
+
+        class_weights = balanced_class_weights([i["class"] for i in train_items], n_classes)
+        logger.info("%s: class weights %s", label, [round(float(w), 3) for w in class_weights])
+        class_weights = class_weights.to(device)
+    loss_fn = build_loss(model, class_weights=class_weights, **tcfg["loss"])
+    opt = make_optimizer(model.parameters(), tcfg)
+    ema = None
+    if tcfg["ema_decay"]:
+        from capsmed.train.recipe import ModelEMA
+
+        ema = ModelEMA(model, tcfg["ema_decay"])
+    return loss_fn, opt, ema
+
+
 def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int | None = None,
                      fold: int | None = None) -> TrainingRun:
     """Read the stage's inputs and build the model, loss, optimiser and EMA from the config.
@@ -421,8 +456,6 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
     """
     from monai.utils import set_determinism
 
-    from capsmed.losses import build_loss
-
     layout = Layout(Path(cfg["results"]))
     tcfg = train_config(cfg, dataset, model_name)
     seed = int(cfg["seed"])
@@ -444,21 +477,8 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
     val_items = model_input_items(stage_cases(cases_doc, splits, "val", fold), task)
     if not train_items:
         raise CapsmedError(f"dataset {dataset}: no training cases in fold {fold}")
-    class_weights = None
-    if task == "classification" and tcfg["class_weights"] == "balanced":
-        from capsmed.train.recipe import balanced_class_weights
-
-        class_weights = balanced_class_weights([i["class"] for i in train_items], out_channels)
-        logger.info("%s/%s: class weights %s", dataset, model_name,
-                    [round(float(w), 3) for w in class_weights])
-        class_weights = class_weights.to(device)
-    loss_fn = build_loss(model, class_weights=class_weights, **tcfg["loss"])
-    opt = make_optimizer(model.parameters(), tcfg)
-    ema = None
-    if tcfg["ema_decay"]:
-        from capsmed.train.recipe import ModelEMA
-
-        ema = ModelEMA(model, tcfg["ema_decay"])
+    loss_fn, opt, ema = build_objective(model, tcfg, train_items, out_channels, device,
+                                        f"{dataset}/{model_name}")
     model_dir = layout.model_dir(dataset, model_name, path_fold)
     model_dir.mkdir(parents=True, exist_ok=True)
     base = {
