@@ -51,7 +51,7 @@ rule report_dataset:
     input:
         fingerprint=rules.preprocess.output.fingerprint,
         metrics=lambda w: [
-            eval_metrics(w.dataset, model, stage, reported_fold(w.dataset))
+            eval_metrics(w.dataset, model, stage, path_fold(config, w.dataset))
             for model in models_of(w)
             for stage in EVALUATED_STAGES
         ],
