@@ -74,8 +74,12 @@ def model_input_items(cases: list[dict], task: str) -> list[dict]:
     return items
 
 
-def label_names(cases_doc: dict) -> dict[str, str]:
-    """Label (segmentation) or class (classification) names by index string."""
+def output_names(cases_doc: dict) -> dict[str, str]:
+    """The names of the model's outputs as ``cases.json`` gives them, by index string.
+
+    Label (segmentation) or class (classification) names, stored in the checkpoint; the pages'
+    fallbacks for files without names are :func:`capsmed.report.files.label_names`.
+    """
     names = cases_doc.get("labels") or cases_doc.get("classes") or {}
     return {str(k): str(v) for k, v in names.items()}
 
@@ -466,7 +470,7 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
     plan = read_json(layout.plan(dataset), "preprocessing plan")
     task = plan["task"]
     fold, path_fold = resolve_fold(cfg, dataset, fold)
-    names = label_names(cases_doc)
+    names = output_names(cases_doc)
     out_channels = len(names) if names else int(plan.get("num_classes", 2))
     in_channels = int(plan.get("in_channels", 1))
 
