@@ -403,7 +403,8 @@ class TrainingState:
 
 
 def build_objective(model: torch.nn.Module, tcfg: dict, train_items: list[dict],
-                    n_classes: int, device: torch.device, label: str):
+                    n_classes: int, device: torch.device, label: str
+                    ) -> tuple[Any, torch.optim.Optimizer, Any]:
     """The loss, optimiser and weight average of a model, from its training settings.
 
     Args:
@@ -528,7 +529,7 @@ def resume(run: TrainingRun) -> TrainingState:
     return state
 
 
-def training_data(run: TrainingRun):
+def training_data(run: TrainingRun) -> tuple[Any, Any]:
     """The training dataset and the validation loader.
 
     Returns:
@@ -558,7 +559,7 @@ def last_epoch(run: TrainingRun, state: TrainingState, max_epochs: int | None) -
     return tcfg["epochs"] if max_epochs is None else min(tcfg["epochs"], max_epochs)
 
 
-def train_epoch(run: TrainingRun, state: TrainingState, train_ds, epoch: int, total_steps: int,
+def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: int, total_steps: int,
                 t0: float) -> float:
     """One pass over the training data; updates weights, EMA and ``state.step``.
 
@@ -624,7 +625,7 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds, epoch: int, to
     return total / max(count, 1)
 
 
-def validate_if_due(run: TrainingRun, val_loader, epoch: int) -> tuple[float, float]:
+def validate_if_due(run: TrainingRun, val_loader: Any, epoch: int) -> tuple[float, float]:
     """:func:`validate_epoch` on every ``val_every``-th epoch and the last; else ``(nan, nan)``."""
     if epoch % run.tcfg["val_every"] and epoch != run.tcfg["epochs"]:
         return math.nan, math.nan
