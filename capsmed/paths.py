@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from capsmed.fileio import read_json as read_json  # re-exported: stages read their inputs here
 
@@ -98,6 +99,70 @@ class Layout:
         """``results/index.html``."""
         return Path(self.results) / "index.html"
 
+
+
+class _DatasetPath:
+    """A :class:`DatasetLayout` attribute: the path :class:`Layout`'s ``method`` gives its dataset."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def __get__(self, obj: DatasetLayout | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.layout, self.method)(obj.dataset)
+
+
+@dataclass(frozen=True)
+class DatasetLayout:
+    """One dataset's paths, with its reported fold bound: :class:`Layout` seen from a dataset.
+
+    The pages use it; every path comes from :class:`Layout`. Attributes ``dataset_dir``
+    (``results/{ds}``), ``reports_dir``, ``cases``, ``fingerprint``, ``plan`` and ``splits`` are
+    the paths of the :class:`Layout` methods of those names (``dataset``, ``reports``, ...).
+
+    Attributes:
+        results_dir: The results folder.
+        dataset: Dataset name.
+        fold: The reported fold where the dataset has several folds (models and evaluations then
+            live in ``fold{k}`` folders); ``None`` with one fold.
+    """
+
+    results_dir: Path
+    dataset: str
+    fold: int | None = None
+
+    dataset_dir = _DatasetPath("dataset")
+    reports_dir = _DatasetPath("reports")
+    cases = _DatasetPath("cases")
+    fingerprint = _DatasetPath("fingerprint")
+    plan = _DatasetPath("plan")
+    splits = _DatasetPath("splits")
+
+    @property
+    def layout(self) -> Layout:
+        """The results folder's :class:`Layout`."""
+        return Layout(Path(self.results_dir))
+
+    def model_dir(self, model: str) -> Path:
+        """``results/{ds}/models/{model}[/fold{k}]`` (checkpoints, history.csv, train.json)."""
+        return self.layout.model_dir(self.dataset, model, self.fold)
+
+    def eval_dir(self, model: str, stage: str) -> Path:
+        """``results/{ds}/eval/{model}[/fold{k}]/{stage}`` (metrics.json, cases.csv, predictions/)."""
+        return self.layout.eval_dir(self.dataset, model, stage, self.fold)
+
+    def crossval(self, model: str) -> Path:
+        """``results/{ds}/cv/{model}.json``."""
+        return self.layout.crossval(self.dataset, model)
+
+    def stage_report(self, model: str, stage: str) -> Path:
+        """``results/{ds}/reports/{model}/{stage}.html``."""
+        return self.layout.stage_report(self.dataset, model, stage)
+
+    def studies_dir(self, model: str) -> Path:
+        """``results/{ds}/reports/{model}/studies``."""
+        return self.layout.studies_dir(self.dataset, model)
 
 def safe_name(case_id: str) -> str:
     """A file-name-safe stem for a case id, unique per id.

@@ -12,7 +12,7 @@ from capsmed.config import (
     validate_config,
 )
 from capsmed.errors import CapsmedError
-from capsmed.paths import Layout
+from capsmed.paths import DatasetLayout, Layout
 
 
 def _ds(**kw):
@@ -99,6 +99,11 @@ def test_several_folds_put_each_fold_in_its_own_folder():
     assert lay.model_dir("d", "unet", 3).as_posix() == "r/d/models/unet/fold3"
     assert lay.eval_dir("d", "unet", "val", 3).as_posix() == "r/d/eval/unet/fold3/val"
     assert lay.crossval("d", "unet").as_posix() == "r/d/cv/unet.json"
+    view = DatasetLayout("r", "d", 3)  # the pages' view of the same paths
+    assert view.model_dir("unet") == lay.model_dir("d", "unet", 3)
+    assert view.eval_dir("unet", "val") == lay.eval_dir("d", "unet", "val", 3)
+    assert (view.cases, view.fingerprint, view.plan, view.splits, view.reports_dir) == (
+        lay.cases("d"), lay.fingerprint("d"), lay.plan("d"), lay.splits("d"), lay.reports("d"))
     only = validate_config({"datasets": {"d": _ds(split={"folds": 4, "fold": 2,
                                                          "cross_validate": False})}})
     assert trained_folds(only, "d") == [2]

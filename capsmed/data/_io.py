@@ -92,7 +92,7 @@ def modality_name(value: Any) -> str:
 
 
 @dataclass
-class Volume:
+class ImageInfo:
     """What a reader found in one image: header facts and, when loaded, the voxels.
 
     Attributes:
@@ -119,7 +119,7 @@ class Volume:
         return voxel_sizes(self.affine)
 
 
-def read_nifti(path: Path, load: bool) -> Volume:
+def read_nifti(path: Path, load: bool) -> ImageInfo:
     """Read a NIfTI header and, when ``load``, all its voxels.
 
     Args:
@@ -127,7 +127,7 @@ def read_nifti(path: Path, load: bool) -> Volume:
         load: read the voxel data too (detects truncated files; needed for NaN/label checks).
 
     Returns:
-        The :class:`Volume`.
+        The :class:`ImageInfo`.
 
     Raises:
         OSError, ValueError, EOFError, zlib.error, nibabel errors: the file is unreadable.
@@ -136,7 +136,7 @@ def read_nifti(path: Path, load: bool) -> Volume:
 
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj) if load else None
-    return Volume(shape=tuple(int(s) for s in img.shape), affine=np.asarray(img.affine, float),
+    return ImageInfo(shape=tuple(int(s) for s in img.shape), affine=np.asarray(img.affine, float),
                   dtype=img.get_data_dtype(), data=data)
 
 
@@ -216,7 +216,7 @@ def _slice_geometry_problems(folder: Path, slices: list[tuple[Path, Any, Any]]) 
     return []
 
 
-def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str]]:
+def read_dicom_series(folder: Path, load: bool) -> tuple[ImageInfo | None, list[str]]:
     """Check a DICOM series folder file by file, then read it as MONAI's ``PydicomReader`` does.
 
     Args:
@@ -224,7 +224,7 @@ def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str
         load: decode the voxel data (always needed to find truncated pixel data).
 
     Returns:
-        The :class:`Volume` (affine in RAS, array axes as ``LoadImaged`` yields them) or None in its
+        The :class:`ImageInfo` (affine in RAS, array axes as ``LoadImaged`` yields them) or None in its
         place when the series cannot be assembled, and a list of problems (each naming a file).
     """
     import pydicom
@@ -276,12 +276,12 @@ def read_dicom_series(folder: Path, load: bool) -> tuple[Volume | None, list[str
     for w in caught:  # what the reader says about this series, said with its name
         logger.warning("%s: %s", folder, w.message)
     arr = np.asarray(arr)
-    vol = Volume(shape=tuple(int(s) for s in arr.shape), affine=np.asarray(meta["affine"], float),
+    vol = ImageInfo(shape=tuple(int(s) for s in arr.shape), affine=np.asarray(meta["affine"], float),
                  dtype=arr.dtype, data=arr if load else None, modality=modality, patient_id=patient)
     return vol, []
 
 
-def read_volume(path: Path, load: bool) -> tuple[Volume | None, list[str]]:
+def read_volume(path: Path, load: bool) -> tuple[ImageInfo | None, list[str]]:
     """Read a NIfTI file or a DICOM series folder; never raises for bad files.
 
     Args:

@@ -37,7 +37,7 @@ from capsmed.config import (
     dataset_schema_problems,
 )
 from capsmed.data._io import (
-    Volume,
+    ImageInfo,
     dicom_files,
     find_dicom_series,
     is_within,
@@ -208,7 +208,7 @@ def _header_shape(path: Path) -> tuple[int, ...] | None:
         return None
 
 
-def _split_channels(image: Path, vol: Volume, geo: _Geometry,
+def _split_channels(image: Path, vol: ImageInfo, geo: _Geometry,
                     problems: list[str]) -> tuple[tuple[int, ...], int] | None:
     """Split an array shape into (spatial shape, channels) as decided by :meth:`_Geometry.decide`.
 
@@ -235,7 +235,7 @@ def _split_channels(image: Path, vol: Volume, geo: _Geometry,
 
 
 def _check_case(image: Path, label: Path | None, geo: _Geometry, problems: list[str],
-                load: bool = True) -> Volume | None:
+                load: bool = True) -> ImageInfo | None:
     """Check one image (and its label map): readability, dimensionality, NaN/inf, geometry, values.
 
     Args:
@@ -266,7 +266,7 @@ def _check_case(image: Path, label: Path | None, geo: _Geometry, problems: list[
     return vol
 
 
-def _check_label(image: Path, vol: Volume, spatial: tuple[int, ...] | None, label: Path,
+def _check_label(image: Path, vol: ImageInfo, spatial: tuple[int, ...] | None, label: Path,
                  geo: _Geometry, problems: list[str], load: bool) -> None:
     """Check a label map against its image and the declared label values."""
     lab, probs = read_volume(label, load=load)
@@ -738,9 +738,21 @@ def _scan_rows(scan: Scan, m: _Manifest, d: _Declared) -> None:
     if d.max_cases is not None:
         pending = pending[:d.max_cases]
     geo.decide([image for _, image, _ in pending])
+    _read_cases(scan, pending, geo, d.load)
+    _record_names(scan, rc, geo, declared_labels)
+
+
+def _read_cases(scan: Scan, pending: list[tuple[dict, Path, Path | None]], geo: _Geometry,
+                load: bool) -> None:
+    """Read each pending case's image and label against the geometry; keep the clean ones.
+
+    Fills ``scan.cases`` (with a ``patient_id``: the row's, the DICOM tag's, or the case id),
+    ``spatial_dims``, ``in_channels`` and ``modality``.
+    """
+    p = scan.problems
     for case, image, label in pending:
         n_before = len(p)
-        vol = _check_case(image, label, geo, p, load=d.load)
+        vol = _check_case(image, label, geo, p, load=load)
         if vol is not None and "patient_id" not in case:
             case["patient_id"] = vol.patient_id or case["case_id"]
         if len(p) == n_before:
@@ -752,10 +764,15 @@ def _scan_rows(scan: Scan, m: _Manifest, d: _Declared) -> None:
     scan.in_channels = geo.channels or 1
     if geo.modalities:
         scan.modality = geo.modalities.pop() if len(geo.modalities) == 1 else "other"
+
+
+def _record_names(scan: Scan, rc: _RowChecks, geo: _Geometry,
+                  declared_labels: dict[str, str] | None) -> None:
+    """Label and class names: the config's where declared, else from the values found."""
     if rc.check_label:
         if declared_labels is not None:
             if "0" not in declared_labels:
-                p.append("dataset config: 'labels' has no entry '0' (background)")
+                scan.problems.append("dataset config: 'labels' has no entry '0' (background)")
             scan.labels = declared_labels
         else:
             found = sorted(geo.found_labels | {0})

@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import numpy as np
 from capsmed.dicom.seg import Algorithm, build_seg
 from capsmed.dicom.series import SourceSeries
 from capsmed.dicom.sr import build_classification_sr, build_segmentation_sr
+from capsmed.fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +41,6 @@ def dataset_bytes(ds) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a file atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_dicom_outputs(out_dir: Path, stem: str, case_id: str, series: SourceSeries,
@@ -95,7 +81,7 @@ def write_dicom_outputs(out_dir: Path, stem: str, case_id: str, series: SourceSe
     entries = []
     for kind, ds in objects:
         path = Path(out_dir) / f"{stem}_{kind.lower()}.dcm"
-        _atomic_write(path, dataset_bytes(ds))
+        atomic_write_bytes(path, dataset_bytes(ds))
         entries.append({"kind": kind, "file": path.name, "sop_class_uid": str(ds.SOPClassUID),
                         "sop_instance_uid": str(ds.SOPInstanceUID),
                         "series_instance_uid": str(ds.SeriesInstanceUID), "stored_to": []})
@@ -110,7 +96,7 @@ def write_dicom_outputs(out_dir: Path, stem: str, case_id: str, series: SourceSe
                          "series_instance_uid": series.series_uid, "folder": str(series.folder)},
               "objects": entries}
     out = Path(out_dir) / f"{stem}{RECORD_SUFFIX}"
-    _atomic_write(out, (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(out, (json.dumps(record, indent=2) + "\n").encode())
     return out
 
 
@@ -125,13 +111,14 @@ def volumes_ml(pred: np.ndarray, affine: np.ndarray, names: Any) -> dict[str, fl
     Returns:
         ``{name: mL}`` for every foreground label.
     """
-    from capsmed.report.files import label_volumes_ml, name_map
+    from nibabel.affines import voxel_sizes
+
+    from capsmed.report.files import name_map
 
     labels = name_map({"labels": names}, "labels")
-    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
-    voxel_ml = float(np.prod(spacing)) / 1000.0  # as the report's Volume.voxel_ml
-    fg = [k for k in labels if k > 0]
-    return {labels[k]: v for k, v in label_volumes_ml(pred, voxel_ml, fg).items()}
+    voxel_ml = float(np.prod(voxel_sizes(np.asarray(affine, float))[:3])) / 1000.0
+    rounded = np.rint(pred).astype(np.int64)
+    return {labels[k]: float(np.count_nonzero(rounded == k)) * voxel_ml for k in labels if k > 0}
 
 
 def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSeries, task: str,

@@ -13,6 +13,7 @@ from capsmed.layers.capsules import (
 )
 from capsmed.layers.routing import attention_routing, coupling_statistics, dynamic_routing
 from capsmed.layers.squash import squash, squash_efficient
+from capsmed.layers.tensors import plain_tensor
 
 __all__ = [
     "ConvCapsule",
@@ -23,6 +24,7 @@ __all__ = [
     "attention_routing",
     "coupling_statistics",
     "dynamic_routing",
+    "plain_tensor",
     "squash",
     "squash_efficient",
 ]

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from capsmed.losses.margin import MarginLoss, _plain, as_one_hot
+from capsmed.layers.tensors import plain_tensor
+from capsmed.losses.margin import MarginLoss, as_one_hot
 from capsmed.losses.reconstruction import MaskedReconstructionLoss, ReconstructionLoss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,14 +109,14 @@ class _TermsLoss(nn.Module):
         """
         if self.reconstruction is not None:
             terms["reconstruction"] = self.reconstruction(
-                _require(outputs, "reconstruction"), _plain(image), *label
+                _require(outputs, "reconstruction"), plain_tensor(image), *label
             )
 
 
 def _scores(outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     if "scores" not in outputs:
         raise ValueError(f"outputs must contain 'scores'; got keys {sorted(outputs)}")
-    return _plain(outputs["scores"])
+    return plain_tensor(outputs["scores"])
 
 
 def _require(outputs: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -124,12 +125,12 @@ def _require(outputs: dict[str, torch.Tensor], key: str) -> torch.Tensor:
             f"outputs must contain {key!r} for this loss (call model.forward_train); got keys "
             f"{sorted(outputs)}"
         )
-    return _plain(outputs[key])
+    return plain_tensor(outputs[key])
 
 
 def _class_indices(target: torch.Tensor, batch: int) -> torch.Tensor:
     """Class indices ``(B,)`` from ``(B,)`` or ``(B, 1)`` targets."""
-    target = _plain(target)
+    target = plain_tensor(target)
     if target.dim() == 2 and target.shape[1] == 1:
         target = target[:, 0]
     if target.dim() != 1 or target.shape[0] != batch:
@@ -142,7 +143,7 @@ def _class_indices(target: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _label_map(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Label map ``(B, 1, *S)`` from ``(B, 1, *S)`` or ``(B, *S)`` targets."""
-    target = _plain(target)
+    target = plain_tensor(target)
     if target.dim() == scores.dim() - 1:
         target = target.unsqueeze(1)
     if target.dim() != scores.dim() or target.shape[1] != 1 or target.shape[2:] != scores.shape[2:]:
@@ -227,7 +228,7 @@ class CapsuleClassificationLoss(_TermsLoss):
 
         """
         lengths = _scores(outputs)
-        target = _plain(target)
+        target = plain_tensor(target)
         if target.dim() == 2 and target.shape[1] == 1 and lengths.shape[1] != 1:
             target = target[:, 0]
         if self.class_weights is None:

@@ -7,17 +7,13 @@ import logging
 import torch
 from torch import nn
 
+from capsmed.layers.tensors import plain_tensor
+
 __all__ = ["MarginLoss", "as_one_hot"]
 
 logger = logging.getLogger(__name__)
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """Drop MONAI ``MetaTensor`` metadata so that indexing and one-hot run on a plain tensor."""
-    as_tensor = getattr(t, "as_tensor", None)
-    return as_tensor() if callable(as_tensor) else t
 
 
 def as_one_hot(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -44,7 +40,7 @@ def as_one_hot(target: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             numbers or fall outside ``[0, C)``, or when one-hot values fall outside [0, 1].
 
     """
-    target = _plain(target)
+    target = plain_tensor(target)
     if scores.dim() < 2:
         raise ValueError(f"scores must have shape (B, C, *S); got shape {tuple(scores.shape)}")
     num_classes = scores.shape[1]
@@ -138,7 +134,7 @@ class MarginLoss(nn.Module):
             ValueError: when the target does not fit the lengths (see :func:`as_one_hot`).
 
         """
-        lengths = _plain(lengths)
+        lengths = plain_tensor(lengths)
         one_hot = as_one_hot(target, lengths)
         present = one_hot * torch.clamp(self.m_plus - lengths, min=0.0).pow(2)
         absent = torch.clamp(lengths - self.m_minus, min=0.0).pow(2)

@@ -7,7 +7,7 @@ import logging
 import torch
 from torch import nn
 
-from capsmed.losses.margin import _plain
+from capsmed.layers.tensors import plain_tensor
 
 __all__ = ["MaskedReconstructionLoss", "ReconstructionLoss"]
 
@@ -77,7 +77,7 @@ class ReconstructionLoss(nn.Module):
             ValueError: when the two tensors hold different numbers of values per sample.
 
         """
-        reconstruction, image = _plain(reconstruction), _plain(image)
+        reconstruction, image = plain_tensor(reconstruction), plain_tensor(image)
         _check_pair(reconstruction, image)
         diff = reconstruction.reshape(image.shape[0], -1) - image.reshape(image.shape[0], -1)
         per_sample = self.weight * diff.pow(2).sum(dim=1)
@@ -139,7 +139,7 @@ class MaskedReconstructionLoss(nn.Module):
             ValueError: when shapes do not match.
 
         """
-        reconstruction, image, label = _plain(reconstruction), _plain(image), _plain(label)
+        reconstruction, image, label = (plain_tensor(t) for t in (reconstruction, image, label))
         if reconstruction.shape != image.shape:
             raise ValueError(
                 f"reconstruction shape {tuple(reconstruction.shape)} does not match image shape "

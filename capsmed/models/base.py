@@ -10,26 +10,13 @@ import torch
 from torch import nn
 
 from capsmed.errors import CapsmedError
+from capsmed.layers.tensors import plain_tensor
 
 __all__ = ["CapsmedModel", "capsule_lengths", "plain_tensor"]
 
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-8
-
-
-def plain_tensor(x: torch.Tensor) -> torch.Tensor:
-    """Return ``x`` without MONAI ``MetaTensor`` metadata (a no-op for plain tensors).
-
-    Args:
-        x: any tensor.
-
-    Returns:
-        The same data as a plain ``torch.Tensor`` (no copy).
-
-    """
-    as_tensor = getattr(x, "as_tensor", None)
-    return as_tensor() if callable(as_tensor) else x
 
 
 def capsule_lengths(poses: torch.Tensor, dim: int = 2) -> torch.Tensor:

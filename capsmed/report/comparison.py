@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 
 from capsmed.errors import CapsmedError
+from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
-from capsmed.report.files import STAGES, Layout, read_json, to_float
+from capsmed.report.files import STAGES, read_json, task_of, to_float
 from capsmed.report.render import (
     fmt_ci,
     fmt_flops,
@@ -143,9 +144,9 @@ def _less(a: dict[str, Any], b_: dict[str, Any], key: str) -> bool | None:
     return x < y
 
 
-def _crossval_section(lay: Layout, models: Sequence[str], fold: int | None) -> Any | None:
+def _crossval_section(lay: DatasetLayout, models: Sequence[str], fold: int | None) -> Any | None:
     """A table of each model's cross-validation result (``cv/{model}.json``), if any."""
-    docs = {m: read_json(lay.dataset_dir / "cv" / f"{m}.json") for m in models}
+    docs = {m: read_json(lay.crossval(m)) for m in models}
     docs = {m: d for m, d in docs.items() if d.get("mean")}
     if not docs:
         return None
@@ -170,7 +171,7 @@ def _crossval_section(lay: Layout, models: Sequence[str], fold: int | None) -> A
         tables=[b.table(["Model", "Folds"] + [metric_label(m) for m in names], rows)])
 
 
-def _model_entry(lay: Layout, model: str) -> dict[str, Any]:
+def _model_entry(lay: DatasetLayout, model: str) -> dict[str, Any]:
     """What the page shows of one model: train.json, metrics and CIs per stage, costs, family."""
     train = read_json(lay.model_dir(model) / "train.json")
     metrics, ci95, costs = {}, {}, {k: train.get(k) for k in _COST_KEYS}
@@ -195,7 +196,7 @@ def _model_entry(lay: Layout, model: str) -> dict[str, Any]:
             "family": model_family(train), "task": task}
 
 
-def _metrics_section(entries: Sequence[dict[str, Any]], stage: str, lay: Layout,
+def _metrics_section(entries: Sequence[dict[str, Any]], stage: str, lay: DatasetLayout,
                      out: Path) -> dict[str, Any] | None:
     """Every model's metrics with 95% CIs on one stage, the best value per metric in green."""
     names = sorted({m for e in entries for m, v in e["metrics"].get(stage, {}).items()
@@ -268,6 +269,26 @@ def _cost_section(entries: Sequence[dict[str, Any]], judged: str, metric: str
                        "Cost per model; orange: capsule networks, green: CNN baselines.")])
 
 
+def _judged_metric(entries: Sequence[dict[str, Any]], task: str) -> tuple[str, str]:
+    """The stage models are judged on (test, else val, else train) and its primary metric."""
+    judged = next((s for s in ("test", "val", "train")
+                   if any(s in e["metrics"] for e in entries)), "test")
+    metric = next((m for m in (primary_metric(task, e["metrics"].get(judged, {}))
+                               for e in entries) if m), None)
+    return judged, metric or PRIMARY_METRICS.get(task, ("dice",))[0]
+
+
+def _links_section(entries: Sequence[dict[str, Any]], lay: DatasetLayout, out: Path
+                   ) -> dict[str, Any] | None:
+    """Links to every stage report of every model; None when there is none."""
+    links = [b.link(f"{e['model']} {s}", rel_href(lay.stage_report(e["model"], s), out.parent))
+             for e in entries for s in STAGES if s in e["metrics"]]
+    if not links:
+        return None
+    return b.section("reports", "Stage reports", details=b.details("All stage reports",
+                                                                   links=links))
+
+
 def write_comparison_report(results_dir: Path, dataset: str, models: list[str], *,
                             fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/comparison.html``.
@@ -293,36 +314,23 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     if not models:
         raise CapsmedError(f"comparison report for {dataset}: no models given")
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset, fold)
+    lay = DatasetLayout(results_dir, dataset, fold)
     out = lay.reports_dir / "comparison.html"
     entries = [_model_entry(lay, model) for model in models]
     missing = [e["model"] for e in entries if not e["metrics"] and not e["train"]]
-    task = next((e["task"] for e in entries if e["task"]), "") or str(
-        read_json(lay.dataset_dir / "data" / "cases.json").get("task") or "")
-    judged = next((s for s in ("test", "val", "train")
-                   if any(s in e["metrics"] for e in entries)), "test")
-    metric = next((m for m in (primary_metric(task, e["metrics"].get(judged, {}))
-                               for e in entries) if m), None)
-    metric = metric or PRIMARY_METRICS.get(task, ("dice",))[0]
-
+    task = task_of(*entries, read_json(lay.cases), default="")
+    judged, metric = _judged_metric(entries, task)
     sections = [s for s in (_metrics_section(entries, stage, lay, out) for stage in STAGES) if s]
-    cv_section = _crossval_section(lay, models, fold)
-    if cv_section is not None:
-        sections.append(cv_section)
+    sections.append(_crossval_section(lay, models, fold))
     sections.append(_cost_section(entries, judged, metric))
     if missing:
         sections.append(b.section("missing", "Missing results", paragraphs=[
             "No train.json or metrics.json was found for: " + ", ".join(missing) + "."]))
-    report_links = [b.link(f"{e['model']} {s}", rel_href(lay.stage_report(e["model"], s),
-                                                         out.parent))
-                    for e in entries for s in STAGES if s in e["metrics"]]
-    if report_links:
-        sections.append(b.section("reports", "Stage reports", details=b.details(
-            "All stage reports", links=report_links)))
+    sections.append(_links_section(entries, lay, out))
     nav = [b.link("All results", rel_href(results_dir / "index.html", out.parent))]
     if (lay.reports_dir / "qc.html").exists():
         nav.append(b.link("Preprocessing QC", "qc.html"))
     return render_page(out, "page.html", title=f"{dataset}: model comparison",
                        subtitle=f"{task} \u00b7 {len(models)} models", nav=nav,
                        lead=_verdict(judged, entries, metric), note=None, top_cards=[],
-                       sections=sections)
+                       sections=[s for s in sections if s is not None])

@@ -1,6 +1,7 @@
 """Readers for the evaluation files that reports are built from (no torch, tolerant of gaps).
 
-The layout is :class:`capsmed.paths.Layout`'s: everything lives under a results folder, per
+The layout is :class:`capsmed.paths.Layout`'s (pages use its per-dataset view,
+:class:`capsmed.paths.DatasetLayout`): everything lives under a results folder, per
 dataset ``{ds}``, model ``{model}`` (and fold, where folds are used) and stage ``{stage}``.
 Optional files that are missing give empty values; a required file that is missing or unreadable
 raises :class:`capsmed.errors.CapsmedError` naming it.
@@ -24,59 +25,12 @@ from nibabel.affines import voxel_sizes
 from capsmed import fileio
 from capsmed.errors import CapsmedError
 from capsmed.paths import STAGES as STAGES  # re-exported for the pages
-from capsmed.paths import Layout as PipelineLayout
 
 logger = logging.getLogger(__name__)
 
 # Columns of cases.csv that hold numbers (prefix match); everything else stays text.
 _NUMERIC_PREFIXES = ("dice", "hd95", "assd", "volume_", "confidence", "prob_", "length_", "class",
                      "predicted", "entropy", "uncertainty_mean")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Paths of one dataset's files under a results folder: a view of :class:`capsmed.paths.Layout`.
-
-    Attributes:
-        results_dir: The results folder (``results/``).
-        dataset: Dataset name.
-        fold: The reported fold where the dataset has several folds (models and evaluations then
-            live in ``fold{k}`` folders); ``None`` with one fold.
-    """
-
-    results_dir: Path
-    dataset: str
-    fold: int | None = None
-
-    @property
-    def _paths(self) -> PipelineLayout:
-        return PipelineLayout(Path(self.results_dir))
-
-    @property
-    def dataset_dir(self) -> Path:
-        """``results/{ds}``."""
-        return self._paths.dataset(self.dataset)
-
-    @property
-    def reports_dir(self) -> Path:
-        """``results/{ds}/reports``."""
-        return self._paths.reports(self.dataset)
-
-    def model_dir(self, model: str) -> Path:
-        """``results/{ds}/models/{model}[/fold{k}]`` (checkpoints, history.csv, train.json)."""
-        return self._paths.model_dir(self.dataset, model, self.fold)
-
-    def eval_dir(self, model: str, stage: str) -> Path:
-        """``results/{ds}/eval/{model}[/fold{k}]/{stage}`` (metrics.json, cases.csv, predictions/)."""
-        return self._paths.eval_dir(self.dataset, model, stage, self.fold)
-
-    def stage_report(self, model: str, stage: str) -> Path:
-        """``results/{ds}/reports/{model}/{stage}.html``."""
-        return self._paths.stage_report(self.dataset, model, stage)
-
-    def studies_dir(self, model: str) -> Path:
-        """``results/{ds}/reports/{model}/studies``."""
-        return self._paths.studies_dir(self.dataset, model)
 
 
 # ----------------------------------------------------------------------------- JSON and CSV
@@ -159,6 +113,28 @@ def name_map(doc: Mapping[str, Any], key: str) -> dict[int, str]:
     elif isinstance(raw, list):
         out = {i: str(v) for i, v in enumerate(raw)}
     return dict(sorted(out.items()))
+
+
+def task_of(*docs: Mapping[str, Any], columns: Collection[str] = (),
+            default: str = "segmentation") -> str:
+    """The dataset's task: the rule of every page.
+
+    Args:
+        *docs: documents that may hold ``task`` (``metrics.json``, ``cases.json``, the
+            fingerprint, the plan), most specific first; the first that names one wins.
+        columns: columns of ``cases.csv``; ``prob_*`` columns mean classification when no
+            document names the task.
+        default: the task when nothing names it (``""`` where a page says "unknown").
+
+    Returns:
+        ``"segmentation"``, ``"classification"`` or ``default``.
+    """
+    for doc in docs:
+        if doc.get("task"):
+            return str(doc["task"])
+    if any(str(c).startswith("prob_") for c in columns):
+        return "classification"
+    return default
 
 
 def label_names(task: str, *docs: Mapping[str, Any], count: int = 0) -> dict[int, str]:
@@ -263,7 +239,8 @@ class Volume:
             Multichannel images keep their first channel.
         spacing: Voxel size in mm along the three display axes.
         shape: The shape stored in the file (before reorientation, all channels).
-        zooms: The voxel sizes stored in the file header.
+        zooms: Voxel sizes in mm along the stored axes, from the affine (as every stage reads
+            them; a header's pixdim may disagree).
         axcodes: Orientation of the stored image, e.g. ``("R", "A", "S")``.
         channels: Number of channels in the file (1 for single-channel images).
         path: The file.
@@ -302,7 +279,7 @@ def load_volume(path: Path | None) -> Volume | None:
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
+        zooms = tuple(float(z) for z in voxel_sizes(img.affine))
         if len(shape) >= 4:
             data = np.asarray(img.dataobj[..., 0], dtype=np.float32)
             channels = int(np.prod(shape[3:]))
@@ -337,9 +314,3 @@ def load_array(path: Path | None) -> np.ndarray | None:
         logger.warning("%s: cannot read array (%s)", path, exc)
         return None
     return np.asarray(arr, dtype=np.float32)
-
-
-def label_volumes_ml(labels: np.ndarray, voxel_ml: float, label_ids: list[int]) -> dict[int, float]:
-    """Volume of each label in mL: voxel count times the voxel volume."""
-    rounded = np.rint(labels).astype(np.int64)
-    return {k: float(np.count_nonzero(rounded == k)) * voxel_ml for k in label_ids}

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from capsmed.errors import CapsmedError
+from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report.comparison import family_label, model_family
-from capsmed.report.files import STAGES, Layout
+from capsmed.report.files import STAGES
 from capsmed.report.render import (
     fmt_ci,
     fmt_flops,
@@ -76,7 +77,7 @@ def write_index(results_dir: Path, summary: dict) -> Path:
         task = str(ds_doc.get("task") or "")
         models = ds_doc.get("models") if isinstance(ds_doc.get("models"), Mapping) else {}
         n_models += len(models)
-        lay = Layout(results_dir, ds)
+        lay = DatasetLayout(results_dir, ds)
         page_links = []
         for key, text in (("comparison", "Model comparison"), ("qc", "Preprocessing QC")):
             given = safe_relative_link(ds_doc.get(key))

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
-from capsmed.report.files import Layout, label_names, read_json, to_float
+from capsmed.report.files import label_names, read_json, task_of, to_float
 from capsmed.report.render import fmt_num, rel_href, render_page
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,46 @@ def _cases_section(spacing_rows: Sequence[tuple[str, list[float]]],
             ["Case", "Shape", "Non-zero box", "Spacing (mm)"], rows, note=note)]))
 
 
+def _lead(dataset: str, n_cases: float, spacing_rows: Sequence[tuple[str, list[float]]],
+          shape_rows: Sequence[tuple[str, list[float]]], counts: Mapping[str, float],
+          count_kind: str) -> list[str]:
+    """The page's opening sentences: case count, median spacing and shape, balance."""
+    lead = [f"{dataset}: {int(n_cases) if n_cases else 'unknown number of'} cases fingerprinted."]
+    if spacing_rows:
+        lead.append(f"Median spacing {_median_text(spacing_rows, '.3g')} mm.")
+    if shape_rows:
+        lead.append(f"Median shape {_median_text(shape_rows, '.0f')} voxels.")
+    total = sum(counts.values())
+    if total > 0:
+        lead.append("Balance: " + ", ".join(f"{k} {100 * v / total:.1f}%"
+                                             for k, v in counts.items()) + f" of {count_kind}.")
+    return lead
+
+
+def _balance_section(counts: Mapping[str, float], task: str, count_kind: str) -> dict[str, Any]:
+    what = "label" if task == "segmentation" else "class"
+    return b.section("balance", f"{what.capitalize()} balance",
+                     paragraphs=[] if counts else [f"The fingerprint records no {what} counts."],
+                     figs=[b.figure(fig.count_bars(counts, f"{what.capitalize()} balance",
+                                                   count_kind),
+                                    f"Bar chart of {what} counts",
+                                    f"Number of {count_kind} per {what} with the share of the "
+                                    "total.")])
+
+
+def _other_section(fp: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Scalar and short-list fingerprint values that no other section shows."""
+    other = [(k, v) for k, v in fp.items() if k not in _SHOWN_KEYS
+             and (isinstance(v, str | int | float) or (isinstance(v, list) and len(v) <= 8
+                                                       and all(not isinstance(x, Mapping | list)
+                                                               for x in v)))]
+    if not other:
+        return None
+    return b.section("other", "Other fingerprint values", tables=[b.kv_table(
+        [(k, ", ".join(fmt_num(x, 3) if isinstance(x, float) else str(x) for x in v)
+          if isinstance(v, list) else v) for k, v in other])])
+
+
 def write_qc_report(results_dir: Path, dataset: str) -> Path:
     """Write ``results/{ds}/reports/qc.html``: the preprocessing fingerprint at a glance.
 
@@ -202,15 +243,12 @@ def write_qc_report(results_dir: Path, dataset: str) -> Path:
         CapsmedError: ``fingerprint.json`` is missing or unreadable.
     """
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset)
-    fp_path = lay.dataset_dir / "preprocessed" / "fingerprint.json"
-    fp = read_json(fp_path, required=True)
+    lay = DatasetLayout(results_dir, dataset)
+    fp = read_json(lay.fingerprint, required=True)
     if not fp:
-        logger.warning("%s is empty", fp_path)
-    plan = read_json(lay.dataset_dir / "preprocessed" / "plan.json")
-    cases_doc = read_json(lay.dataset_dir / "data" / "cases.json")
-    splits = read_json(lay.dataset_dir / "splits.json")
-    task = str(fp.get("task") or cases_doc.get("task") or plan.get("task") or "")
+        logger.warning("%s is empty", lay.fingerprint)
+    plan, cases_doc, splits = read_json(lay.plan), read_json(lay.cases), read_json(lay.splits)
+    task = task_of(fp, cases_doc, plan, default="")
     count_key = "label_voxels" if task == "segmentation" else "class_counts"
     n_names = len(fp[count_key]) if isinstance(fp.get(count_key), Mapping) else 0
     names = label_names(task, fp, cases_doc, count=n_names) if task else {}
@@ -221,52 +259,24 @@ def write_qc_report(results_dir: Path, dataset: str) -> Path:
     counts = _counts(fp.get(count_key), names)
     count_kind = "voxels" if task == "segmentation" else "cases"
     n_cases = to_float(fp.get("n_cases")) or len(shape_rows) or len(spacing_rows)
-
-    lead = [f"{dataset}: {int(n_cases) if n_cases else 'unknown number of'} cases fingerprinted."]
-    if spacing_rows:
-        lead.append(f"Median spacing {_median_text(spacing_rows, '.3g')} mm.")
-    if shape_rows:
-        lead.append(f"Median shape {_median_text(shape_rows, '.0f')} voxels.")
-    total = sum(counts.values())
-    if total > 0:
-        lead.append("Balance: " + ", ".join(f"{k} {100 * v / total:.1f}%"
-                                             for k, v in counts.items()) + f" of {count_kind}.")
-
     cards = [b.card("Cases", int(n_cases) if n_cases else "n/a")]
     for k, label in (("task", "Task"), ("modality", "Modality")):
         value = fp.get(k) or cases_doc.get(k) or plan.get(k)
         if value:
             cards.append(b.card(label, value))
-
-    what = "label" if task == "segmentation" else "class"
     sections = [s for s in (
         _dataset_section(names, task, splits, plan),
         _geometry_section(spacing_rows, shape_rows),
         _intensity_section(fp, task),
-        b.section("balance", f"{what.capitalize()} balance",
-                  paragraphs=[] if counts else [f"The fingerprint records no {what} counts."],
-                  figs=[b.figure(fig.count_bars(counts, f"{what.capitalize()} balance",
-                                                count_kind),
-                                 f"Bar chart of {what} counts",
-                                 f"Number of {count_kind} per {what} with the share of the "
-                                 "total.")]),
+        _balance_section(counts, task, count_kind),
+        _other_section(fp),
+        _cases_section(spacing_rows, shape_rows, _per_case(fp, "shapes_after_crop")),
     ) if s]
-
-    other = [(k, v) for k, v in fp.items() if k not in _SHOWN_KEYS
-             and (isinstance(v, str | int | float) or (isinstance(v, list) and len(v) <= 8
-                                                       and all(not isinstance(x, Mapping | list)
-                                                               for x in v)))]
-    if other:
-        sections.append(b.section("other", "Other fingerprint values", tables=[b.kv_table(
-            [(k, ", ".join(fmt_num(x, 3) if isinstance(x, float) else str(x) for x in v)
-              if isinstance(v, list) else v) for k, v in other])]))
-    cases_section = _cases_section(spacing_rows, shape_rows, _per_case(fp, "shapes_after_crop"))
-    if cases_section:
-        sections.append(cases_section)
-
     nav = [b.link("All results", rel_href(results_dir / "index.html", out.parent))]
     if (lay.reports_dir / "comparison.html").exists():
         nav.append(b.link("Model comparison", "comparison.html"))
     return render_page(out, "page.html", title=f"{dataset}: preprocessing QC",
-                       subtitle=f"fingerprint {fp_path.name}" + (f" \u00b7 {task}" if task else ""),
-                       nav=nav, lead=lead, note=None, top_cards=cards, sections=sections)
+                       subtitle=f"fingerprint {lay.fingerprint.name}"
+                       + (f" \u00b7 {task}" if task else ""), nav=nav,
+                       lead=_lead(dataset, n_cases, spacing_rows, shape_rows, counts, count_kind),
+                       note=None, top_cards=cards, sections=sections)

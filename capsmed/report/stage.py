@@ -12,17 +12,18 @@ import numpy as np
 import pandas as pd
 
 from capsmed.errors import CapsmedError
+from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
 from capsmed.report import stats
 from capsmed.report.files import (
     STAGES,
-    Layout,
     class_column,
     label_names,
     read_json,
     read_table,
     resolve_path,
+    task_of,
     to_float,
 )
 from capsmed.report.render import (
@@ -467,15 +468,15 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, 
     if stage not in STAGES:
         raise CapsmedError(f"stage {stage!r}: expected one of {', '.join(STAGES)}")
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset, fold)
+    lay = DatasetLayout(results_dir, dataset, fold)
     edir = lay.eval_dir(model, stage)
     metrics_doc = read_json(edir / "metrics.json", required=True)
     cases = read_table(edir / "cases.csv")
     train = read_json(lay.model_dir(model) / "train.json")
     history = read_table(lay.model_dir(model) / "history.csv")
-    task = str(metrics_doc.get("task") or read_json(lay.dataset_dir / "data" / "cases.json")
-               .get("task") or "segmentation")
-    names = label_names(task, metrics_doc, read_json(lay.dataset_dir / "data" / "cases.json"),
+    cases_doc = read_json(lay.cases)
+    task = task_of(metrics_doc, cases_doc)
+    names = label_names(task, metrics_doc, cases_doc,
                         count=len(metrics_doc.get("confusion_matrix") or []))
     out = lay.stage_report(model, stage)
     metrics = metrics_doc.get("metrics") or {}

@@ -23,21 +23,22 @@ import numpy as np
 import pandas as pd
 
 from capsmed.errors import CapsmedError
+from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
 from capsmed.report import viewer as vw
 from capsmed.report.files import (
-    Layout,
     Volume,
     class_column,
     file_date,
-    label_volumes_ml,
+    label_names,
     load_array,
     load_volume,
     name_map,
     read_json,
     read_table,
     resolve_path,
+    task_of,
     to_float,
 )
 from capsmed.report.render import (
@@ -103,9 +104,9 @@ class StudyInput(TypedDict, total=False):
         evidence_kind: ``"capsule lengths"`` or ``"softmax"`` (``metrics.json``).
         evidence_disagreement: Capsule segmenters: share of structure voxels where the capsules'
             strongest class differs from the final label (``cases.csv``).
-        volumes_ml: Predicted structure volume in mL per label name; computed from ``prediction``
-            when absent.
-        volumes_true_ml: Ground-truth volume in mL per label name; computed from ``label`` when absent.
+        volumes_ml: Predicted structure volume in mL per label name, as the evaluation
+            (``volume_ml_<name>`` of ``cases.csv``) or ``capsmed predict`` computed it.
+        volumes_true_ml: Ground-truth volume in mL per label name (``volume_true_ml_<name>``).
         volume_range_ml: Per label name, the range of true volumes seen in training cases, as
             ``[min, max]`` or ``{"min", "max", "median", "n"}``.
         case_metrics: Per-study metrics against the ground truth, e.g. ``{"dice": 0.9, "hd95": 2.1}``.
@@ -334,7 +335,7 @@ def _dicom_section(record_path: Any) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- uncertainty
 
 
-def read_calibration(lay: Layout, model: str) -> dict[str, Any] | None:
+def read_calibration(lay: DatasetLayout, model: str) -> dict[str, Any] | None:
     """The uncertainty thresholds ``capsmed evaluate`` calibrated on the validation stage."""
     cal = read_json(lay.eval_dir(model, "val") / "metrics.json").get("uncertainty_calibration")
     if not isinstance(cal, Mapping):
@@ -577,7 +578,7 @@ def _geometry_section(vol: Volume | None, image_path: Path | None) -> dict[str, 
 
 
 def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
-    names = _names(study.get("labels")) or {0: "background", 1: "foreground"}
+    names = label_names("segmentation", study)
     fg = {k: v for k, v in names.items() if k != 0}
     image_path = _as_path(study.get("image"))
     unc_value = study.get("uncertainty")
@@ -586,16 +587,10 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
                               _as_path(study.get("label")), names, unc_path)
     pred, label, unc = seg["prediction"], seg["label"], seg["uncertainty"]
 
+    # What the pipeline computed (cases.csv of the evaluation, or `capsmed predict`), not counted
+    # again here from the files.
     volumes = dict(study.get("volumes_ml") or {})
-    if pred is not None:
-        computed = label_volumes_ml(pred.data, pred.voxel_ml, list(fg))
-        for k, name in fg.items():
-            volumes.setdefault(name, computed[k])
     true_volumes = dict(study.get("volumes_true_ml") or {})
-    if label is not None:
-        computed = label_volumes_ml(label.data, label.voxel_ml, list(fg))
-        for k, name in fg.items():
-            true_volumes.setdefault(name, computed[k])
     ranges = study.get("volume_range_ml") or {}
 
     calibration = study.get("uncertainty_calibration") or {}
@@ -636,6 +631,8 @@ def _segmentation_parts(study: Mapping[str, Any]) -> dict[str, Any]:
         lead.append("No prediction is available for this study.")
     elif found:
         lead.append("The model marks " + "; ".join(found) + ".")
+    elif not volumes:
+        lead.append("No structure volumes were recorded for this study.")
     else:
         lead.append("The model marks no structure in this study (all predicted volumes are 0 mL).")
 
@@ -692,10 +689,9 @@ def _classification_parts(study: Mapping[str, Any]) -> dict[str, Any]:
     names = _names(study.get("classes"))
     probs = _per_class(study.get("probabilities"), names) if names or isinstance(
         study.get("probabilities"), Sequence) else None
-    if not names and probs:
-        names = {i: f"class {i}" for i in range(len(probs))}
     if probs is not None and len(probs) != len(names):
-        names = {i: names.get(i, f"class {i}") for i in range(len(probs))}
+        fallback = label_names("classification", count=len(probs))
+        names = {i: names.get(i, fallback[i]) for i in range(len(probs))}
     predicted = _class_index(study.get("predicted"), names)
     if predicted is None and probs:
         predicted = int(np.nanargmax(probs))
@@ -769,7 +765,7 @@ def _capsule_section(study: Mapping[str, Any], names: Mapping[int, str], predict
     lengths = _per_class(study.get("lengths"), lengths_names) if study.get(
         "lengths") is not None else None
     if lengths is not None and not lengths_names:
-        lengths_names = {i: f"class {i}" for i in range(len(lengths))}
+        lengths_names = label_names("classification", count=len(lengths))
     recon_path = _as_path(study.get("reconstruction"))
     recon = load_array(recon_path)
     panel = load_pose_panel(_as_path(study.get("pose_perturbation")))
@@ -932,7 +928,8 @@ def training_volume_ranges(results_dir: Path, dataset: str, model: str,
     Read from ``eval/{model}/train/cases.csv`` (``volume_true_ml_<label>``, else
     ``volume_ml_<label>``); empty when that table is absent.
     """
-    df = read_table(Layout(Path(results_dir), dataset, fold).eval_dir(model, "train") / "cases.csv")
+    df = read_table(DatasetLayout(Path(results_dir), dataset, fold).eval_dir(model, "train")
+                    / "cases.csv")
     out: dict[str, dict[str, float]] = {}
     for k, name in label_names.items():
         if k == 0:
@@ -1050,20 +1047,16 @@ def write_study_reports(results_dir: Path, dataset: str, model: str, stage: str 
         CapsmedError: ``cases.csv`` is missing or has no ``case_id`` column.
     """
     results_dir = Path(results_dir)
-    lay = Layout(results_dir, dataset, fold)
+    lay = DatasetLayout(results_dir, dataset, fold)
     edir = lay.eval_dir(model, stage)
     cases = read_table(edir / "cases.csv", required=True)
     if "case_id" not in cases.columns:
         raise CapsmedError(f"{edir / 'cases.csv'}: no 'case_id' column")
     metrics_doc = read_json(edir / "metrics.json")
-    cases_doc = read_json(lay.dataset_dir / "data" / "cases.json")
-    task = metrics_doc.get("task") or cases_doc.get("task") or (
-        "classification" if any(c.startswith("prob_") for c in cases.columns) else "segmentation")
-    key = "labels" if task == "segmentation" else "classes"
-    names = name_map(metrics_doc, key) or name_map(cases_doc, key)
-    if not names and task == "classification":
-        names = {int(c.split("_", 1)[1]): c.split("_", 1)[1] for c in cases.columns
-                 if c.startswith("prob_") and c.split("_", 1)[1].isdigit()}
+    cases_doc = read_json(lay.cases)
+    task = task_of(metrics_doc, cases_doc, columns=cases.columns)
+    names = label_names(task, metrics_doc, cases_doc,
+                        count=sum(c.startswith("prob_") for c in cases.columns))
     train_json = lay.model_dir(model) / "train.json"
     provenance = provenance_from_train(read_json(train_json), train_json)
     provenance.setdefault("model", model)

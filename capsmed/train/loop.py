@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,12 @@ def model_input_items(cases: list[dict], task: str) -> list[dict]:
     return items
 
 
-def label_names(cases_doc: dict) -> dict[str, str]:
-    """Label (segmentation) or class (classification) names by index string."""
+def output_names(cases_doc: dict) -> dict[str, str]:
+    """The names of the model's outputs as ``cases.json`` gives them, by index string.
+
+    Label (segmentation) or class (classification) names, stored in the checkpoint; the pages'
+    fallbacks for files without names are :func:`capsmed.report.files.label_names`.
+    """
     names = cases_doc.get("labels") or cases_doc.get("classes") or {}
     return {str(k): str(v) for k, v in names.items()}
 
@@ -265,6 +270,417 @@ def _history_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+@dataclass
+class TrainingRun:
+    """What one training run is built from, fixed before its first epoch.
+
+    Attributes:
+        dataset: Dataset name.
+        model_name: Model name (the config's entry).
+        tcfg: The model's training settings (:func:`capsmed.config.train_config`).
+        icfg: The dataset's inference settings (sliding window of the validation).
+        plan: The preprocessing plan.
+        patch: Patch (segmentation) or image size the model is trained on.
+        seed: The config's seed.
+        fold: Cross-validation fold index.
+        device: Where the model runs.
+        n_threads: CPU threads in use.
+        model: The model being trained.
+        loss_fn: ``loss_fn(outputs, target, image)``.
+        opt: The optimiser.
+        ema: The weight average (``train.ema_decay``), or None.
+        train_items: Training cases as the transforms take them.
+        val_items: Validation cases.
+        model_dir: Where checkpoints, ``history.csv`` and ``train.json`` are written.
+        cache: ``preprocess.cache`` of the dataset.
+        cache_dir: The dataset's preprocessing cache folder.
+        base: The fields every checkpoint of this run starts with (format, model, plan, names,
+            config hash, seed, versions, metric name, dataset).
+    """
+
+    dataset: str
+    model_name: str
+    tcfg: dict
+    icfg: dict
+    plan: dict
+    patch: list[int]
+    seed: int
+    fold: int
+    device: torch.device
+    n_threads: int
+    model: torch.nn.Module
+    loss_fn: Any
+    opt: torch.optim.Optimizer
+    ema: Any
+    train_items: list[dict]
+    val_items: list[dict]
+    model_dir: Path
+    cache: str
+    cache_dir: Path
+    base: dict
+
+    @property
+    def task(self) -> str:
+        """``"segmentation"`` or ``"classification"``."""
+        return self.plan["task"]
+
+    @property
+    def last_path(self) -> Path:
+        """``last.pt``: the latest epoch, with what resuming needs."""
+        return self.model_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        """``best.pt``: the selected epoch (``train.select``)."""
+        return self.model_dir / "best.pt"
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The weights validated and checkpointed: the EMA's when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+    @property
+    def label(self) -> str:
+        """``dataset/model`` for messages."""
+        return f"{self.dataset}/{self.model_name}"
+
+
+@dataclass
+class TrainingState:
+    """Where training stands after its last finished epoch; ``last.pt`` stores it for resuming.
+
+    Attributes:
+        epoch: The last finished epoch (0 before the first).
+        history: One row per finished epoch (:data:`HISTORY_FIELDS`).
+        step: Optimiser steps taken.
+        best_metric: The best validation metric so far.
+        best_epoch: The epoch that reached it.
+        bad_epochs: Validations since the last improvement (early stopping).
+        train_seconds: Training time so far, over every process that ran.
+    """
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> TrainingState:
+        """The state a ``last.pt`` recorded."""
+        return cls(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]),
+                   step=int(ckpt.get("step", 0)), best_metric=float(ckpt["best_metric"]),
+                   best_epoch=int(ckpt["best_epoch"]), bad_epochs=int(ckpt["bad_epochs"]),
+                   train_seconds=float(ckpt["train_seconds"]))
+
+    def checkpoint_fields(self) -> dict[str, Any]:
+        """The fields a checkpoint stores (besides weights and optimiser)."""
+        return {"epoch": self.epoch, "history": self.history, "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                "train_seconds": self.train_seconds, "step": self.step}
+
+    def finish_epoch(self, row: dict) -> bool:
+        """Record a finished epoch's history row; track the best metric and the bad epochs.
+
+        Args:
+            row: The epoch's history row; ``val_metric`` is NaN when the epoch was not validated.
+
+        Returns:
+            Whether the validation metric improved on the best so far.
+        """
+        self.epoch = int(row["epoch"])
+        self.train_seconds += row["seconds"]
+        self.history.append({**row, "seconds": round(row["seconds"], 3)})
+        val_metric = row["val_metric"]
+        improved = not math.isnan(val_metric) and val_metric > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch, self.bad_epochs = val_metric, self.epoch, 0
+        elif not math.isnan(val_metric):
+            self.bad_epochs += 1
+        return improved
+
+
+def build_objective(model: torch.nn.Module, tcfg: dict, train_items: list[dict],
+                    n_classes: int, device: torch.device, label: str
+                    ) -> tuple[Any, torch.optim.Optimizer, Any]:
+    """The loss, optimiser and weight average of a model, from its training settings.
+
+    Args:
+        model: The model (on ``device``).
+        tcfg: Its training settings.
+        train_items: The training cases (their classes weigh the loss with
+            ``class_weights: balanced``).
+        n_classes: Output classes.
+        device: Where the model runs.
+        label: ``dataset/model`` for the log.
+
+    Returns:
+        ``(loss_fn, optimizer, ema)``; ``ema`` is None without ``ema_decay``.
+    """
+    from capsmed.losses import build_loss
+
+    class_weights = None
+    if model.task == "classification" and tcfg["class_weights"] == "balanced":
+        from capsmed.train.recipe import balanced_class_weights
+
+        class_weights = balanced_class_weights([i["class"] for i in train_items], n_classes)
+        logger.info("%s: class weights %s", label, [round(float(w), 3) for w in class_weights])
+        class_weights = class_weights.to(device)
+    loss_fn = build_loss(model, class_weights=class_weights, **tcfg["loss"])
+    opt = make_optimizer(model.parameters(), tcfg)
+    ema = None
+    if tcfg["ema_decay"]:
+        from capsmed.train.recipe import ModelEMA
+
+        ema = ModelEMA(model, tcfg["ema_decay"])
+    return loss_fn, opt, ema
+
+
+def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int | None = None,
+                     fold: int | None = None) -> TrainingRun:
+    """Read the stage's inputs and build the model, loss, optimiser and EMA from the config.
+
+    Seeds every random source with the config's seed before the model is built, so its initial
+    weights depend on the seed only.
+
+    Args:
+        cfg: Validated configuration.
+        dataset: Dataset name.
+        model_name: Model name.
+        threads: CPU threads (default: the config's).
+        fold: Cross-validation fold (default ``split.fold``).
+
+    Returns:
+        The run.
+
+    Raises:
+        CapsmedError: On missing inputs, an unknown model, a model that does not fit the task, or
+            a fold without training cases.
+    """
+    from monai.utils import set_determinism
+
+    layout = Layout(Path(cfg["results"]))
+    tcfg = train_config(cfg, dataset, model_name)
+    seed = int(cfg["seed"])
+    n_threads = configure_threads(threads or cfg["threads"])
+    device = select_device(cfg["device"])
+    cases_doc = read_json(layout.cases(dataset), "case list")
+    splits = read_json(layout.splits(dataset), "splits")
+    plan = read_json(layout.plan(dataset), "preprocessing plan")
+    task = plan["task"]
+    fold, path_fold = resolve_fold(cfg, dataset, fold)
+    names = output_names(cases_doc)
+    out_channels = len(names) if names else int(plan.get("num_classes", 2))
+    in_channels = int(plan.get("in_channels", 1))
+
+    set_determinism(seed=seed)
+    model, args, patch = resolve_model(cfg, dataset, model_name, plan, in_channels, out_channels)
+    model.to(device)
+    train_items = model_input_items(stage_cases(cases_doc, splits, "train", fold), task)
+    val_items = model_input_items(stage_cases(cases_doc, splits, "val", fold), task)
+    if not train_items:
+        raise CapsmedError(f"dataset {dataset}: no training cases in fold {fold}")
+    loss_fn, opt, ema = build_objective(model, tcfg, train_items, out_channels, device,
+                                        f"{dataset}/{model_name}")
+    model_dir = layout.model_dir(dataset, model_name, path_fold)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    base = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {"name": model_class(cfg, model_name), "entry": model_name,
+                  "spatial_dims": int(plan["spatial_dims"]),
+                  "in_channels": in_channels, "out_channels": out_channels, "args": args},
+        "task": task, "plan": {**plan, "patch_size": patch}, "names": names,
+        "config_hash": model_config_hash(cfg, dataset, model_name), "seed": seed,
+        "versions": package_versions(),
+        "metric_name": "dice" if task == "segmentation" else "auc",
+        "dataset": dataset,
+    }
+    return TrainingRun(
+        dataset=dataset, model_name=model_name, tcfg=tcfg, icfg=inference_config(cfg, dataset),
+        plan=plan, patch=patch, seed=seed, fold=fold, device=device, n_threads=n_threads,
+        model=model, loss_fn=loss_fn, opt=opt, ema=ema, train_items=train_items,
+        val_items=val_items, model_dir=model_dir,
+        cache=dataset_config(cfg, dataset)["preprocess"]["cache"],
+        cache_dir=layout.cache(dataset), base=base)
+
+
+def resume(run: TrainingRun) -> TrainingState:
+    """Restore weights, optimiser and EMA from ``last.pt`` when it was written for this config.
+
+    Returns:
+        The state after the checkpoint's epoch, or a fresh state (no checkpoint, or one written
+        for another config, which is then trained over).
+    """
+    if not run.last_path.is_file():
+        return TrainingState()
+    ckpt = load_checkpoint(run.last_path)
+    if ckpt.get("config_hash") != run.base["config_hash"]:
+        logger.warning("%s: written for another config; training %s from scratch",
+                       run.last_path, run.label)
+        return TrainingState()
+    run.model.load_state_dict(ckpt.get("train_state_dict") or ckpt["state_dict"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    state = TrainingState.from_checkpoint(ckpt)
+    logger.info("%s: resuming after epoch %d from %s", run.label, state.epoch, run.last_path)
+    return state
+
+
+def training_data(run: TrainingRun) -> tuple[Any, Any]:
+    """The training dataset and the validation loader.
+
+    Returns:
+        ``(train_ds, val_loader)``; the training loader is made per epoch (:func:`train_epoch`).
+    """
+    from monai.data import DataLoader
+
+    sample_plan = {**run.plan, "patch_size": run.patch,
+                   "samples_per_case": run.tcfg["samples_per_case"]}
+    train_ds, val_ds = build_datasets(sample_plan, run.train_items, run.val_items, run.cache,
+                                      run.cache_dir, run.tcfg["augment"])
+    val_loader = DataLoader(val_ds, batch_size=1 if run.task == "segmentation" else 64,
+                            shuffle=False, num_workers=0)
+    return train_ds, val_loader
+
+
+def last_epoch(run: TrainingRun, state: TrainingState, max_epochs: int | None) -> int:
+    """The last epoch this process may run.
+
+    Returns:
+        ``epochs``, or ``max_epochs`` when smaller; the state's epoch (none left to run) when the
+        run being resumed had already stopped early.
+    """
+    tcfg = run.tcfg
+    if tcfg["patience"] and state.bad_epochs >= tcfg["patience"]:
+        return state.epoch
+    return tcfg["epochs"] if max_epochs is None else min(tcfg["epochs"], max_epochs)
+
+
+def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: int, total_steps: int,
+                t0: float) -> float:
+    """One pass over the training data; updates weights, EMA and ``state.step``.
+
+    The epoch re-seeds every random source from ``seed`` and ``epoch`` (:func:`epoch_seed`), so
+    its data order and augmentation do not depend on earlier epochs having run in this process.
+
+    Args:
+        run: The run.
+        state: The state before the epoch (its step count advances).
+        train_ds: The training dataset.
+        epoch: The epoch number (from 1).
+        total_steps: Steps of the whole schedule (``epochs`` times steps per epoch).
+        t0: ``time.perf_counter()`` at the epoch's start (time-budgeted schedules).
+
+    Returns:
+        The mean training loss per sample.
+
+    Raises:
+        CapsmedError: A non-finite loss, naming epoch and batch.
+    """
+    from monai.data import DataLoader
+    from monai.utils import set_determinism
+
+    tcfg, device = run.tcfg, run.device
+    eseed = epoch_seed(run.seed, epoch)
+    set_determinism(seed=eseed)
+    if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
+        train_ds.transform.set_random_state(seed=eseed)
+    gen = torch.Generator().manual_seed(eseed)
+    loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], shuffle=True, num_workers=0,
+                        generator=gen)
+    run.model.train()
+    total, count = 0.0, 0
+    batches = loader
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc=f"{run.model_name} epoch {epoch}", leave=False)
+    for b, batch in enumerate(batches, start=1):
+        image = batch["image"].to(device)
+        if run.task == "segmentation":
+            target = batch["label"].to(device).long()
+        else:
+            target = torch.as_tensor(batch["class"]).long().to(device)
+        set_learning_rate(run.opt, tcfg, state.step, total_steps,
+                          state.train_seconds + time.perf_counter() - t0)
+        run.opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs = run.model.forward_train(image, target)
+            loss = run.loss_fn(outputs, target, image)
+        if not torch.isfinite(loss):
+            raise CapsmedError(
+                f"{run.label}: loss is {loss.item()} at epoch {epoch}, batch {b}; "
+                f"training stopped, the last good checkpoint is kept at {run.last_path}"
+            )
+        loss.backward()
+        run.opt.step()
+        state.step += 1
+        if run.ema is not None:
+            run.ema.update(run.model)
+        total += float(loss.detach()) * image.shape[0]
+        count += image.shape[0]
+    return total / max(count, 1)
+
+
+def validate_if_due(run: TrainingRun, val_loader: Any, epoch: int) -> tuple[float, float]:
+    """:func:`validate_epoch` on every ``val_every``-th epoch and the last; else ``(nan, nan)``."""
+    if epoch % run.tcfg["val_every"] and epoch != run.tcfg["epochs"]:
+        return math.nan, math.nan
+    return validate_epoch(run.eval_model, run.loss_fn, val_loader, run.plan, run.patch, run.device,
+                          run.icfg["sw_batch_size"], run.icfg["overlap"])
+
+
+def save_checkpoints(run: TrainingRun, state: TrainingState, improved: bool) -> None:
+    """Write ``best.pt`` (when selected), ``last.pt`` and ``history.csv``, each atomically.
+
+    ``best.pt`` is rewritten every epoch with ``select: last``, else when the metric improved (or
+    before the first validation, so that it always exists). ``last.pt`` adds the optimiser and,
+    with an EMA, the raw weights and the average's state.
+    """
+    state_doc = {**run.base, "state_dict": run.eval_model.state_dict(),
+                 **state.checkpoint_fields()}
+    if run.tcfg["select"] == "last" or improved or not run.best_path.is_file():
+        atomic_torch_save(run.best_path, state_doc)
+    extra = {"optimizer": run.opt.state_dict()}
+    if run.ema is not None:
+        extra.update(train_state_dict=run.model.state_dict(), ema=run.ema.state_dict())
+    atomic_torch_save(run.last_path, {**state_doc, **extra})
+    atomic_write_text(run.model_dir / "history.csv", _history_csv(state.history))
+
+
+def stop_reason(run: TrainingRun, state: TrainingState) -> str | None:
+    """Why training ends before ``epochs``: the time budget or early stopping; None to go on."""
+    tcfg = run.tcfg
+    if tcfg.get("max_minutes") and state.train_seconds >= 60 * tcfg["max_minutes"]:
+        return f"time budget of {tcfg['max_minutes']} min used after {state.epoch} epochs"
+    if tcfg["patience"] and state.bad_epochs >= tcfg["patience"]:
+        return f"early stop after {state.bad_epochs} epochs without improvement"
+    return None
+
+
+def training_record(run: TrainingRun, state: TrainingState) -> dict[str, Any]:
+    """The record of a finished run (``train.json``); moves the model to the CPU to count FLOPs."""
+    tcfg, base = run.tcfg, run.base
+    return {
+        "dataset": run.dataset, "model": run.model_name, "model_class": base["model"]["name"],
+        "task": run.task, "family": run.model.family,
+        "params": sum(p.numel() for p in run.model.parameters()),
+        "flops": estimate_flops(run.model.cpu(), base["model"]["in_channels"], run.patch),
+        "select": tcfg["select"],
+        "checkpoint_epoch": len(state.history) if tcfg["select"] == "last" else state.best_epoch,
+        "train_seconds": round(state.train_seconds, 3),
+        "peak_memory_mb": round(peak_memory_mb(run.device), 1),
+        "epochs": len(state.history), "best_epoch": state.best_epoch,
+        "best_metric": state.best_metric, "metric_name": base["metric_name"], "seed": run.seed,
+        "versions": base["versions"], "config_hash": base["config_hash"], "checkpoint": "best.pt",
+        "checkpoint_sha256": sha256_file(run.best_path), "device": str(run.device),
+        "threads": run.n_threads, "patch_size": run.patch, "fold": run.fold,
+    }
+
+
 def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None = None,
                 max_epochs: int | None = None, fold: int | None = None) -> dict[str, Any]:
     """Train one model on one dataset from the config; resume from ``last.pt`` when present.
@@ -287,198 +703,36 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
         CapsmedError: On missing inputs, a model that does not fit the task, or a non-finite loss
             (naming epoch and batch; the last good checkpoint is kept).
     """
-    from monai.data import DataLoader
-    from monai.utils import set_determinism
-
-    from capsmed.losses import build_loss
-
-    layout = Layout(Path(cfg["results"]))
-    ds_cfg = dataset_config(cfg, dataset)
-    tcfg = train_config(cfg, dataset, model_name)
-    icfg = inference_config(cfg, dataset)
-    seed = int(cfg["seed"])
-    n_threads = configure_threads(threads or cfg["threads"])
-    device = select_device(cfg["device"])
-    cases_doc = read_json(layout.cases(dataset), "case list")
-    splits = read_json(layout.splits(dataset), "splits")
-    plan = read_json(layout.plan(dataset), "preprocessing plan")
-    task = plan["task"]
-    fold, path_fold = resolve_fold(cfg, dataset, fold)
-    names = label_names(cases_doc)
-    out_channels = len(names) if names else int(plan.get("num_classes", 2))
-    in_channels = int(plan.get("in_channels", 1))
-    chash = model_config_hash(cfg, dataset, model_name)
-
-    set_determinism(seed=seed)
-    model, args, patch = resolve_model(cfg, dataset, model_name, plan, in_channels, out_channels)
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    train_items = model_input_items(stage_cases(cases_doc, splits, "train", fold), task)
-    val_items = model_input_items(stage_cases(cases_doc, splits, "val", fold), task)
-    if not train_items:
-        raise CapsmedError(f"dataset {dataset}: no training cases in fold {fold}")
-    class_weights = None
-    if task == "classification" and tcfg["class_weights"] == "balanced":
-        from capsmed.train.recipe import balanced_class_weights
-
-        class_weights = balanced_class_weights([i["class"] for i in train_items], out_channels)
-        logger.info("%s/%s: class weights %s", dataset, model_name,
-                    [round(float(w), 3) for w in class_weights])
-    if class_weights is not None:
-        class_weights = class_weights.to(device)
-    loss_fn = build_loss(model, class_weights=class_weights, **tcfg["loss"])
-    opt = make_optimizer(model.parameters(), tcfg)
-    ema = None
-    if tcfg["ema_decay"]:
-        from capsmed.train.recipe import ModelEMA
-
-        ema = ModelEMA(model, tcfg["ema_decay"])
-
-    model_dir = layout.model_dir(dataset, model_name, path_fold)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = model_dir / "last.pt", model_dir / "best.pt"
-
-    base = {
-        "format": CHECKPOINT_FORMAT,
-        "model": {"name": model_class(cfg, model_name), "entry": model_name,
-                  "spatial_dims": int(plan["spatial_dims"]),
-                  "in_channels": in_channels, "out_channels": out_channels, "args": args},
-        "task": task, "plan": {**plan, "patch_size": patch}, "names": names,
-        "config_hash": chash, "seed": seed, "versions": package_versions(),
-        "metric_name": "dice" if task == "segmentation" else "auc",
-        "dataset": dataset,
-    }
-    start_epoch, history, step = 1, [], 0
-    best_metric, best_epoch, bad_epochs, train_seconds = -math.inf, 0, 0, 0.0
-    if last_path.is_file():
-        ckpt = load_checkpoint(last_path)
-        if ckpt.get("config_hash") == chash:
-            model.load_state_dict(ckpt.get("train_state_dict") or ckpt["state_dict"])
-            opt.load_state_dict(ckpt["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(ckpt["ema"])
-            step = int(ckpt.get("step", 0))
-            start_epoch = int(ckpt["epoch"]) + 1
-            history = list(ckpt["history"])
-            best_metric, best_epoch = float(ckpt["best_metric"]), int(ckpt["best_epoch"])
-            bad_epochs, train_seconds = int(ckpt["bad_epochs"]), float(ckpt["train_seconds"])
-            logger.info("%s/%s: resuming after epoch %d from %s", dataset, model_name,
-                        start_epoch - 1, last_path)
-        else:
-            logger.warning("%s: written for another config; training %s/%s from scratch",
-                           last_path, dataset, model_name)
-
-    sample_plan = {**plan, "patch_size": patch, "samples_per_case": tcfg["samples_per_case"]}
-    train_ds, val_ds = build_datasets(sample_plan, train_items, val_items,
-                                      ds_cfg["preprocess"]["cache"], layout.cache(dataset),
-                                      tcfg["augment"])
-    val_loader = DataLoader(val_ds, batch_size=1 if task == "segmentation" else 64,
-                            shuffle=False, num_workers=0)
-    amp = device.type == "cuda"
-    use_tty = sys.stderr.isatty()
-    logger.info("%s/%s: %d parameters, %d train / %d val cases, device %s, %d threads",
-                dataset, model_name, n_params, len(train_items), len(val_items), device, n_threads)
-
-    steps_per_epoch = math.ceil(len(train_ds) / tcfg["batch_size"])
-    total_steps = max(1, tcfg["epochs"] * steps_per_epoch)
-    eval_model = model if ema is None else ema.module  # the weights validated and checkpointed
-    stop_after = tcfg["epochs"] if max_epochs is None else min(tcfg["epochs"], max_epochs)
-    if tcfg["patience"] and bad_epochs >= tcfg["patience"]:
-        stop_after = start_epoch - 1  # the run being resumed had already stopped early
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, stop_after + 1):
+    run = prepare_training(cfg, dataset, model_name, threads=threads, fold=fold)
+    state = resume(run)
+    train_ds, val_loader = training_data(run)
+    logger.info("%s: %d parameters, %d train / %d val cases, device %s, %d threads", run.label,
+                sum(p.numel() for p in run.model.parameters()), len(run.train_items),
+                len(run.val_items), run.device, run.n_threads)
+    steps_per_epoch = math.ceil(len(train_ds) / run.tcfg["batch_size"])
+    total_steps = max(1, run.tcfg["epochs"] * steps_per_epoch)
+    stop_after = last_epoch(run, state, max_epochs)
+    for epoch in range(state.epoch + 1, stop_after + 1):
         t0 = time.perf_counter()
-        eseed = epoch_seed(seed, epoch)
-        set_determinism(seed=eseed)
-        if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
-            train_ds.transform.set_random_state(seed=eseed)
-        gen = torch.Generator().manual_seed(eseed)
-        loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], shuffle=True,
-                            num_workers=0, generator=gen)
-        model.train()
-        total, count = 0.0, 0
-        batches = loader
-        if use_tty:
-            from tqdm import tqdm
-
-            batches = tqdm(loader, desc=f"{model_name} epoch {epoch}", leave=False)
-        for b, batch in enumerate(batches, start=1):
-            image = batch["image"].to(device)
-            if task == "segmentation":
-                target = batch["label"].to(device).long()
-            else:
-                target = torch.as_tensor(batch["class"]).long().to(device)
-            lr = set_learning_rate(opt, tcfg, step, total_steps,
-                                   train_seconds + time.perf_counter() - t0)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = model.forward_train(image, target)
-                loss = loss_fn(outputs, target, image)
-            if not torch.isfinite(loss):
-                raise CapsmedError(
-                    f"{dataset}/{model_name}: loss is {loss.item()} at epoch {epoch}, batch {b}; "
-                    f"training stopped, the last good checkpoint is kept at {last_path}"
-                )
-            loss.backward()
-            opt.step()
-            step += 1
-            if ema is not None:
-                ema.update(model)
-            total += float(loss.detach()) * image.shape[0]
-            count += image.shape[0]
-        lr = opt.param_groups[0]["lr"]
-        val_loss, val_metric = math.nan, math.nan
-        if epoch % tcfg["val_every"] == 0 or epoch == tcfg["epochs"]:
-            val_loss, val_metric = validate_epoch(
-                eval_model, loss_fn, val_loader, plan, patch, device, icfg["sw_batch_size"],
-                icfg["overlap"])
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
-                        "val_metric": val_metric, "lr": lr, "seconds": round(seconds, 3)})
-        improved = not math.isnan(val_metric) and val_metric > best_metric
-        if improved:
-            best_metric, best_epoch, bad_epochs = val_metric, epoch, 0
-        elif not math.isnan(val_metric):
-            bad_epochs += 1
-        state = {**base, "state_dict": eval_model.state_dict(), "epoch": epoch,
-                 "history": history, "best_metric": best_metric, "best_epoch": best_epoch,
-                 "bad_epochs": bad_epochs, "train_seconds": train_seconds, "step": step}
-        if tcfg["select"] == "last" or improved or not best_path.is_file():
-            atomic_torch_save(best_path, state)
-        resume = {"optimizer": opt.state_dict()}
-        if ema is not None:
-            resume.update(train_state_dict=model.state_dict(), ema=ema.state_dict())
-        atomic_torch_save(last_path, {**state, **resume})
-        atomic_write_text(model_dir / "history.csv", _history_csv(history))
-        logger.info("%s/%s epoch %d: train loss %.4f, val %s %.4f (best %.4f @ %d), %.1fs",
-                    dataset, model_name, epoch, total / max(count, 1), base["metric_name"],
-                    val_metric, best_metric, best_epoch, seconds)
+        train_loss = train_epoch(run, state, train_ds, epoch, total_steps, t0)
+        lr = run.opt.param_groups[0]["lr"]
+        val_loss, val_metric = validate_if_due(run, val_loader, epoch)
+        improved = state.finish_epoch({
+            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+            "val_metric": val_metric, "lr": lr, "seconds": time.perf_counter() - t0})
+        save_checkpoints(run, state, improved)
+        logger.info("%s epoch %d: train loss %.4f, val %s %.4f (best %.4f @ %d), %.1fs",
+                    run.label, epoch, train_loss, run.base["metric_name"], val_metric,
+                    state.best_metric, state.best_epoch, state.history[-1]["seconds"])
         if _EPOCH_SLEEP:  # test hook: widen the window in which a test kills training
             time.sleep(_EPOCH_SLEEP)
-        if tcfg.get("max_minutes") and train_seconds >= 60 * tcfg["max_minutes"]:
-            logger.info("%s/%s: time budget of %s min used after %d epochs", dataset,
-                        model_name, tcfg["max_minutes"], epoch)
-            break
-        if tcfg["patience"] and bad_epochs >= tcfg["patience"]:
-            logger.info("%s/%s: early stop after %d epochs without improvement",
-                        dataset, model_name, bad_epochs)
+        reason = stop_reason(run, state)
+        if reason:
+            logger.info("%s: %s", run.label, reason)
             break
     else:
-        if max_epochs is not None and stop_after < tcfg["epochs"]:
-            return {"partial": True, "epoch": epoch}
-
-    record = {
-        "dataset": dataset, "model": model_name, "model_class": model_class(cfg, model_name),
-        "task": task, "family": model.family, "params": n_params,
-        "flops": estimate_flops(model.cpu(), in_channels, patch), "select": tcfg["select"],
-        "checkpoint_epoch": len(history) if tcfg["select"] == "last" else best_epoch,
-        "train_seconds": round(train_seconds, 3), "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "epochs": len(history), "best_epoch": best_epoch, "best_metric": best_metric,
-        "metric_name": base["metric_name"], "seed": seed, "versions": base["versions"],
-        "config_hash": chash, "checkpoint": "best.pt",
-        "checkpoint_sha256": sha256_file(best_path), "device": str(device),
-        "threads": n_threads, "patch_size": patch, "fold": fold,
-    }
-    atomic_write_json(model_dir / "train.json", record)
+        if max_epochs is not None and stop_after < run.tcfg["epochs"]:
+            return {"partial": True, "epoch": state.epoch}
+    record = training_record(run, state)
+    atomic_write_json(run.model_dir / "train.json", record)
     return record

@@ -280,3 +280,29 @@ def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path)
     assert "Pose perturbation" in html and "moved in steps of 0.05 from -0.25 to +0.25" in html
     assert "Largest effects: " + ", ".join(
         f"dimension {d} ({effects[d]:.3g})" for d in ranked[:5]) + "." in html
+
+
+def test_study_pages_show_the_volumes_the_evaluation_wrote(trained_seg, tmp_path):
+    """A study page takes each structure's volume from cases.csv; it does not count voxels again."""
+    import shutil
+
+    from capsmed.report import write_study_reports
+
+    cfg, _, _ = trained_seg
+    evaluate_stage(cfg, "ds", "unet", "test")
+    results = tmp_path / "results"
+    shutil.copytree(cfg["results"], results)
+    table = results / "ds/eval/unet/test/cases.csv"
+    rows = list(csv.DictReader(table.open()))
+    pages = write_study_reports(results, "ds", "unet")
+    for row in rows:
+        html = pages[row["case_id"]].read_text(encoding="utf-8")
+        for name in ("a", "b"):
+            assert f"{float(row[f'volume_ml_{name}']):.2f} mL" in html, (row["case_id"], name)
+    with table.open("w", newline="") as fh:  # a table without the volume columns
+        kept = [k for k in rows[0] if not k.startswith("volume_")]
+        writer = csv.DictWriter(fh, fieldnames=kept, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    html = write_study_reports(results, "ds", "unet")[rows[0]["case_id"]].read_text("utf-8")
+    assert html.count("n/a mL") == 2

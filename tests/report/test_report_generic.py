@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from reporthtml import parse
 
+from capsmed.dicom.outputs import volumes_ml
 from capsmed.errors import CapsmedError
 from capsmed.report import (
     write_comparison_report,
@@ -37,9 +38,12 @@ def test_new_unlabeled_segmentation_study(tmp_path, facts):
     pred = np.zeros(facts.SHAPE, np.uint8)
     pred[4:10, 5:12, 3:8] = 1  # 6*7*5 voxels of 3 mm^3 = 0.63 mL
     pred_path = facts.save_nifti(tmp_path / "pred.nii.gz", pred)
+    labels = {"0": "background", "1": "tumour"}
+    # the volumes as `capsmed predict` computes them for the page
+    volumes = volumes_ml(pred, nib.load(pred_path).affine, labels)
     out = write_study_report(tmp_path / "out" / "new.html", {
         "case_id": "patient 7", "task": "segmentation", "image": image, "prediction": pred_path,
-        "labels": {"0": "background", "1": "tumour"},
+        "labels": labels, "volumes_ml": volumes,
         "volume_range_ml": {"tumour": [0.1, 0.5]},
         "provenance": {"model": "ucaps", "checkpoint_sha256": "f" * 64, "config_hash": "abc",
                        "versions": {"capsmed": "0.1.0"}, "date": "2026-01-01"}})
@@ -230,7 +234,8 @@ def test_2d_segmentation_study_with_multichannel_image(tmp_path):
     nib.save(nib.Nifti1Image(pred, np.eye(4)), pred_path)
     page = parse(write_study_report(tmp_path / "s.html", {
         "case_id": "slice_1", "image": str(image), "prediction": str(pred_path),
-        "labels": {"0": "background", "1": "lesion"}}))
+        "labels": {"0": "background", "1": "lesion"},
+        "volumes_ml": volumes_ml(pred, np.eye(4), {"0": "background", "1": "lesion"})}))
     assert "first channel" in page.text and "24 x 20 x 1 x 3" in page.text
     assert "lesion 0.04 mL" in page.text  # 35 voxels of 1 mm^3
     assert len(page.images) == 1
@@ -245,9 +250,9 @@ def test_study_files_found_by_layout_when_columns_are_missing(tmp_path, facts):
     facts.save_nifti(edir / "predictions" / "c1.nii.gz", pred)
     facts.save_nifti(edir / "predictions" / "c1_uncertainty.nii.gz",
                      np.full(facts.SHAPE, 0.2, np.float32))
-    (edir / "cases.csv").write_text("case_id,dice\nc1,0.5\n")
+    (edir / "cases.csv").write_text("case_id,dice,volume_ml_organ\nc1,0.5,0.192\n")
     text = parse(write_study_reports(tmp_path, "ds", "segcaps")["c1"]).text
-    assert "organ 0.19 mL" in text  # 64 voxels of 3 mm^3
+    assert "organ 0.19 mL" in text  # the table's volume (64 voxels of 3 mm^3)
     assert "evenly spread) inside the predicted structures: mean 0.200" in text
     assert "No calibration from a validation stage is available" in text
     _json(edir.parent / "val" / "metrics.json", {"uncertainty_calibration": {

@@ -10,7 +10,13 @@ import pytest
 
 from capsmed.errors import CapsmedError
 from capsmed.report import model_family, stats
-from capsmed.report.files import load_volume, read_json, read_table, resolve_path
+from capsmed.report.files import (
+    load_volume,
+    read_json,
+    read_table,
+    resolve_path,
+    task_of,
+)
 from capsmed.report.render import (
     fmt_ci,
     fmt_flops,
@@ -154,6 +160,11 @@ def test_load_volume_2d_4d_and_reorientation(tmp_path):
     v = load_volume(lps)
     assert v.axcodes == ("L", "P", "S") and v.data[3, 4, 0] == 1
     assert load_volume(tmp_path) is None and load_volume(tmp_path / "absent.nii.gz") is None
+    # the spacing shown is the affine's, as every stage reads it, not a disagreeing pixdim
+    odd = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([1.5, 1.0, 2.0, 1.0]))
+    odd.header["pixdim"][1:4] = 1.0
+    nib.save(odd, tmp_path / "odd.nii.gz")
+    assert load_volume(tmp_path / "odd.nii.gz").zooms == (1.5, 1.0, 2.0)
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti")
     assert load_volume(broken) is None
@@ -182,3 +193,11 @@ def test_label_names_one_rule_for_every_page():
     assert label_names("segmentation") == {0: "background", 1: "foreground"}
     assert label_names("segmentation", count=3) == {0: "background", 1: "label 1", 2: "label 2"}
     assert label_names("classification", {}, count=2) == {0: "class 0", 1: "class 1"}
+
+
+def test_task_follows_one_rule_on_every_page():
+    """The first document naming a task wins; else prob_ columns mean classification."""
+    assert task_of({}, {"task": "classification"}, {"task": "segmentation"}) == "classification"
+    assert task_of({}, columns=["case_id", "prob_0", "prob_1"]) == "classification"
+    assert task_of({}, columns=["case_id", "dice"]) == "segmentation"
+    assert task_of({}, default="") == ""

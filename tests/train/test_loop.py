@@ -285,3 +285,41 @@ def test_a_model_variant_trains_under_its_own_name(tmp_path):
     assert ckpt["model"]["name"] == "seed_cnn" and ckpt["model"]["entry"] == "seed_small"
     model = build_model(ckpt)
     assert model.num_parameters() == record["params"]
+
+
+def test_early_stop_and_validation_interval_survive_resuming(tmp_path):
+    """val_every validates every other epoch (and the last); patience stops at the first epoch
+    where it runs out; a run resumed across the stop, or started again after it, ends where an
+    uninterrupted run ends, with the same weights."""
+    train = {"epochs": 8, "batch_size": 8, "val_every": 2, "patience": 1}
+    ref = tiny_config(tmp_path / "ref", train=train)
+    prepare_all(write_config(ref, tmp_path / "ref.yaml"))
+    record = train_model(ref, "ds", "seed_cnn")
+    model_dir = tmp_path / "ref" / "ds" / "models" / "seed_cnn"
+    rows = _history(model_dir)
+    best, bad, stop = -math.inf, 0, None
+    for row in rows:
+        epoch, metric = int(row["epoch"]), float(row["val_metric"])
+        assert math.isnan(metric) == (epoch % 2 == 1), row
+        if not math.isnan(metric):
+            best, bad = (metric, 0) if metric > best else (best, bad + 1)
+        if bad >= 1:
+            stop = epoch
+            break
+    assert stop is not None and stop < 8, "this seed stops early; the test needs it to"
+    assert len(rows) == record["epochs"] == stop
+    assert load_checkpoint(model_dir / "last.pt")["bad_epochs"] == 1
+
+    again = train_model(ref, "ds", "seed_cnn")  # after the stop: nothing more to train
+    assert _history(model_dir) == rows and again["epochs"] == stop
+    assert again["checkpoint_sha256"] == record["checkpoint_sha256"]
+
+    run = tiny_config(tmp_path / "run", train=train)
+    prepare_all(write_config(run, tmp_path / "run.yaml"))
+    assert train_model(run, "ds", "seed_cnn", max_epochs=1)["partial"]
+    resumed = train_model(run, "ds", "seed_cnn")
+    run_dir = tmp_path / "run" / "ds" / "models" / "seed_cnn"
+    assert _history(run_dir) == rows and resumed["best_epoch"] == record["best_epoch"]
+    best_ref, best_run = load_checkpoint(model_dir / "best.pt"), load_checkpoint(run_dir / "best.pt")
+    for key, value in best_ref["state_dict"].items():
+        assert torch.equal(value, best_run["state_dict"][key]), key

@@ -23,7 +23,7 @@ from capsmed.config import (
 from capsmed.data.splits import stage_case_ids
 from capsmed.evaluate.run import case_file
 from capsmed.fileio import read_json, write_text_if_changed
-from capsmed.paths import Layout
+from capsmed.paths import STAGES, Layout
 
 
 validate(config, "../schemas/config.schema.yaml")
@@ -35,7 +35,8 @@ if _problems:
 
 RESULTS = config["results"].rstrip("/")
 DATASETS = list(config["datasets"])
-STAGES = list(config["evaluate"]["stages"])
+# The stages this config evaluates and reports, of capsmed.paths.STAGES.
+EVALUATED_STAGES = list(config["evaluate"]["stages"])
 # `python -m capsmed` with the interpreter running Snakemake (the project's .venv), so rules work
 # without an activated environment, locally and on SLURM nodes sharing the filesystem.
 # Set CAPSMED_COMMAND=capsmed to use the command on PATH instead (e.g. with --sdm conda).
@@ -82,22 +83,14 @@ def models_of(wildcards) -> list:
 LAYOUT = Layout(RESULTS)
 
 
-def n_folds(ds: str) -> int:
-    return int(config["datasets"][ds]["split"]["folds"])
-
-
-def reported_fold(ds: str):
-    """The fold in paths of the reported model: split.fold with several folds, else None."""
-    return path_fold(config, ds)
-
-
 def _alternatives(names) -> str:
     """A regex matching exactly these names (and nothing when there are none)."""
     return "|".join(re.escape(n) for n in names) or "(?!x)x"
 
 
-ONE_FOLD = _alternatives(ds for ds in DATASETS if n_folds(ds) == 1)
-FOLDED = _alternatives(ds for ds in DATASETS if n_folds(ds) > 1)
+# path_fold: the reported fold in paths, None where the dataset has one fold.
+ONE_FOLD = _alternatives(ds for ds in DATASETS if path_fold(config, ds) is None)
+FOLDED = _alternatives(ds for ds in DATASETS if path_fold(config, ds) is not None)
 
 
 def train_json(ds: str, model: str, fold=None) -> str:
@@ -109,20 +102,20 @@ def eval_metrics(ds: str, model: str, stage: str, fold=None) -> str:
 
 
 def reported_train(wildcards) -> str:
-    return train_json(wildcards.dataset, wildcards.model, reported_fold(wildcards.dataset))
+    return train_json(wildcards.dataset, wildcards.model, path_fold(config, wildcards.dataset))
 
 
 def reported_eval(stage=None):
     """Input function: metrics.json of the reported fold ({stage} from the wildcards if None)."""
     def inner(wildcards) -> str:
         ds = wildcards.dataset
-        return eval_metrics(ds, wildcards.model, stage or wildcards.stage, reported_fold(ds))
+        return eval_metrics(ds, wildcards.model, stage or wildcards.stage, path_fold(config, ds))
     return inner
 
 
 def crossval_files(ds: str) -> list:
     """cv/{model}.json of each model where every fold is trained (capsmed.config.trained_folds)."""
-    if n_folds(ds) > 1 and len(trained_folds(config, ds)) > 1:
+    if len(trained_folds(config, ds)) > 1:
         return [str(LAYOUT.crossval(ds, model)) for model in config["datasets"][ds]["models"]]
     return []
 
@@ -164,13 +157,13 @@ def all_targets() -> list:
     out = [f"{RESULTS}/summary.json", f"{RESULTS}/index.html"]
     for ds in DATASETS:
         for model in config["datasets"][ds]["models"]:
-            out += [f"{RESULTS}/{ds}/reports/{model}/{stage}.html" for stage in STAGES]
+            out += [f"{RESULTS}/{ds}/reports/{model}/{stage}.html" for stage in EVALUATED_STAGES]
     return out
 
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     model="[A-Za-z][A-Za-z0-9_]*",
-    stage="train|val|test",
+    stage="|".join(STAGES),
     fold="[0-9]+",
     case="[A-Za-z0-9._-]+",

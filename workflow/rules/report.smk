@@ -7,7 +7,7 @@ rule report_stage:
         metrics=reported_eval(),
         train=reported_train,
         # the validation stage calibrates the uncertainty flag (segmentation)
-        calibration=lambda w: [reported_eval("val")(w)] if "val" in STAGES else [],
+        calibration=lambda w: [reported_eval("val")(w)] if "val" in EVALUATED_STAGES else [],
     output:
         report(
             f"{RESULTS}/{{dataset}}/reports/{{model}}/{{stage}}.html",
@@ -32,7 +32,7 @@ rule report_studies:
     input:
         metrics=reported_eval("test"),
         train=reported_train,
-        calibration=lambda w: [reported_eval("val")(w)] if "val" in STAGES else [],
+        calibration=lambda w: [reported_eval("val")(w)] if "val" in EVALUATED_STAGES else [],
     output:
         directory(f"{RESULTS}/{{dataset}}/reports/{{model}}/studies"),
     log:
@@ -51,9 +51,9 @@ rule report_dataset:
     input:
         fingerprint=rules.preprocess.output.fingerprint,
         metrics=lambda w: [
-            eval_metrics(w.dataset, model, stage, reported_fold(w.dataset))
+            eval_metrics(w.dataset, model, stage, path_fold(config, w.dataset))
             for model in models_of(w)
-            for stage in STAGES
+            for stage in EVALUATED_STAGES
         ],
         crossval=lambda w: crossval_files(w.dataset),
     output:
@@ -86,13 +86,13 @@ rule summarize:
             f"{RESULTS}/{ds}/reports/{model}/{stage}.html"
             for ds in DATASETS
             for model in config["datasets"][ds]["models"]
-            for stage in STAGES
+            for stage in EVALUATED_STAGES
         ],
         studies=[
             f"{RESULTS}/{ds}/reports/{model}/studies"
             for ds in DATASETS
             for model in config["datasets"][ds]["models"]
-            if "test" in STAGES
+            if "test" in EVALUATED_STAGES
         ],
         dataset_reports=expand(f"{RESULTS}/{{dataset}}/reports/comparison.html", dataset=DATASETS),
         crossval=[path for ds in DATASETS for path in crossval_files(ds)],
