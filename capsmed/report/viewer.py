@@ -37,8 +37,13 @@ from capsmed.report.figures import label_colour
 logger = logging.getLogger(__name__)
 
 #: The npm release the vendored build comes from, and the SHA-256 of ``dist/niivue.umd.js`` in it.
-NIIVUE_VERSION = "0.69.0"
-NIIVUE_SHA256 = "47b896b77ec4a5be3ef1949c33ad393b6f45629921f326c279000bcf51bdb4af"
+#: 0.54.0 is the newest release whose UMD build (0.71 MB) does not bundle zarrita and its WASM
+#: codecs (zstd, blosc: 1.3 MB that only OME-Zarr input needs; 0.57.0 added zarrita, 0.58.0 put
+#: the codecs in the UMD build, 2.1 MB and more from then on). Everything the study viewer uses
+#: (multiplanar and 3D render views, label colour tables, ``NVImage.loadFromBase64``, the
+#: location and intensity callbacks) is in it.
+NIIVUE_VERSION = "0.54.0"
+NIIVUE_SHA256 = "cfa93e307f183ceaf16981cbb94e5d1002557bb45bb0fec3776a86393b48dd92"
 NIIVUE_SOURCE = f"npm package @niivue/niivue@{NIIVUE_VERSION}, file dist/niivue.umd.js"
 
 _ASSETS = Path(__file__).parent / "assets"
