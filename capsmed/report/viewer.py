@@ -101,13 +101,21 @@ def install_assets(target: Path) -> Path:
 # ----------------------------------------------------------------------------- volumes
 
 
-def _canonical(path: Path) -> nib.Nifti1Image | None:
-    """The image in closest-canonical (RAS) orientation, first channel, 3-D; None if unreadable."""
+def _canonical(path: Path, frame: int = 0) -> nib.Nifti1Image | None:
+    """One 3-D volume in closest-canonical (RAS) orientation; None if unreadable.
+
+    Args:
+        path: A NIfTI file.
+        frame: The channel of a 4-D file (channels last, as the evidence maps are written).
+    """
     try:
         img = nib.load(str(path))
+        if len(img.shape) >= 4 and not 0 <= frame < img.shape[3]:
+            logger.warning("%s: no channel %d among its %d", path, frame, img.shape[3])
+            return None
         data = np.asanyarray(img.dataobj)
         if data.ndim >= 4:
-            data = data[..., 0]
+            data = data[:, :, :, frame]
         while data.ndim > 3:
             data = data[..., 0]
         while data.ndim < 3:
@@ -174,6 +182,8 @@ class Layer:
         colormap: NiiVue colour map for ``image`` and ``heat`` layers.
         value_range: ``heat`` layers: the values drawn from transparent to full colour (values
             below the first are not drawn); default 0 to the map's maximum.
+        frame: The channel shown from a 4-D (channels-last) file, e.g. one class of an evidence
+            map.
     """
 
     name: str
@@ -183,6 +193,7 @@ class Layer:
     opacity: float = 1.0
     colormap: str = "gray"
     value_range: tuple[float, float] | None = None
+    frame: int = 0
 
 
 def label_rgb(index: int) -> list[int]:
@@ -211,7 +222,7 @@ def viewer_data(layers: Sequence[Layer], label_names: Mapping[int, str]
     notes: list[str] = []
     ref_shape: tuple[int, ...] | None = None
     for layer in layers:
-        img = _canonical(layer.path) if layer.path is not None else None
+        img = _canonical(layer.path, layer.frame) if layer.path is not None else None
         if img is None:
             notes.append(f"{layer.name} could not be read")
             if not out:
