@@ -106,12 +106,13 @@ def test_a_64_cubed_study_page_with_its_assets_is_at_most_2_mb(tmp_path):
     The study is a demo case at 64^3 (the demo generator's noisy float image, written as the
     pipeline writes it) with every layer a capsule segmenter's page has: prediction, ground
     truth, the entropy of soft probabilities, and per structure the capsule lengths (at 1/4
-    resolution) and the probabilities, saved as the evaluation saves them."""
+    resolution) and the probabilities, saved by the evaluation's writer."""
     from scipy.ndimage import gaussian_filter
 
     from capsmed.data.synthetic import segmentation_case
     from capsmed.fileio import save_nifti
     from capsmed.train.inference import normalised_entropy
+    from capsmed.train.study_files import save_segmentation_maps
 
     image, label = segmentation_case((64, 64, 64), num_classes=3, seed=0, index=0)
     affine = np.diag([1.2, 1.0, 1.5, 1.0])
@@ -120,13 +121,13 @@ def test_a_64_cubed_study_page_with_its_assets_is_at_most_2_mb(tmp_path):
     probs = np.exp(logits) / np.exp(logits).sum(0)
     coarse = onehot[:, ::4, ::4, ::4].repeat(4, 1).repeat(4, 2).repeat(4, 3)
     paths = {key: tmp_path / f"{key}.nii.gz" for key in (
-        "image", "label", "prediction", "uncertainty", "evidence", "probability_maps")}
+        "image", "label", "prediction", "uncertainty")}
     save_nifti(image, paths["image"], affine)
     save_nifti(label, paths["label"], affine, dtype=np.uint8)
     save_nifti(probs.argmax(0), paths["prediction"], affine, dtype=np.uint8)
     save_nifti(normalised_entropy(probs), paths["uncertainty"], affine, dtype=np.float32)
-    for key, maps in (("evidence", 0.05 + 0.9 * coarse), ("probability_maps", probs)):
-        save_nifti(np.moveaxis(maps, 0, -1), paths[key], affine, dtype=np.uint8, slope=1 / 255)
+    paths.update(save_segmentation_maps(
+        {"evidence": 0.05 + 0.9 * coarse, "probs": probs, "affine": affine}, tmp_path, "case"))
     results = tmp_path / "results"
     out = write_study_report(results / "studies" / "case.html",
                              {"case_id": "case", "task": "segmentation",
