@@ -485,30 +485,28 @@ def evidence_section(study: Mapping[str, Any], image: Volume | None, centre: Any
 def evidence_layers(study: Mapping[str, Any], names: Mapping[int, str]) -> list[vw.Layer]:
     """The evidence maps of :func:`evidence_section` as viewer layers, hidden at first.
 
-    Capsule segmenters get per structure a layer of its class-capsule lengths and one of the
-    decoder's probabilities; CNN baselines a layer of their softmax per structure, in the same
-    place. Each is one channel of the channels-last NIfTI that the evaluation (or ``capsmed
-    predict``) wrote, drawn from 0.1 to 1 (fainter evidence is left transparent; the read-out
-    still gives it).
+    Capsule segmenters get per structure a layer of its class-capsule lengths, CNN baselines a
+    layer of their softmax, in the same place. The decoder's probabilities, which the static
+    figure shows beside the capsule lengths, are no layer: the prediction and uncertainty layers
+    are made of them already, and a page of a 64^3 study would not keep to its 2 MB with them.
+    Each layer is one channel of the channels-last NIfTI that the evaluation (or ``capsmed
+    predict``) wrote, drawn from 0.1 to 1.
 
     Args:
-        study: The study (``evidence``, ``probability_maps``, ``evidence_kind``).
+        study: The study (``evidence``, ``evidence_kind``).
         names: Label index -> name; background (0) gets no layer.
 
     Returns:
-        The layers, in the order structure by structure; empty without evidence maps.
+        One layer per structure; empty without evidence maps.
     """
     evidence = _as_path(study.get("evidence"))
     if evidence is None or not evidence.is_file():
         return []
-    probs = _as_path(study.get("probability_maps"))
     capsule = str(study.get("evidence_kind") or "capsule lengths") != "softmax"
-    sources = [("Capsules", evidence, "viridis")] if capsule else [("Softmax", evidence, "magma")]
-    if capsule and probs is not None and probs.is_file():
-        sources.append(("Probability", probs, "magma"))
-    return [vw.Layer(f"{prefix}: {name}", path, "heat", visible=False, opacity=0.8,
+    prefix, cmap = ("Capsules", "viridis") if capsule else ("Softmax", "magma")
+    return [vw.Layer(f"{prefix}: {name}", evidence, "heat", visible=False, opacity=0.8,
                      colormap=cmap, value_range=(0.1, 1.0), frame=int(k))
-            for k, name in names.items() if int(k) != 0 for prefix, path, cmap in sources]
+            for k, name in names.items() if int(k) != 0]
 
 
 # ----------------------------------------------------------------------------- viewer
@@ -568,8 +566,7 @@ def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict
         paragraphs.append(
             "The evidence layers (hidden at first) are the maps of \u201cWhat the model saw\u201d "
             "below: " + ("per structure its class-capsule lengths, at the resolution the capsules "
-                         "work at, and the decoder's probabilities"
-                         if evidence[0].name.startswith("Capsules") else
+                         "work at" if evidence[0].name.startswith("Capsules") else
                          "per structure the CNN's softmax probability, where capsule models show "
                          "their capsule lengths") + "; values under 0.1 are left clear.")
     if note:

@@ -7,11 +7,12 @@ version and SHA-256 (a test recomputes the hash). A report never loads anything 
 - :func:`install_assets` puts one copy of NiiVue and of the small glue script
   (``capsmed-viewer.js``) under ``results/assets/niivue-{version}/``; every study page links them
   relatively, so a copied ``results/`` folder keeps working.
-- :func:`viewer_data` encodes a study's volumes (image, prediction, ground truth, uncertainty) as
-  gzip-compressed NIfTI, base64 inside the page. Browsers refuse ``fetch`` of ``file://`` files, so
-  files next to the page could not be read from disk; embedding keeps a page self-sufficient at
-  about the size of the compressed volumes. Float images are stored as int16 with NIfTI scaling
-  (``scl_slope``), so the viewer still reads out intensities.
+- :func:`viewer_data` encodes a study's volumes (image, prediction, ground truth, uncertainty,
+  evidence maps) as gzip-compressed NIfTI, base64 inside the page. Browsers refuse ``fetch`` of
+  ``file://`` files, so files next to the page could not be read from disk; embedding keeps a page
+  self-sufficient at about the size of the compressed volumes. Float images are stored as int16
+  with NIfTI scaling (``scl_slope``), so the viewer still reads out intensities; maps in 64 steps
+  (:data:`HEAT_LEVELS`), blank under the value they are drawn from.
 - :data:`CSP` admits exactly these two scripts, by path relative to the page, and no other script.
 """
 
@@ -51,6 +52,11 @@ _FILES = ("niivue.umd.js", "capsmed-viewer.js", "LICENSE.niivue")
 
 #: Images with more voxels than this are not embedded (the static slices still show them).
 MAX_VIEWER_VOXELS = 256**3
+
+#: Steps of a ``heat`` layer (maps such as the uncertainty and the evidence, 0 to 1): 63 steps of
+#: 1/63 are finer than the two decimals the read-out gives, and the map compresses to about half of
+#: what 255 steps take (a noisy 64^3 probability map: 245 kB of base64 at 255 steps, 154 kB at 63).
+HEAT_LEVELS = 63
 
 
 def assets_dir(results_dir: Path) -> Path:
@@ -131,8 +137,10 @@ def _encode(data: np.ndarray, affine: np.ndarray, kind: str,
     """Gzip-compressed NIfTI as base64, and the display range ``(cal_min, cal_max)``.
 
     ``kind`` ``labels`` stores uint8; ``image`` stores integers as they are (up to 16 bits) and
-    floats as int16 with ``scl_slope``/``scl_inter``; ``heat`` stores uint8 scaled over
-    ``value_range`` (default 0..max), which is also its display range.
+    floats as int16 with ``scl_slope``/``scl_inter``; ``heat`` stores :data:`HEAT_LEVELS` + 1
+    levels from 0 to the top of ``value_range`` (default 0..max), which is also its display
+    range, and 0 where a value lies under the bottom of that range (it is not drawn either way;
+    the read-out says "under" the bottom there).
     """
     finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data.ravel()
     lo = float(finite.min()) if finite.size else 0.0
@@ -143,8 +151,10 @@ def _encode(data: np.ndarray, affine: np.ndarray, kind: str,
         cal = (0.0, float(max(1, stored.max())))
     elif kind == "heat":
         bottom, top = value_range if value_range is not None else (0.0, hi if hi > 0 else 1.0)
-        slope = top / 255.0
-        stored = np.rint(np.nan_to_num(data).clip(0, top) / slope).astype(np.uint8)
+        slope = top / HEAT_LEVELS
+        values = np.nan_to_num(data).clip(0, top)
+        stored = np.rint(values / slope).astype(np.uint8)
+        stored[values < bottom] = 0
         cal = (float(bottom), float(top))
     else:
         if np.issubdtype(data.dtype, np.integer) and lo >= -32768 and hi <= 32767:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -162,6 +163,7 @@ def test_study_viewer_draws_scrolls_and_reads_out_offline(rendered, facts, tmp_p
         readout = br.wait_for("(() => { const t = document.getElementById('cv-readout')"
                               ".textContent; return t.includes('Prediction:') ? t : null; })()")
         assert "Image:" in readout and "voxel (" in readout
+        assert re.search(r"Capsules: anterior: (under 0\.10|[01]\.\d\d)( |$)", readout), readout
         names = br.evaluate("JSON.parse(document.getElementById('cv-data').textContent)"
                             ".volumes.map(v => v.name)")
         capsules = names.index("Capsules: anterior")  # evidence layers start hidden
