@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.capsmed-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint install clean-results
+.PHONY: demo test test-fast lint install clean-results screenshot
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/snakemake --unlock --quiet all >/dev/null 2>&1 || true
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --profile workflow/profiles/default
+
+# The README's study-page picture: the demo's first capsule segmenter test study in headless
+# Chromium (.ci/install_browser.sh); runs the demo first when results/ is not complete.
+screenshot: demo
+	$(BIN)/python docs/screenshot.py results docs/study_page.png
 
 test: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)

@@ -3,9 +3,13 @@
 The checkpoint carries everything inference needs (model name and arguments, preprocessing plan, label
 or class names), so a user passes only the checkpoint and the studies. For each study it writes the
 segmentation (NIfTI with the input's shape and affine; with ``--tta`` an uncertainty map too) or the
-class probabilities (one CSV row per study), and a diagnostic report. With ``dicom_out`` it also writes,
-for DICOM series inputs, a DICOM SEG and a TID 1500 SR (:mod:`capsmed.dicom`), and stores them on a
-DICOMweb server when given a sink; NIfTI inputs get no DICOM objects (a SEG needs source instances).
+class probabilities (one CSV row per study), and a diagnostic report. The report has the sections of
+a pipeline study page: a segmenter's evidence maps (capsule lengths beside the decoder's
+probabilities, or a CNN's softmax) and a capsule classifier's reconstruction and pose-perturbation
+panel, written by the same :mod:`capsmed.train.study_files` as ``capsmed evaluate``. With
+``dicom_out`` it also writes, for DICOM series inputs, a DICOM SEG and a TID 1500 SR
+(:mod:`capsmed.dicom`), and stores them on a DICOMweb server when given a sink; NIfTI inputs get no
+DICOM objects (a SEG needs source instances).
 """
 
 from __future__ import annotations
@@ -81,11 +85,17 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
     """
     from capsmed.data.transforms import build_preprocess_transforms
     from capsmed.dicom.outputs import volumes_ml
+    from capsmed.evaluate.evidence import evidence_disagreement
     from capsmed.fileio import save_nifti
     from capsmed.report import write_study_report
     from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.inference import predict_classification_case, predict_segmentation_case
+    from capsmed.train.inference import (
+        evidence_kind,
+        predict_classification_case,
+        predict_segmentation_case,
+    )
     from capsmed.train.runtime import atomic_write_text, select_device, sha256_file
+    from capsmed.train.study_files import save_classification_panels, save_segmentation_maps
 
     ckpt = load_checkpoint(checkpoint)
     plan, task, names = ckpt["plan"], ckpt["task"], ckpt["names"]
@@ -94,6 +104,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
     sources = _dicom_sources(studies) if dicom_out else {}
     dev = select_device(device)
     model = build_model(ckpt).to(dev)
+    kind = evidence_kind(model) if task == "segmentation" else None
     preprocess = build_preprocess_transforms(plan)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +125,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         item = {"image": str(study.resolve()), "case_id": cid}
         try:
             if task == "segmentation":
-                icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta}
+                icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "evidence": True}
                 out = predict_segmentation_case(model, item, plan, preprocess, dev, icfg)
             else:
                 out = predict_classification_case(model, item, preprocess, dev)
@@ -136,16 +147,19 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
                 unc_path = out_dir / f"{stem}_uncertainty.nii.gz"
                 save_nifti(out["uncertainty"], unc_path, out["affine"], dtype=np.float32)
                 report_info["uncertainty"] = str(unc_path)
+            maps = save_segmentation_maps(out, out_dir, stem)
+            report_info.update({k: str(v) for k, v in maps.items()}, evidence_kind=kind)
+            if maps and kind == "capsule lengths":
+                report_info["evidence_disagreement"] = evidence_disagreement(out["evidence"],
+                                                                             out["pred"])
             result["prediction"] = str(pred_path)
         else:
             probs = [float(p) for p in out["probs"]]
             report_info.update(probabilities=probs, classes=names)
             if out["lengths"] is not None:
                 report_info["lengths"] = [float(v) for v in out["lengths"]]
-            if out["reconstruction"] is not None:
-                rpath = out_dir / f"{stem}_recon.npy"
-                np.save(rpath, out["reconstruction"].astype(np.float32))
-                report_info["reconstruction"] = str(rpath)
+            report_info.update({k: str(v) for k, v in
+                                save_classification_panels(out, out_dir, stem).items()})
             result["probabilities"] = probs
             rows.append({"case_id": cid, "image": item["image"],
                          "predicted": int(np.argmax(probs)),

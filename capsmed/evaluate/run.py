@@ -20,6 +20,7 @@ import numpy as np
 from capsmed.config import inference_config, resolve_fold
 from capsmed.errors import CapsmedError
 from capsmed.paths import Layout, safe_name
+from capsmed.train.study_files import save_classification_panels, save_segmentation_maps
 
 logger = logging.getLogger(__name__)
 
@@ -134,20 +135,11 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
                 row[f"length_{k}"] = float(v)
         if ctx.get("dicom") and Path(case["image"]).is_dir():
             _write_dicom(case, safe_name(case["case_id"]), task, names, out, ctx)
-        row["reconstruction"] = ""
-        if out["reconstruction"] is not None and ctx["stage"] == "test":
-            rpath = pred_dir / f"{safe_name(case['case_id'])}_recon.npy"
-            np.save(rpath, out["reconstruction"].astype(np.float32))
-            row["reconstruction"] = str(rpath.relative_to(layout.results))
-        row["pose_perturbation"] = ""
-        if out.get("perturbation") is not None and ctx["stage"] == "test":
-            ppath = pred_dir / f"{safe_name(case['case_id'])}_poses.npz"
-            panel = out["perturbation"][:, :, 0]  # first channel: (D, steps, *S)
-            if panel.ndim == 5:  # 3D: the middle slice of the last axis keeps the file small
-                panel = panel[..., panel.shape[-1] // 2]
-            np.savez_compressed(ppath, reconstructions=panel.astype(np.float16),
-                                steps=np.asarray(out["perturbation_steps"]))
-            row["pose_perturbation"] = str(ppath.relative_to(layout.results))
+        row["reconstruction"] = row["pose_perturbation"] = ""
+        if ctx["stage"] == "test":  # the study pages' panels
+            for key, path in save_classification_panels(
+                    out, pred_dir, safe_name(case["case_id"])).items():
+                row[key] = str(path.relative_to(layout.results))
     row["_seconds"] = seconds
     return row
 
@@ -171,11 +163,10 @@ def _evidence_files(out: dict, ctx: dict[str, Any], name: str) -> dict[str, Any]
     """The evidence columns of a segmentation case; its maps saved for the test stage's reports.
 
     ``evidence_disagreement`` (capsule models only, see :mod:`capsmed.evaluate.evidence`), and the
-    paths of ``{name}_evidence.nii.gz`` and ``{name}_probs.nii.gz`` (channels last, uint8 over
-    [0, 1]).
+    paths of ``{name}_evidence.nii.gz`` and ``{name}_probs.nii.gz``
+    (:func:`capsmed.train.study_files.save_segmentation_maps`).
     """
     from capsmed.evaluate.evidence import evidence_disagreement
-    from capsmed.fileio import save_nifti
 
     if out.get("evidence") is None:
         return {}
@@ -184,10 +175,7 @@ def _evidence_files(out: dict, ctx: dict[str, Any], name: str) -> dict[str, Any]
     if ctx["evidence_kind"] == "capsule lengths":
         cols["evidence_disagreement"] = evidence_disagreement(out["evidence"], out["pred"])
     if ctx["stage"] == "test":
-        for key, suffix, arr in (("evidence", "_evidence", out["evidence"]),
-                                 ("probability_maps", "_probs", out["probs"])):
-            path = ctx["pred_dir"] / f"{name}{suffix}.nii.gz"
-            save_nifti(np.moveaxis(arr, 0, -1), path, out["affine"], dtype=np.uint8, slope=1 / 255)
+        for key, path in save_segmentation_maps(out, ctx["pred_dir"], name).items():
             cols[key] = str(path.relative_to(ctx["layout"].results))
     return cols
 

@@ -483,6 +483,33 @@ def evidence_section(study: Mapping[str, Any], image: Volume | None, centre: Any
                                     caption)] if uri else [])
 
 
+def evidence_layers(study: Mapping[str, Any], names: Mapping[int, str]) -> list[vw.Layer]:
+    """The evidence maps of :func:`evidence_section` as viewer layers, hidden at first.
+
+    Capsule segmenters get per structure a layer of its class-capsule lengths, CNN baselines a
+    layer of their softmax, in the same place. The decoder's probabilities, which the static
+    figure shows beside the capsule lengths, are no layer: the prediction and uncertainty layers
+    are made of them already, and a page of a 64^3 study would not keep to its 2 MB with them.
+    Each layer is one channel of the channels-last NIfTI that the evaluation (or ``capsmed
+    predict``) wrote, drawn from 0.1 to 1.
+
+    Args:
+        study: The study (``evidence``, ``evidence_kind``).
+        names: Label index -> name; background (0) gets no layer.
+
+    Returns:
+        One layer per structure; empty without evidence maps.
+    """
+    evidence = _as_path(study.get("evidence"))
+    if evidence is None or not evidence.is_file():
+        return []
+    capsule = str(study.get("evidence_kind") or "capsule lengths") != "softmax"
+    prefix, cmap = ("Capsules", "viridis") if capsule else ("Softmax", "magma")
+    return [vw.Layer(f"{prefix}: {name}", evidence, "heat", visible=False, opacity=0.8,
+                     colormap=cmap, value_range=(0.1, 1.0), frame=int(k))
+            for k, name in names.items() if int(k) != 0]
+
+
 # ----------------------------------------------------------------------------- viewer
 
 
@@ -517,6 +544,8 @@ def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict
         if path is not None and path.is_file():
             layers.append(vw.Layer(name, path, role, visible, opacity, cmap,
                                    (threshold or 0.0, 1.0) if role == "heat" else None))
+    evidence = evidence_layers(study, names)
+    layers.extend(evidence)
     data, note = vw.viewer_data(layers, names)
     if data is None:
         logger.info("%s: no interactive viewer (%s)", study.get("case_id"), note)
@@ -529,11 +558,18 @@ def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict
         "level and width. Layers and labels can be switched off or made transparent; the "
         "read-out gives the image value and the label under the crosshair."
         + (f" Layers: {', '.join(shown)}." if shown else "")]
-    if any(layer.role == "heat" for layer in layers):
+    if any(layer.name == "Uncertainty" for layer in layers):
         paragraphs.append(
             "The uncertainty layer shows "
             + (f"only the uncertain voxels (entropy above {threshold:.2f})" if threshold
                else "the entropy from 0 to 1") + "; switch it on under Layers.")
+    if evidence:
+        paragraphs.append(
+            "The evidence layers (hidden at first) are the maps of \u201cWhat the model saw\u201d "
+            "below: " + ("per structure its class-capsule lengths, at the resolution the capsules "
+                         "work at" if evidence[0].name.startswith("Capsules") else
+                         "per structure the CNN's softmax probability, where capsule models show "
+                         "their capsule lengths") + "; values under 0.1 are left clear.")
     if note:
         paragraphs.append(f"Not shown: {note}.")
     layer_rows = [{"index": k, "name": v["name"], "visible": v["visible"], "opacity": v["opacity"]}

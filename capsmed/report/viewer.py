@@ -7,11 +7,12 @@ version and SHA-256 (a test recomputes the hash). A report never loads anything 
 - :func:`install_assets` puts one copy of NiiVue and of the small glue script
   (``capsmed-viewer.js``) under ``results/assets/niivue-{version}/``; every study page links them
   relatively, so a copied ``results/`` folder keeps working.
-- :func:`viewer_data` encodes a study's volumes (image, prediction, ground truth, uncertainty) as
-  gzip-compressed NIfTI, base64 inside the page. Browsers refuse ``fetch`` of ``file://`` files, so
-  files next to the page could not be read from disk; embedding keeps a page self-sufficient at
-  about the size of the compressed volumes. Float images are stored as int16 with NIfTI scaling
-  (``scl_slope``), so the viewer still reads out intensities.
+- :func:`viewer_data` encodes a study's volumes (image, prediction, ground truth, uncertainty,
+  evidence maps) as gzip-compressed NIfTI, base64 inside the page. Browsers refuse ``fetch`` of
+  ``file://`` files, so files next to the page could not be read from disk; embedding keeps a page
+  self-sufficient at about the size of the compressed volumes. Float images are stored as int16
+  with NIfTI scaling (``scl_slope``), so the viewer still reads out intensities; maps in 64 steps
+  (:data:`HEAT_LEVELS`), blank under the value they are drawn from.
 - :data:`CSP` admits exactly these two scripts, by path relative to the page, and no other script.
 """
 
@@ -37,8 +38,13 @@ from capsmed.report.figures import label_colour
 logger = logging.getLogger(__name__)
 
 #: The npm release the vendored build comes from, and the SHA-256 of ``dist/niivue.umd.js`` in it.
-NIIVUE_VERSION = "0.69.0"
-NIIVUE_SHA256 = "47b896b77ec4a5be3ef1949c33ad393b6f45629921f326c279000bcf51bdb4af"
+#: 0.54.0 is the newest release whose UMD build (0.71 MB) does not bundle zarrita and its WASM
+#: codecs (zstd, blosc: 1.3 MB that only OME-Zarr input needs; 0.57.0 added zarrita, 0.58.0 put
+#: the codecs in the UMD build, 2.1 MB and more from then on). Everything the study viewer uses
+#: (multiplanar and 3D render views, label colour tables, ``NVImage.loadFromBase64``, the
+#: location and intensity callbacks) is in it.
+NIIVUE_VERSION = "0.54.0"
+NIIVUE_SHA256 = "cfa93e307f183ceaf16981cbb94e5d1002557bb45bb0fec3776a86393b48dd92"
 NIIVUE_SOURCE = f"npm package @niivue/niivue@{NIIVUE_VERSION}, file dist/niivue.umd.js"
 
 _ASSETS = Path(__file__).parent / "assets"
@@ -46,6 +52,11 @@ _FILES = ("niivue.umd.js", "capsmed-viewer.js", "LICENSE.niivue")
 
 #: Images with more voxels than this are not embedded (the static slices still show them).
 MAX_VIEWER_VOXELS = 256**3
+
+#: Steps of a ``heat`` layer (maps such as the uncertainty and the evidence, 0 to 1): 63 steps of
+#: 1/63 are finer than the two decimals the read-out gives, and the map compresses to about half of
+#: what 255 steps take (a noisy 64^3 probability map: 245 kB of base64 at 255 steps, 154 kB at 63).
+HEAT_LEVELS = 63
 
 
 def assets_dir(results_dir: Path) -> Path:
@@ -96,13 +107,21 @@ def install_assets(target: Path) -> Path:
 # ----------------------------------------------------------------------------- volumes
 
 
-def _canonical(path: Path) -> nib.Nifti1Image | None:
-    """The image in closest-canonical (RAS) orientation, first channel, 3-D; None if unreadable."""
+def _canonical(path: Path, frame: int = 0) -> nib.Nifti1Image | None:
+    """One 3-D volume in closest-canonical (RAS) orientation; None if unreadable.
+
+    Args:
+        path: A NIfTI file.
+        frame: The channel of a 4-D file (channels last, as the evidence maps are written).
+    """
     try:
         img = nib.load(str(path))
+        if len(img.shape) >= 4 and not 0 <= frame < img.shape[3]:
+            logger.warning("%s: no channel %d among its %d", path, frame, img.shape[3])
+            return None
         data = np.asanyarray(img.dataobj)
         if data.ndim >= 4:
-            data = data[..., 0]
+            data = data[:, :, :, frame]
         while data.ndim > 3:
             data = data[..., 0]
         while data.ndim < 3:
@@ -118,8 +137,10 @@ def _encode(data: np.ndarray, affine: np.ndarray, kind: str,
     """Gzip-compressed NIfTI as base64, and the display range ``(cal_min, cal_max)``.
 
     ``kind`` ``labels`` stores uint8; ``image`` stores integers as they are (up to 16 bits) and
-    floats as int16 with ``scl_slope``/``scl_inter``; ``heat`` stores uint8 scaled over
-    ``value_range`` (default 0..max), which is also its display range.
+    floats as int16 with ``scl_slope``/``scl_inter``; ``heat`` stores :data:`HEAT_LEVELS` + 1
+    levels from 0 to the top of ``value_range`` (default 0..max), which is also its display
+    range, and 0 where a value lies under the bottom of that range (it is not drawn either way;
+    the read-out says "under" the bottom there).
     """
     finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data.ravel()
     lo = float(finite.min()) if finite.size else 0.0
@@ -130,8 +151,10 @@ def _encode(data: np.ndarray, affine: np.ndarray, kind: str,
         cal = (0.0, float(max(1, stored.max())))
     elif kind == "heat":
         bottom, top = value_range if value_range is not None else (0.0, hi if hi > 0 else 1.0)
-        slope = top / 255.0
-        stored = np.rint(np.nan_to_num(data).clip(0, top) / slope).astype(np.uint8)
+        slope = top / HEAT_LEVELS
+        values = np.nan_to_num(data).clip(0, top)
+        stored = np.rint(values / slope).astype(np.uint8)
+        stored[values < bottom] = 0
         cal = (float(bottom), float(top))
     else:
         if np.issubdtype(data.dtype, np.integer) and lo >= -32768 and hi <= 32767:
@@ -169,6 +192,8 @@ class Layer:
         colormap: NiiVue colour map for ``image`` and ``heat`` layers.
         value_range: ``heat`` layers: the values drawn from transparent to full colour (values
             below the first are not drawn); default 0 to the map's maximum.
+        frame: The channel shown from a 4-D (channels-last) file, e.g. one class of an evidence
+            map.
     """
 
     name: str
@@ -178,6 +203,7 @@ class Layer:
     opacity: float = 1.0
     colormap: str = "gray"
     value_range: tuple[float, float] | None = None
+    frame: int = 0
 
 
 def label_rgb(index: int) -> list[int]:
@@ -206,7 +232,7 @@ def viewer_data(layers: Sequence[Layer], label_names: Mapping[int, str]
     notes: list[str] = []
     ref_shape: tuple[int, ...] | None = None
     for layer in layers:
-        img = _canonical(layer.path) if layer.path is not None else None
+        img = _canonical(layer.path, layer.frame) if layer.path is not None else None
         if img is None:
             notes.append(f"{layer.name} could not be read")
             if not out:

@@ -126,7 +126,12 @@ def test_predict_new_study_round_trip(trained_seg, tmp_path):
     unc = nib.load(tmp_path / "pred" / "img3_uncertainty.nii.gz")
     assert seg.shape == src.shape == unc.shape
     np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
-    assert (tmp_path / "pred" / "img3.html").is_file()
+    html = (tmp_path / "pred" / "img3.html").read_text(encoding="utf-8")
+    # the sections of a pipeline study page, from the same writers: a CNN's softmax per structure
+    evidence = nib.load(tmp_path / "pred" / "img3_evidence.nii.gz")
+    assert evidence.shape == (*src.shape, 3)
+    assert '<section id="evidence">' in html and "Softmax: " in html
+    assert '"name": "Softmax: ' in html  # ... and as layers of the viewer
 
 
 def test_predict_missing_study_names_the_file(trained_seg, tmp_path, capsys):
@@ -280,6 +285,17 @@ def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path)
     assert "Pose perturbation" in html and "moved in steps of 0.05 from -0.25 to +0.25" in html
     assert "Largest effects: " + ", ".join(
         f"dimension {d} ({effects[d]:.3g})" for d in ranked[:5]) + "." in html
+    # capsmed predict on the same study: the same capsule section, from the same writer
+    image = Path(rows[0]["image"])
+    out = tmp_path / "pred"
+    assert run_cli("-q", "predict", "--model", str(results / "ds/models/capsnet/best.pt"),
+                   str(image if image.is_absolute() else results / image), "--out", str(out)) == 0
+    new = next(out.glob("*.html")).read_text(encoding="utf-8")
+    assert "Pose perturbation" in new and len(list(out.glob("*_poses.npz"))) == 1
+    section = 'id="capsules"'
+    assert section in html and section in new
+    assert new.split(section, 1)[1].split("</section>", 1)[0].count("<img") == \
+        html.split(section, 1)[1].split("</section>", 1)[0].count("<img")
 
 
 def test_study_pages_show_the_volumes_the_evaluation_wrote(trained_seg, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -162,6 +163,20 @@ def test_study_viewer_draws_scrolls_and_reads_out_offline(rendered, facts, tmp_p
         readout = br.wait_for("(() => { const t = document.getElementById('cv-readout')"
                               ".textContent; return t.includes('Prediction:') ? t : null; })()")
         assert "Image:" in readout and "voxel (" in readout
+        assert re.search(r"Capsules: anterior: (under 0\.10|[01]\.\d\d)( |$)", readout), readout
+        names = br.evaluate("JSON.parse(document.getElementById('cv-data').textContent)"
+                            ".volumes.map(v => v.name)")
+        capsules = names.index("Capsules: anterior")  # evidence layers start hidden
+        _set(br, "cv-slice", 6)
+        before = _canvas(br)
+        _set(br, f"cv-layer-on-{capsules}", None, checked=True)
+        shown = _canvas(br)
+        assert np.abs(shown - before).mean() > 0.005, "the capsule evidence layer drew nothing"
+        _set(br, f"cv-layer-on-{capsules}", None, checked=False)
+        assert np.abs(_canvas(br) - before).mean() < 0.001
+        br.evaluate("document.querySelector('#cv-views [data-view=render]').click()")
+        render = _canvas(br)
+        assert render.std() > 0.02 and np.abs(render - before).mean() > 0.01, "no 3D render"
     requests = _page_requests(netlog)
     assert requests == [], [r["url"] for r in requests]
 

@@ -35,7 +35,7 @@ def _decode(volume: dict) -> nib.Nifti1Image:
 def test_vendored_niivue_has_the_pinned_hash_and_licence():
     data = (ASSETS / "niivue.umd.js").read_bytes()
     assert hashlib.sha256(data).hexdigest() == vw.NIIVUE_SHA256
-    assert b"sA.niivue={}" in data[:1000]  # the UMD wrapper: defines the global `niivue`
+    assert re.search(rb"\w\.niivue=\{\}", data[:1000])  # the UMD wrapper: the global `niivue`
     licence = (ASSETS / "LICENSE.niivue").read_text()
     assert "BSD 2-Clause License" in licence and vw.NIIVUE_VERSION in licence
     assert "http" not in (ASSETS / "capsmed-viewer.js").read_text().replace(
@@ -80,6 +80,18 @@ def test_study_reports_share_one_copy_and_embed_the_volumes(rendered, facts):
         span = original.max() - original.min()
         assert np.abs(image.get_fdata() - original).max() <= span / 65535 + 1e-6
         assert [lab["name"] for lab in data["labels"]] == ["anterior", "posterior"]
+        evidence = [v for v in data["volumes"] if ":" in v["name"]]
+        prefix = "Capsules" if model == "ucaps" else "Softmax"
+        assert [v["name"] for v in evidence] == [f"{prefix}: anterior", f"{prefix}: posterior"]
+        assert all(v["role"] == "heat" and not v["visible"] for v in evidence)
+        maps = np.asarray(nib.as_closest_canonical(nib.load(
+            root / facts.SEG / "eval" / model / "test" / "predictions"
+            / "case_005_evidence.nii.gz")).dataobj)
+        for k, layer in enumerate(evidence, start=1):  # steps of 1/63, blank under 0.1
+            shown, true = _decode(layer).get_fdata(), maps[..., k]
+            assert layer["cal_min"] == 0.1 and np.all(shown[true < 0.1] == 0)
+            np.testing.assert_allclose(shown[true >= 0.1], true[true >= 0.1],
+                                       atol=0.5 / vw.HEAT_LEVELS + 1e-6)
 
 
 def test_classification_reports_have_no_viewer(rendered, facts):
@@ -87,27 +99,59 @@ def test_classification_reports_have_no_viewer(rendered, facts):
     assert "cv-data" not in html and "<script" not in html
 
 
-def test_a_64_cubed_study_page_stays_under_2_mb(tmp_path):
+def test_a_64_cubed_study_page_with_its_assets_is_at_most_2_mb(tmp_path):
+    """The issue's budget, measured: one study page of a 64^3 volume plus the shared viewer
+    files it loads (NiiVue, the glue script, the licence) is at most 2 MB on disk.
+
+    The study is a demo case at 64^3 (the demo generator's noisy float image) with every layer
+    and figure a capsule segmenter's page has, its maps written by the evaluation's own writer
+    and made to compress worse than the demo's (the demo run at 64^3, 2026-11-30: capsunet pages
+    1.83 to 1.86 MB with the shared files, unet pages 1.71 to 1.73 MB): soft probabilities with
+    voxel noise everywhere, their entropy as the uncertainty with no calibrated threshold (so no
+    voxel is left blank), capsule lengths with noise at 1/2 resolution."""
+    from scipy.ndimage import gaussian_filter
+
+    from capsmed.data.synthetic import segmentation_case
+    from capsmed.fileio import save_nifti
+    from capsmed.train.inference import normalised_entropy
+    from capsmed.train.study_files import save_segmentation_maps
+
     rng = np.random.default_rng(0)
-    grid = np.indices((64, 64, 64)).astype(float)
-    label = (((grid - 32) ** 2).sum(0) < 14**2).astype(np.uint8)
-    image = (rng.normal(100, 10, label.shape) + 80 * label).astype(np.float32)  # noise: worst case
+    image, label = segmentation_case((64, 64, 64), num_classes=3, seed=0, index=0)
     affine = np.diag([1.2, 1.0, 1.5, 1.0])
-    paths = {}
-    for key, arr in (("image", image), ("label", label), ("prediction", np.roll(label, 2, 0)),
-                     ("uncertainty", rng.random(label.shape).astype(np.float32))):
-        paths[key] = tmp_path / f"{key}.nii.gz"
-        nib.save(nib.Nifti1Image(arr, affine), paths[key])
-    out = write_study_report(tmp_path / "results" / "studies" / "case.html",
+    onehot = np.stack([label == k for k in range(3)]).astype(np.float32)
+
+    def soft(maps: np.ndarray, noise: float) -> np.ndarray:
+        logits = 6 * np.stack([gaussian_filter(m, 1.5) for m in maps])
+        logits = logits + rng.normal(0, noise, logits.shape)
+        return np.exp(logits) / np.exp(logits).sum(0)
+
+    probs = soft(onehot, 0.7)
+    lengths = soft(onehot[:, ::2, ::2, ::2], 1.5).repeat(2, 1).repeat(2, 2).repeat(2, 3)
+    paths = {key: tmp_path / f"{key}.nii.gz" for key in (
+        "image", "label", "prediction", "uncertainty")}
+    save_nifti(image, paths["image"], affine)
+    save_nifti(label, paths["label"], affine, dtype=np.uint8)
+    save_nifti(probs.argmax(0), paths["prediction"], affine, dtype=np.uint8)
+    save_nifti(normalised_entropy(probs), paths["uncertainty"], affine, dtype=np.float32)
+    paths.update(save_segmentation_maps(
+        {"evidence": lengths, "probs": probs, "affine": affine}, tmp_path, "case"))
+    results = tmp_path / "results"
+    out = write_study_report(results / "studies" / "case.html",
                              {"case_id": "case", "task": "segmentation",
-                              "labels": {0: "background", 1: "tumour"},
+                              "labels": {0: "background", 1: "inner", 2: "outer"},
+                              "evidence_kind": "capsule lengths",
                               **{k: str(v) for k, v in paths.items()}},
-                             assets=vw.assets_dir(tmp_path / "results"))
-    page_bytes = out.stat().st_size
-    shared = sum(p.stat().st_size for p in vw.assets_dir(tmp_path / "results").iterdir())
-    assert len(_data_block(out.read_text(encoding="utf-8"))["volumes"]) == 4
-    assert page_bytes <= 2_000_000, page_bytes
-    assert shared <= 2_400_000, shared  # one copy for all pages of a results folder
+                             assets=vw.assets_dir(results))
+    html = out.read_text(encoding="utf-8")
+    assert [v["name"] for v in _data_block(html)["volumes"]] == [
+        "Image", "Prediction", "Ground truth", "Uncertainty", "Capsules: inner", "Capsules: outer"]
+    assert html.count("data:image/png;base64,") >= 2  # the static figures, evidence included
+    loaded = [(out.parent / src).resolve() for src in re.findall(r'<script src="([^"]+)"', html)]
+    assert sorted(p.name for p in loaded) == ["capsmed-viewer.js", "niivue.umd.js"]
+    assets = sum(p.stat().st_size for p in vw.assets_dir(results).iterdir())
+    total = out.stat().st_size + assets
+    assert total <= 2_000_000, f"page {out.stat().st_size:,} B + assets {assets:,} B"
 
 
 def test_viewer_leaves_out_a_layer_on_another_grid(tmp_path):

@@ -135,6 +135,10 @@
       if (spec.role === "labels") {
         var idx = Math.round(value);
         text = spec.name + ": " + (labelNames[idx] !== undefined ? labelNames[idx] : idx);
+      } else if (spec.role === "heat") {
+        // maps are stored in steps of 1/63 and blank (0) under the value they are drawn from
+        text = spec.name + ": " + (value === 0 && spec.cal_min > 0 ? "under " + spec.cal_min.toFixed(2)
+          : value.toFixed(2));
       }
       parts.push(text);
     });
