@@ -20,12 +20,14 @@ import numpy as np
 from capsmed.errors import CapsmedError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` atomically: temporary file in the same folder, fsync, rename.
 
     Args:
         path: destination; its folder is created.
         data: the new content.
+        mode: permission bits of the new file (e.g. ``0o644`` for files a web server or another
+            user reads); None keeps the temporary file's private ``0o600``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +37,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

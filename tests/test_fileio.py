@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from capsmed.errors import CapsmedError
-from capsmed.fileio import read_json, save_nifti, stable_hash, write_text_if_changed
+from capsmed.fileio import (
+    atomic_write_bytes,
+    read_json,
+    save_nifti,
+    stable_hash,
+    write_text_if_changed,
+)
 
 
 def test_save_nifti_keeps_geometry_and_writes_the_same_bytes_twice(tmp_path):
@@ -57,3 +63,13 @@ def test_one_definition_each(repo_root):
                  "write_text_if_changed", "stable_hash", "config_hash", "digest", "stage_cases",
                  "fold_cases", "trained_folds", "reliability_table", "confidence_bins"):
         assert len(defs.get(name, [])) <= 1, (name, defs[name])
+
+
+def test_atomic_write_bytes_sets_the_mode_asked_for(tmp_path):
+    private, shared = tmp_path / "a" / "private.bin", tmp_path / "shared.js"
+    atomic_write_bytes(private, b"x")
+    atomic_write_bytes(shared, b"y", mode=0o644)
+    assert private.read_bytes() == b"x" and shared.read_bytes() == b"y"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert shared.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "private.bin", "shared.js"]

@@ -532,7 +532,7 @@ def viewer_block(study: Mapping[str, Any], out_path: Path, assets: Path) -> dict
     image_path = _as_path(study.get("image"))
     if image_path is None or not image_path.is_file():
         return None
-    names = _names(study.get("labels")) or {0: "background", 1: "foreground"}
+    names = label_names("segmentation", study)
     layers = [vw.Layer("Image", image_path, "image")]
     threshold = to_float((study.get("uncertainty_calibration") or {}).get("voxel_threshold"))
     for key, name, role, visible, opacity, cmap in (

@@ -23,7 +23,6 @@ import gzip
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from capsmed.errors import CapsmedError
+from capsmed.fileio import atomic_write_bytes
 from capsmed.report.figures import label_colour
 
 logger = logging.getLogger(__name__)
@@ -96,11 +96,7 @@ def install_assets(target: Path) -> Path:
         data = src.read_bytes()
         if dst.is_file() and dst.stat().st_size == len(data) and dst.read_bytes() == data:
             continue
-        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
+        atomic_write_bytes(dst, data, mode=0o644)
     return target
 
 
