@@ -249,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CapsmedError("no studies given: name NIfTI files or DICOM series folders, or use "
                            "--dicomweb URL --study UID")
     predict_studies(Path(args.model), studies, Path(args.out), device=args.device, tta=args.tta,
-                    dicom_out=dicom_out, sink=sink)
+                    largest_component=args.largest_component, dicom_out=dicom_out, sink=sink)
     return 0
 
 
@@ -353,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tta", action="store_true", help="test-time flips and an uncertainty map")
+    p.add_argument("--largest-component", action="store_true",
+                   help="segmentation: keep the largest connected component of each label "
+                        "(as inference.largest_component in the pipeline)")
     p.add_argument("--dicom-out", action="store_true",
                    help="for DICOM series inputs also write a DICOM SEG and a DICOM SR (TID 1500)")
     p.add_argument("--dicomweb", metavar="URL",

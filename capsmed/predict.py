@@ -59,7 +59,7 @@ def _check_study(path: Path, spatial_dims: int) -> None:
 
 
 def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, device: str = "auto",
-                    tta: bool = False, dicom_out: bool = False,
+                    tta: bool = False, largest_component: bool = False, dicom_out: bool = False,
                     sink: Callable[[Sequence[Any]], str] | None = None) -> list[dict]:
     """Predict each study and write outputs and reports under ``out_dir``.
 
@@ -69,6 +69,9 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         out_dir: Output folder (created).
         device: ``auto``, ``cpu`` or ``cuda``.
         tta: Test-time flips and an uncertainty map (segmentation).
+        largest_component: Keep only the largest connected component of each label
+            (segmentation; MONAI ``KeepLargestConnectedComponent``, as ``inference.largest_component``
+            does in the pipeline).
         dicom_out: For DICOM series inputs, also write a DICOM SEG (segmentation) and SR, and a
             ``{id}_dicom.json`` record of them. Every DICOM series is checked first (one volume: one
             orientation, no missing slice), so a bad one stops the run before anything is written.
@@ -99,6 +102,9 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
 
     ckpt = load_checkpoint(checkpoint)
     plan, task, names = ckpt["plan"], ckpt["task"], ckpt["names"]
+    if largest_component and task != "segmentation":
+        raise CapsmedError(f"{checkpoint}: --largest-component applies to segmentation models; "
+                           f"this one is a {task} model")
     for study in studies:
         _check_study(Path(study), int(plan["spatial_dims"]))
     sources = _dicom_sources(studies) if dicom_out else {}
@@ -125,7 +131,8 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         item = {"image": str(study.resolve()), "case_id": cid}
         try:
             if task == "segmentation":
-                icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "evidence": True}
+                icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "evidence": True,
+                        "largest_component": largest_component}
                 out = predict_segmentation_case(model, item, plan, preprocess, dev, icfg)
             else:
                 out = predict_classification_case(model, item, preprocess, dev)

@@ -115,6 +115,27 @@ def test_validation_stage_calibrates_the_uncertainty_thresholds(trained_seg):
     assert saved["uncertainty_calibration"] == cal
 
 
+def test_predict_keeps_the_largest_component_when_asked(trained_seg, tmp_path):
+    from scipy import ndimage
+
+    cfg, _, data = trained_seg
+    ckpt = cfg["results"] + "/ds/models/unet/best.pt"
+    study = str(data / "img3.nii.gz")
+    for flag, out in (([], "plain"), (["--largest-component"], "kept")):
+        assert run_cli("-q", "predict", "--model", ckpt, study, "--out", str(tmp_path / out),
+                       *flag) == 0
+    plain = np.asarray(nib.load(tmp_path / "plain" / "img3_seg.nii.gz").dataobj)
+    kept = np.asarray(nib.load(tmp_path / "kept" / "img3_seg.nii.gz").dataobj)
+    for label in np.unique(plain[plain > 0]):
+        components, n = ndimage.label(plain == label, structure=np.ones((3, 3, 3)))  # full
+        if n == 0:
+            continue
+        sizes = np.bincount(components.ravel())[1:]
+        largest = components == 1 + int(sizes.argmax())
+        np.testing.assert_array_equal(kept == label, largest)  # the largest one, exactly
+    assert (kept != plain).any()  # the tiny model's map had stray islands to remove
+
+
 def test_predict_new_study_round_trip(trained_seg, tmp_path):
     cfg, _, data = trained_seg
     ckpt = cfg["results"] + "/ds/models/unet/best.pt"
@@ -260,7 +281,7 @@ def test_spacing_is_read_from_the_affine_as_every_stage_reads_it(tmp_path):
     assert tuple(read_volume(path, load=False)[0].spacing) == (1.5, 1.0, 2.0)
 
 
-def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path):
+def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path, capsys):
     from capsmed.report import write_study_reports
     from capsmed.report.figures import pose_effects
 
@@ -292,6 +313,12 @@ def test_capsule_classifier_pose_perturbation_reaches_the_study_report(tmp_path)
                    str(image if image.is_absolute() else results / image), "--out", str(out)) == 0
     new = next(out.glob("*.html")).read_text(encoding="utf-8")
     assert "Pose perturbation" in new and len(list(out.glob("*_poses.npz"))) == 1
+    capsys.readouterr()
+    assert run_cli("predict", "--model", str(results / "ds/models/capsnet/best.pt"),
+                   str(image if image.is_absolute() else results / image), "--largest-component",
+                   "--out", str(tmp_path / "lc")) == 2
+    assert "--largest-component applies to segmentation models" in capsys.readouterr().err
+    assert not (tmp_path / "lc").exists()
     section = 'id="capsules"'
     assert section in html and section in new
     assert new.split(section, 1)[1].split("</section>", 1)[0].count("<img") == \
