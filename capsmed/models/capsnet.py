@@ -416,7 +416,7 @@ _RESCAPS_DEFAULTS: dict[int, dict] = {
 #: What turns the primary capsules into class capsules (``capsule_block``).
 CLASS_BLOCKS = ("capsule", "linear")
 #: Class-capsule transformations per primary capsule (DenseCapsule) or per capsule type, shared
-#: across grid positions (GridCapsule, with coordinate addition) (``vote_weights``).
+#: across grid positions (GridCapsule) (``vote_weights``).
 VOTE_WEIGHTS = ("per_capsule", "per_type")
 #: Normalisation of the convolutional front end (``norm``).
 FRONT_NORMS = ("instance", "batch")
@@ -473,9 +473,9 @@ class ResCapsNet(_CapsuleClassifier):
 
     - stem: MONAI ``Convolution`` 3x3 (``norm`` "instance", with affine parameters: no running
       statistics, so training and evaluation behave alike even after a few hundred steps or with
-      averaged weights; or "batch", which keeps the absolute size of what it sees, where instance
-      norm divides it out), ReLU, ``channels[0]`` filters, stride
-      ``stem_stride``; then a MONAI ``ResidualUnit`` with stride 2 per further width in
+      averaged weights; or "batch", running statistics as in the DenseNet baseline, which did no
+      better on AdrenalMNIST3D's validation split, BENCHMARKS.md), ReLU, ``channels[0]`` filters,
+      stride ``stem_stride``; then a MONAI ``ResidualUnit`` with stride 2 per further width in
       ``channels`` (2D defaults (32, 64, 128), stem stride 1: 28 -> 14 -> 7; 3D (16, 32, 64),
       stem stride 2: 28 -> 14 -> 7 -> 4);
     - primary capsules: a 1x1 ``PrimaryCapsule``, ``primary_capsules`` x ``primary_dim`` 16 x 8
