@@ -7,6 +7,7 @@ and standard deviation over seeds (test stage).
     python benchmarks/real_data.py breastmnist --seeds 0 1 2
     python benchmarks/real_data.py msd_hippocampus --seeds 0 1 2
     python benchmarks/real_data.py msd_hippocampus --seeds 0 --ablation   # + routing ablations
+    python benchmarks/real_data.py breastmnist --seeds 0 -- --rerun-triggers mtime  # snakemake args
 
 ``--ablation`` adds the config's ablation entries (``models.<capsule model>_1iter`` and ``_conv`` /
 ``_linear``: same parameters and FLOPs, one routing iteration or no routing; AdrenalMNIST3D's
@@ -102,8 +103,11 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="only tabulate existing results")
     ap.add_argument("--ablation", action="store_true",
                     help="also train the config's routing ablations (same results folders)")
-    ap.add_argument("extra", nargs="*", help="more snakemake arguments (after --)")
-    args = ap.parse_args()
+    ap.epilog = "Arguments after -- go to snakemake."
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    args.extra = argv[cut + 1:]
     dirs = []
     for seed in args.seeds:
         results = args.out / f"{args.row}_seed{seed}"

@@ -6,7 +6,11 @@ not recipes:
 - :func:`training_progress` and :func:`lr_factor`: the learning rate follows the elapsed fraction
   of training, which is the larger of the step fraction (``epochs``) and the time fraction
   (``max_minutes``). A cosine or poly schedule then reaches its end when the budget does, however
-  fast the machine is, instead of counting to an epoch number a time budget never reaches.
+  fast the machine is, instead of counting to an epoch number a time budget never reaches. The
+  clock only takes over once it runs ahead of the step count by more than ``CLOCK_SLACK`` of the
+  budget, so that a run whose budget does not bind follows the step count alone and repeats bit
+  for bit (read to the microsecond, the clock changed the first steps' learning rates, and with
+  them every later weight, from one run of the same config to the next).
 - :class:`ModelEMA`: an exponential moving average of the weights (with the usual warm-up of
   the decay), evaluated and checkpointed in place of the raw weights when enabled.
 - :func:`balanced_class_weights`: inverse class frequencies for the loss.
@@ -22,12 +26,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SCHEDULES", "ModelEMA", "balanced_class_weights", "lr_factor", "training_progress"]
+__all__ = ["CLOCK_SLACK", "SCHEDULES", "ModelEMA", "balanced_class_weights", "lr_factor",
+           "training_progress"]
 
 logger = logging.getLogger(__name__)
 
 #: Learning-rate schedules by elapsed fraction of training.
 SCHEDULES = ("none", "cosine", "poly", "step")
+
+#: Share of the time budget by which the clock must run ahead of the step count before it sets
+#: the schedule (18 s of a 15-minute budget: start-up and the first batches' timing never count).
+CLOCK_SLACK = 0.02
 
 
 def training_progress(step: int, total_steps: int, seconds: float,
@@ -41,8 +50,11 @@ def training_progress(step: int, total_steps: int, seconds: float,
         max_minutes: the wall-clock budget, or None.
 
     Returns:
-        ``max(step / total_steps, seconds / (60 * max_minutes))`` clipped to [0, 1]; the step
-        fraction alone without a budget.
+        ``max(s, (t - CLOCK_SLACK) / (1 - CLOCK_SLACK))`` clipped to [0, 1], with the step
+        fraction ``s = step / total_steps`` and the time fraction
+        ``t = seconds / (60 * max_minutes)``; ``s`` alone without a budget. The time term is 0 at
+        ``t = CLOCK_SLACK`` and 1 when the budget is spent, so a schedule still ends with the
+        budget, and a run that ends by ``epochs`` well inside it never reads the clock.
 
     Raises:
         ValueError: when ``total_steps`` < 1 or ``max_minutes`` is not positive.
@@ -54,7 +66,8 @@ def training_progress(step: int, total_steps: int, seconds: float,
     if max_minutes is not None:
         if max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0; got {max_minutes}")
-        progress = max(progress, seconds / (60.0 * max_minutes))
+        clock = seconds / (60.0 * max_minutes)
+        progress = max(progress, (clock - CLOCK_SLACK) / (1.0 - CLOCK_SLACK))
     return min(max(progress, 0.0), 1.0)
 
 

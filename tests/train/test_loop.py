@@ -248,6 +248,36 @@ def test_cosine_schedule_follows_the_steps(tmp_path):
         assert float(row["lr"]) == pytest.approx(expected)
 
 
+def test_a_budget_that_does_not_bind_changes_nothing(tmp_path, monkeypatch):
+    """With ``max_minutes`` far from binding the run equals the run without it, bit for bit.
+
+    The loop's clock is replaced by one that ticks 0.1 s per reading, so the first step reads
+    t = 0.1 s / 30 s = 0.0033 of the budget: read directly (before CLOCK_SLACK) that lowered the
+    first learning rates, and the weights differed from run to run with the machine's timing.
+    """
+    import types
+
+    import capsmed.train.loop as loop
+
+    ticks = iter(0.1 * k for k in range(100_000))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(
+        perf_counter=lambda: next(ticks), sleep=time.sleep))
+    weights, histories = [], []
+    for name, budget in (("none", None), ("budget", 0.5)):
+        train = {"epochs": 3, "batch_size": 8, "scheduler": "cosine", "learning_rate": 0.01}
+        if budget is not None:
+            train["max_minutes"] = budget
+        (tmp_path / name).mkdir()
+        cfg = tiny_config(tmp_path / name / "results", train=train)
+        prepare_all(write_config(cfg, tmp_path / name / "config.yaml"))
+        train_model(cfg, "ds", "seed_cnn")
+        model_dir = tmp_path / name / "results" / "ds" / "models" / "seed_cnn"
+        weights.append(load_checkpoint(model_dir / "last.pt")["state_dict"])
+        histories.append(_history(model_dir))
+    assert histories[0] == histories[1]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
 def test_ema_select_last_and_resume(tmp_path):
     """EMA weights are validated and saved; select=last keeps the last; resuming is exact."""
     train = {"epochs": 3, "batch_size": 8, "ema_decay": 0.9, "select": "last",

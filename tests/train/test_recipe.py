@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from capsmed.train.recipe import ModelEMA, balanced_class_weights, lr_factor, training_progress
+from capsmed.train.recipe import (
+    CLOCK_SLACK,
+    ModelEMA,
+    balanced_class_weights,
+    lr_factor,
+    training_progress,
+)
 
 
 @pytest.mark.parametrize(
@@ -27,11 +33,23 @@ def test_lr_factor_errors():
 
 
 def test_training_progress_is_the_larger_fraction():
+    assert CLOCK_SLACK == 0.02
     assert training_progress(10, 100, 0.0, None) == 0.1
     assert training_progress(10, 100, 1e9, None) == 0.1  # no budget: steps alone
-    assert training_progress(10, 100, 30.0, 1.0) == 0.5  # half the minute used
-    assert training_progress(90, 100, 30.0, 1.0) == 0.9
+    # 30.6 s of a minute: t = 0.51, (0.51 - 0.02) / 0.98 = 0.5
+    assert training_progress(10, 100, 30.6, 1.0) == pytest.approx(0.5, abs=1e-12)
+    assert training_progress(90, 100, 30.6, 1.0) == 0.9
+    assert training_progress(10, 100, 60.0, 1.0) == 1.0  # the budget spent ends the schedule
     assert training_progress(10, 100, 600.0, 1.0) == 1.0  # clipped
+
+
+def test_training_progress_ignores_the_clock_inside_its_slack():
+    """The first batches' timing never moves the schedule: the step count alone sets it."""
+    assert training_progress(0, 100, 1.2, 1.0) == 0.0  # t = 0.02 exactly
+    assert training_progress(0, 100, 0.9, 1.0) == 0.0
+    assert training_progress(5, 100, 1.0, 1.0) == 0.05
+    # just past the slack the clock takes over, continuously from 0
+    assert training_progress(0, 100, 1.8, 1.0) == pytest.approx(0.01 / 0.98, abs=1e-12)
     with pytest.raises(ValueError, match="total_steps must be >= 1"):
         training_progress(0, 0, 0.0, None)
     with pytest.raises(ValueError, match="max_minutes must be > 0"):
