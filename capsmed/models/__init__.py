@@ -10,6 +10,7 @@ from capsmed.models.registry import (
     describe_models,
     get_model,
     list_models,
+    model_arguments,
     register_model,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "describe_models",
     "get_model",
     "list_models",
+    "model_arguments",
     "register_model",
 ]

@@ -11,7 +11,8 @@ import torch
 
 from capsmed.models.base import CapsmedModel
 
-__all__ = ["MODEL_REGISTRY", "describe_models", "get_model", "list_models", "register_model"]
+__all__ = ["MODEL_REGISTRY", "describe_models", "get_model", "list_models", "model_arguments",
+           "register_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,43 @@ def _accepted_kwargs(cls: type[CapsmedModel]) -> list[str]:
         if p.name not in ("self", "spatial_dims", "in_channels", "out_channels")
         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-plain copy of an option value: tuples become lists, other objects their repr."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def model_arguments(name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every architecture option a registered model is built with: its defaults, then ``args``.
+
+    What ``train.json`` records as ``model_args``, so that two entries of one model class (an
+    ablation such as ``routing_iterations: 1``) can be told apart by the option that differs.
+
+    Args:
+        name: a registered model name.
+        args: the options given (the config's ``models.<entry>.args``).
+
+    Returns:
+        ``{option: value}`` over the options :func:`get_model` accepts, JSON-plain.
+
+    Raises:
+        ValueError: for an unknown name.
+
+    """
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    params = inspect.signature(MODEL_REGISTRY[name].__init__).parameters
+    out = {key: _plain(params[key].default) for key in _accepted_kwargs(MODEL_REGISTRY[name])
+           if params[key].default is not inspect.Parameter.empty}
+    out.update({key: _plain(value) for key, value in (args or {}).items()})
+    return out
 
 
 def get_model(

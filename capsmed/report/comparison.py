@@ -73,8 +73,32 @@ def _ratio_text(key: str, a: float | None, b_: float | None) -> str | None:
     return f"{b_ / a:.1f}x {less}" if a < b_ else f"{a / b_:.1f}x {more}"
 
 
+def _score(e: Mapping[str, Any], stage: str, metric: str) -> float | None:
+    """A model entry's ``metric`` on ``stage``, or None."""
+    v = e["metrics"].get(stage, {}).get(metric)
+    return float(v) if is_number(v) else None
+
+
+def _interval(e: Mapping[str, Any], stage: str, metric: str) -> tuple[float, float] | None:
+    """A model entry's 95% interval of ``metric`` on ``stage``, or None."""
+    c = e["ci95"].get(stage, {}).get(metric)
+    if isinstance(c, list | tuple) and len(c) == 2 and all(is_number(x) for x in c):
+        return float(c[0]), float(c[1])
+    return None
+
+
+def _separation(a: Mapping[str, Any], b_: Mapping[str, Any], stage: str, metric: str) -> str:
+    """`` and the 95% intervals overlap, so ...`` for two entries, or "" without intervals."""
+    c1, c2 = _interval(a, stage, metric), _interval(b_, stage, metric)
+    if c1 is None or c2 is None:
+        return ""
+    if c1[0] <= c2[1] and c2[0] <= c1[1]:
+        return " and the 95% intervals overlap, so this test set does not separate them"
+    return " and the 95% intervals do not overlap"
+
+
 def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list[str]:
-    """Plain sentences: which model is best, by how much, and what the capsules cost."""
+    """Plain sentences: which model is best, by how much, what the capsules cost, ablations."""
     scored = [e for e in entries if is_number(e["metrics"].get(stage, {}).get(metric))]
     if not scored:
         return [f"No {stage} metrics are available yet for these models."]
@@ -82,12 +106,6 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
 
     def value(e: dict[str, Any]) -> float:
         return float(e["metrics"][stage][metric])
-
-    def ci(e: dict[str, Any]) -> tuple[float, float] | None:
-        c = e["ci95"].get(stage, {}).get(metric)
-        if isinstance(c, list | tuple) and len(c) == 2 and all(is_number(x) for x in c):
-            return float(c[0]), float(c[1])
-        return None
 
     scored.sort(key=value, reverse=not low)
     best = scored[0]
@@ -97,15 +115,10 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
     if len(scored) > 1:
         second = scored[1]
         diff = value(best) - value(second)
-        c1, c2 = ci(best), ci(second)
-        overlap = c1 is not None and c2 is not None and c1[0] <= c2[1] and c2[0] <= c1[1]
         label = metric_label(metric).replace(" (mm)", "")
-        sentence = (f"Runner-up: {second['model']}, {label} {fmt_metric(value(second), metric)}; "
-                    f"difference {fmt_metric(abs(diff), metric)}")
-        if c1 is not None and c2 is not None:
-            sentence += (" and the 95% intervals overlap, so this test set does not separate them"
-                         if overlap else " and the 95% intervals do not overlap")
-        out.append(sentence + ".")
+        out.append(f"Runner-up: {second['model']}, {label} {fmt_metric(value(second), metric)}; "
+                   f"difference {fmt_metric(abs(diff), metric)}"
+                   + _separation(best, second, stage, metric) + ".")
     caps = [e for e in scored if e["family"] == "capsule"]
     cnns = [e for e in scored if e["family"] == "cnn"]
     if caps and cnns:
@@ -134,7 +147,101 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
     elif caps or cnns:
         out.append("Only " + ("capsule networks" if caps else "CNN baselines") + " were evaluated; "
                    "add the other family to answer whether capsules are cheaper.")
+    return out + [_ablation_sentence(reference, variant, changed, stage, metric)
+                  for reference, variant, changed in ablations(entries)]
+
+
+def ablations(entries: Sequence[Mapping[str, Any]]
+              ) -> list[tuple[Mapping[str, Any], Mapping[str, Any], dict[str, tuple[Any, Any]]]]:
+    """Pairs of entries built from one model class that differ in some options: ablations.
+
+    Two config entries of one registry class (``train.json``'s ``model_class``), both with the
+    ``model_args`` that ``capsmed train`` records, form an ablation when their options differ,
+    e.g. ``capsunet`` and ``capsunet_1iter: {model: capsunet, args: {routing_iterations: 1}}``.
+    The reference of a class is its entry named like the class, else the first one listed.
+
+    Args:
+        entries: The page's model entries, in the config's order.
+
+    Returns:
+        ``(reference, variant, {option: (variant value, reference value)})`` per variant.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for e in entries:
+        cls, args = e["train"].get("model_class"), e["train"].get("model_args")
+        if isinstance(cls, str) and isinstance(args, Mapping):
+            groups.setdefault(cls, []).append(e)
+    out = []
+    for cls, group in groups.items():
+        reference = next((e for e in group if e["model"] == cls), group[0])
+        ref_args = reference["train"]["model_args"]
+        for e in group:
+            args = e["train"]["model_args"]
+            changed = {k: (args.get(k), ref_args.get(k)) for k in sorted(set(args) | set(ref_args))
+                       if args.get(k) != ref_args.get(k)}
+            if e is not reference and changed:
+                out.append((reference, e, changed))
     return out
+
+
+def _changes_text(changed: Mapping[str, tuple[Any, Any]]) -> str:
+    """``routing_iterations 1 instead of 3`` for the options an ablation changes."""
+    return ", ".join(f"{k} {v!s} instead of {r!s}" for k, (v, r) in changed.items())
+
+
+def _ablation_sentence(reference: Mapping[str, Any], variant: Mapping[str, Any],
+                       changed: Mapping[str, tuple[Any, Any]], stage: str, metric: str) -> str:
+    """One plain sentence: what the ablation changed, its cost, and whether it mattered."""
+    head = f"Ablation of {reference['model']}: {variant['model']} ({_changes_text(changed)}"
+    same = [w for k, w in (("params", "parameters"), ("flops", "FLOPs"))
+            if is_number(variant["costs"].get(k))
+            and variant["costs"].get(k) == reference["costs"].get(k)]
+    head += f"; the same {' and '.join(same)})" if same else ")"
+    v, r = _score(variant, stage, metric), _score(reference, stage, metric)
+    if v is None or r is None:
+        return head + f": no {stage} {metric_label(metric)} for both yet."
+    diff = v - r
+    better = (diff < 0) if lower_is_better(metric) else (diff > 0)
+    word = "better" if better else ("worse" if diff else "equal")
+    sentence = (f"{head} reaches {metric_label(metric)} {fmt_metric(v, metric)} against "
+                f"{fmt_metric(r, metric)} ({fmt_metric(abs(diff), metric)} {word})")
+    c1, c2 = _interval(variant, stage, metric), _interval(reference, stage, metric)
+    if c1 is not None and c2 is not None and c1[0] <= c2[1] and c2[0] <= c1[1]:
+        return sentence + ("; the 95% intervals overlap, so this test set does not show that "
+                           "the change matters.")
+    return sentence + _separation(variant, reference, stage, metric) + "."
+
+
+def _ablation_section(entries: Sequence[Mapping[str, Any]], stage: str, metric: str
+                      ) -> dict[str, Any] | None:
+    """A table of every ablation (:func:`ablations`) on the judged stage; None without one."""
+    pairs = ablations(entries)
+    if not pairs:
+        return None
+    rows = []
+    for reference, variant, changed in pairs:
+        v, r = _score(variant, stage, metric), _score(reference, stage, metric)
+        ci = fmt_ci(variant["ci95"].get(stage, {}).get(metric), metric)
+        rows.append(b.row([
+            variant["model"], reference["model"], _changes_text(changed),
+            family_label(variant["family"]),
+            b.num_cell(fmt_params(variant["costs"].get("params"))),
+            b.num_cell(fmt_flops(variant["costs"].get("flops"))),
+            b.num_cell(fmt_metric(v, metric) + (f" {ci}" if ci else "") if v is not None
+                       else "n/a"),
+            b.num_cell(fmt_metric(r, metric) if r is not None else "n/a"),
+            b.num_cell(f"{v - r:+.3f}" if v is not None and r is not None else "n/a")]))
+    return b.section(
+        "ablations", "Ablations",
+        paragraphs=["Entries of one model class that differ in some options, trained on the same "
+                    "data with the same recipe: one routing iteration (uniform couplings) or a "
+                    "fixed-weight block (capsule_block conv or linear) in place of routing keeps "
+                    "the parameters and FLOPs, so a variant level with its reference says that "
+                    "routing is not what makes the model accurate here. "
+                    f"{metric_label(metric)} on the {stage} stage."],
+        tables=[b.table(["Variant", "Reference", "Changed options", "Family", "Parameters",
+                         "FLOPs", f"{metric_label(metric)} [95% CI]", "Reference value",
+                         "Difference"], rows)])
 
 
 def _less(a: dict[str, Any], b_: dict[str, Any], key: str) -> bool | None:
@@ -295,7 +402,8 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
 
     Puts every model's metrics with 95% CIs per stage next to its cost (parameters, FLOPs,
     training time, inference time per case, peak memory), says which model is best and by how much,
-    and compares the best capsule network with the best CNN baseline.
+    compares the best capsule network with the best CNN baseline, and shows ablations (entries
+    of one model class that differ in some options, :func:`ablations`) against their reference.
 
     Args:
         results_dir: The results folder.
@@ -322,6 +430,7 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     judged, metric = _judged_metric(entries, task)
     sections = [s for s in (_metrics_section(entries, stage, lay, out) for stage in STAGES) if s]
     sections.append(_crossval_section(lay, models, fold))
+    sections.append(_ablation_section(entries, judged, metric))
     sections.append(_cost_section(entries, judged, metric))
     if missing:
         sections.append(b.section("missing", "Missing results", paragraphs=[

@@ -663,9 +663,12 @@ def stop_reason(run: TrainingRun, state: TrainingState) -> str | None:
 
 def training_record(run: TrainingRun, state: TrainingState) -> dict[str, Any]:
     """The record of a finished run (``train.json``); moves the model to the CPU to count FLOPs."""
+    from capsmed.models import model_arguments
+
     tcfg, base = run.tcfg, run.base
     return {
         "dataset": run.dataset, "model": run.model_name, "model_class": base["model"]["name"],
+        "model_args": model_arguments(base["model"]["name"], base["model"]["args"]),
         "task": run.task, "family": run.model.family,
         "params": sum(p.numel() for p in run.model.parameters()),
         "flops": estimate_flops(run.model.cpu(), base["model"]["in_channels"], run.patch),

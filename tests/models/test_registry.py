@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 
@@ -60,3 +62,18 @@ def test_describe_counts_match_real_models():
     row = next(r for r in describe_models() if r["name"] == "unet")
     assert row["params_3d"] == get_model("unet", 3, 1, 3).num_parameters()
     assert isinstance(get_model("unet", 2, 1, 2).net.model[0], torch.nn.Module)
+
+
+def test_model_arguments_are_the_defaults_then_the_given_options():
+    from capsmed.models import model_arguments
+    from capsmed.models.capsunet import CapsUNet
+
+    args = model_arguments("capsunet", {"routing_iterations": 1})
+    assert args["routing_iterations"] == 1
+    assert args["capsule_block"] == "capsule"  # the class default
+    defaults = inspect.signature(CapsUNet.__init__).parameters
+    assert args["encoder_channels"] == list(defaults["encoder_channels"].default)  # JSON-plain
+    assert set(args) == {k for k in defaults if k not in (
+        "self", "spatial_dims", "in_channels", "out_channels")}
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        model_arguments("resnet")

@@ -201,3 +201,45 @@ def test_task_follows_one_rule_on_every_page():
     assert task_of({}, columns=["case_id", "prob_0", "prob_1"]) == "classification"
     assert task_of({}, columns=["case_id", "dice"]) == "segmentation"
     assert task_of({}, default="") == ""
+
+
+def _entry(model, cls=None, args=None, dice=None, ci=None, params=100, flops=1000):
+    train = {"model_class": cls or model} if cls or args is not None else {}
+    if args is not None:
+        train["model_args"] = args
+    return {"model": model, "train": train, "family": "capsule",
+            "metrics": {"test": {"dice": dice}} if dice is not None else {},
+            "ci95": {"test": {"dice": ci}} if ci else {},
+            "costs": {"params": params, "flops": flops}}
+
+
+def test_ablations_pair_entries_of_one_class_by_the_options_that_differ():
+    from capsmed.report.comparison import _ablation_sentence, ablations
+
+    ref = _entry("capsunet", args={"routing_iterations": 3, "capsule_block": "capsule"},
+                 dice=0.866, ci=[0.85, 0.88])
+    one = _entry("capsunet_1iter", "capsunet", {"routing_iterations": 1,
+                                                 "capsule_block": "capsule"},
+                 dice=0.864, ci=[0.85, 0.88])
+    conv = _entry("capsunet_conv", "capsunet", {"routing_iterations": 3, "capsule_block": "conv"},
+                  dice=0.80, ci=[0.78, 0.82], params=101)
+    same = _entry("capsunet_again", "capsunet", {"routing_iterations": 3,
+                                                  "capsule_block": "capsule"})
+    old = _entry("capsunet_old", "capsunet")  # a train.json from before model_args: no pair
+    pairs = ablations([one, ref, conv, same, old, _entry("unet", args={})])
+    assert [(r["model"], v["model"], c) for r, v, c in pairs] == [
+        ("capsunet", "capsunet_1iter", {"routing_iterations": (1, 3)}),
+        ("capsunet", "capsunet_conv", {"capsule_block": ("conv", "capsule")})]
+    assert _ablation_sentence(ref, one, pairs[0][2], "test", "dice") == (
+        "Ablation of capsunet: capsunet_1iter (routing_iterations 1 instead of 3; the same "
+        "parameters and FLOPs) reaches Dice 0.864 against 0.866 (0.002 worse); the 95% intervals "
+        "overlap, so this test set does not show that the change matters.")
+    assert _ablation_sentence(ref, conv, pairs[1][2], "test", "dice") == (
+        "Ablation of capsunet: capsunet_conv (capsule_block conv instead of capsule; the same "
+        "FLOPs) reaches Dice 0.800 against 0.866 (0.066 worse) and the 95% intervals do not "
+        "overlap.")
+    assert _ablation_sentence(ref, same, {"x": (1, 2)}, "test", "dice").endswith(
+        ": no test Dice for both yet.")
+    # without an entry named like the class, the first listed one is the reference
+    assert [(r["model"], v["model"]) for r, v, _ in ablations([one, conv])] == [
+        ("capsunet_1iter", "capsunet_conv")]

@@ -59,6 +59,40 @@ def test_recorded_family_drives_the_comparison_page(tmp_path):
     assert ("custom", "unknown") in cells
 
 
+def test_an_ablation_is_recorded_and_set_against_its_reference(tmp_path):
+    """train.json records every model option; the comparison page pairs a variant of one model
+    class with its reference and says what changed, what it cost and whether it mattered."""
+    from capsmed.config import validate_config
+    from capsmed.evaluate.run import evaluate_stage
+    from capsmed.report import write_comparison_report
+    from capsmed.report.render import fmt_metric
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 1, "batch_size": 8},
+                      models=["rescapsnet", "seed_cnn", "rescapsnet_1iter"])
+    cfg["models"]["rescapsnet_1iter"] = {"model": "rescapsnet", "args": {"routing_iterations": 1}}
+    cfg = validate_config(cfg)
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    records = {m: train_model(cfg, "ds", m) for m in ("rescapsnet", "rescapsnet_1iter")}
+    assert records["rescapsnet"]["model_args"]["routing_iterations"] == 3  # the class default
+    assert records["rescapsnet_1iter"]["model_args"]["routing_iterations"] == 1
+    assert {k: v for k, v in records["rescapsnet"]["model_args"].items()
+            if records["rescapsnet_1iter"]["model_args"][k] != v} == {"routing_iterations": 3}
+    auc = {m: evaluate_stage(cfg, "ds", m, "test")["metrics"]["auc"] for m in records}
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", write_comparison_report(
+        cfg["results"], "ds", ["rescapsnet", "seed_cnn", "rescapsnet_1iter"]).read_text()))
+    diff = auc["rescapsnet_1iter"] - auc["rescapsnet"]
+    word = "better" if diff > 0 else ("worse" if diff else "equal")
+    a, r = records["rescapsnet_1iter"], records["rescapsnet"]
+    assert a["params"] == r["params"] and a["flops"] < r["flops"]  # routing iterations add FLOPs
+    assert (f"Ablation of rescapsnet: rescapsnet_1iter (routing_iterations 1 instead of 3; the "
+            f"same parameters) reaches AUC {fmt_metric(auc['rescapsnet_1iter'], 'auc')}"
+            f" against {fmt_metric(auc['rescapsnet'], 'auc')} ({fmt_metric(abs(diff), 'auc')} "
+            f"{word})") in text
+    assert "Ablations" in text and f"{diff:+.3f}" in text
+    # seed_cnn (not trained) and entries of other classes are no ablation
+    assert "Ablation of seed_cnn" not in text
+
+
 def test_a_resumed_fold_keeps_its_checkpoint_when_only_split_fold_changes(tmp_path):
     """split.fold chooses the reported fold; it must not make fold 1's last.pt "another config"."""
     from capsmed.config import validate_config
