@@ -10,7 +10,7 @@ and standard deviation over seeds (test stage).
     python benchmarks/real_data.py breastmnist --seeds 0 -- --rerun-triggers mtime  # snakemake args
 
 ``--ablation`` adds the config's ablation entries (``models.<capsule model>_1iter`` and ``_conv`` /
-``_linear``: same parameters and FLOPs, one routing iteration or no routing; AdrenalMNIST3D's
+``_linear``: same parameters, FLOPs within 0.5%, one routing iteration or no routing; AdrenalMNIST3D's
 ``densecapsnet`` has only the first, its CNN counterpart being the DenseNet beside it) to the
 dataset's models, in the same results folder, so the comparison page shows them beside the others.
 """

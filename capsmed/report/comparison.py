@@ -192,11 +192,13 @@ def _changes_text(changed: Mapping[str, tuple[Any, Any]]) -> str:
 def _ablation_sentence(reference: Mapping[str, Any], variant: Mapping[str, Any],
                        changed: Mapping[str, tuple[Any, Any]], stage: str, metric: str) -> str:
     """One plain sentence: what the ablation changed, its cost, and whether it mattered."""
-    head = f"Ablation of {reference['model']}: {variant['model']} ({_changes_text(changed)}"
-    same = [w for k, w in (("params", "parameters"), ("flops", "FLOPs"))
-            if is_number(variant["costs"].get(k))
-            and variant["costs"].get(k) == reference["costs"].get(k)]
-    head += f"; the same {' and '.join(same)})" if same else ")"
+    costs = []
+    for key, word in (("params", "parameters"), ("flops", "FLOPs")):
+        v, r = to_float(variant["costs"].get(key)), to_float(reference["costs"].get(key))
+        if v is not None and r is not None and r > 0:
+            costs.append(f"the same {word}" if v == r else f"{v / r:.3f}x the {word}")
+    head = (f"Ablation of {reference['model']}: {variant['model']} ({_changes_text(changed)}"
+            + "".join(f"; {c}" for c in costs[:1]) + "".join(f", {c}" for c in costs[1:]) + ")")
     v, r = _score(variant, stage, metric), _score(reference, stage, metric)
     if v is None or r is None:
         return head + f": no {stage} {metric_label(metric)} for both yet."

@@ -232,12 +232,12 @@ def test_ablations_pair_entries_of_one_class_by_the_options_that_differ():
         ("capsunet", "capsunet_conv", {"capsule_block": ("conv", "capsule")})]
     assert _ablation_sentence(ref, one, pairs[0][2], "test", "dice") == (
         "Ablation of capsunet: capsunet_1iter (routing_iterations 1 instead of 3; the same "
-        "parameters and FLOPs) reaches Dice 0.864 against 0.866 (0.002 worse); the 95% intervals "
+        "parameters, the same FLOPs) reaches Dice 0.864 against 0.866 (0.002 worse); the 95% intervals "
         "overlap, so this test set does not show that the change matters.")
     assert _ablation_sentence(ref, conv, pairs[1][2], "test", "dice") == (
-        "Ablation of capsunet: capsunet_conv (capsule_block conv instead of capsule; the same "
-        "FLOPs) reaches Dice 0.800 against 0.866 (0.066 worse) and the 95% intervals do not "
-        "overlap.")
+        "Ablation of capsunet: capsunet_conv (capsule_block conv instead of capsule; 1.010x the "
+        "parameters, the same FLOPs) reaches Dice 0.800 against 0.866 (0.066 worse) and the 95% "
+        "intervals do not overlap.")
     assert _ablation_sentence(ref, same, {"x": (1, 2)}, "test", "dice").endswith(
         ": no test Dice for both yet.")
     # without an entry named like the class, the first listed one is the reference

@@ -85,7 +85,8 @@ def test_an_ablation_is_recorded_and_set_against_its_reference(tmp_path):
     a, r = records["rescapsnet_1iter"], records["rescapsnet"]
     assert a["params"] == r["params"] and a["flops"] < r["flops"]  # routing iterations add FLOPs
     assert (f"Ablation of rescapsnet: rescapsnet_1iter (routing_iterations 1 instead of 3; the "
-            f"same parameters) reaches AUC {fmt_metric(auc['rescapsnet_1iter'], 'auc')}"
+            f"same parameters, {a['flops'] / r['flops']:.3f}x the FLOPs) reaches AUC "
+            f"{fmt_metric(auc['rescapsnet_1iter'], 'auc')}"
             f" against {fmt_metric(auc['rescapsnet'], 'auc')} ({fmt_metric(abs(diff), 'auc')} "
             f"{word})") in text
     assert "Ablations" in text and f"{diff:+.3f}" in text
