@@ -87,14 +87,21 @@ def _interval(e: Mapping[str, Any], stage: str, metric: str) -> tuple[float, flo
     return None
 
 
-def _separation(a: Mapping[str, Any], b_: Mapping[str, Any], stage: str, metric: str) -> str:
-    """`` and the 95% intervals overlap, so ...`` for two entries, or "" without intervals."""
+def _overlap(a: Mapping[str, Any], b_: Mapping[str, Any], stage: str, metric: str) -> bool | None:
+    """Whether two entries' 95% intervals overlap; None when either has none."""
     c1, c2 = _interval(a, stage, metric), _interval(b_, stage, metric)
     if c1 is None or c2 is None:
+        return None
+    return c1[0] <= c2[1] and c2[0] <= c1[1]
+
+
+def _separation(a: Mapping[str, Any], b_: Mapping[str, Any], stage: str, metric: str) -> str:
+    """`` and the 95% intervals overlap, so ...`` for two entries, or "" without intervals."""
+    overlap = _overlap(a, b_, stage, metric)
+    if overlap is None:
         return ""
-    if c1[0] <= c2[1] and c2[0] <= c1[1]:
-        return " and the 95% intervals overlap, so this test set does not separate them"
-    return " and the 95% intervals do not overlap"
+    return (" and the 95% intervals overlap, so this test set does not separate them" if overlap
+            else " and the 95% intervals do not overlap")
 
 
 def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list[str]:
@@ -207,8 +214,7 @@ def _ablation_sentence(reference: Mapping[str, Any], variant: Mapping[str, Any],
     word = "better" if better else ("worse" if diff else "equal")
     sentence = (f"{head} reaches {metric_label(metric)} {fmt_metric(v, metric)} against "
                 f"{fmt_metric(r, metric)} ({fmt_metric(abs(diff), metric)} {word})")
-    c1, c2 = _interval(variant, stage, metric), _interval(reference, stage, metric)
-    if c1 is not None and c2 is not None and c1[0] <= c2[1] and c2[0] <= c1[1]:
+    if _overlap(variant, reference, stage, metric):
         return sentence + ("; the 95% intervals overlap, so this test set does not show that "
                            "the change matters.")
     return sentence + _separation(variant, reference, stage, metric) + "."
