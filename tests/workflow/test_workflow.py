@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -151,6 +152,22 @@ def test_tiny_demo_end_to_end(repo_root, tmp_path):
                   "--cores", "2", "--config", "results=results"], cwd=tmp_path, timeout=300)
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
+    # a model added to the config is trained and reported, also when Snakemake's records of the
+    # earlier run are gone (a copied results folder, a deleted .snakemake): without the model
+    # lists as input Snakemake found summary.json up to date and did nothing
+    shutil.rmtree(tmp_path / ".snakemake" / "metadata")
+    added = _run(["-n", "--snakefile", str(repo_root / "Snakefile"), "--directory", str(tmp_path),
+                  "--configfile", str(repo_root / "tests/workflow/tiny_config.yaml"),
+                  "--cores", "2", "--config", "results=results",
+                  "models={seed_cnn_wide: {model: seed_cnn, args: {channels: 16}}}",
+                  "datasets={demo_cls2d: {models: [capsnet, seed_cnn, seed_cnn_wide]}}"],
+                 cwd=tmp_path, timeout=300)
+    out = added.stdout + added.stderr
+    assert added.returncode == 0, out[-3000:]
+    assert re.search(r"rule train:\n(.*\n)*?\s+wildcards: dataset=demo_cls2d, model=seed_cnn_wide",
+                     out), out[-3000:]
+    assert "rule summarize:" in out and "rule report_dataset:" in out
+    assert out.count("rule train:") == 1  # the models trained before are not trained again
 
 
 @pytest.mark.slow

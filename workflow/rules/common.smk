@@ -56,6 +56,25 @@ def _write_resolved_config() -> str:
 CONFIG_FILE = _write_resolved_config()
 
 
+def _write_model_lists() -> str:
+    """The datasets, their models and stages, in one file that the summary pages take as input.
+
+    Snakemake keeps an up-to-date summary.json when a model is added to the config, unless its
+    records of the earlier run (.snakemake/metadata) are there to show the new input; with a
+    copied results folder or a deleted .snakemake it would say "Nothing to be done". This file
+    changes (and gets newer) exactly when the lists do, so the summary and comparison pages, and
+    through them the new model's jobs, run again either way.
+    """
+    path = Path(RESULTS) / ".capsmed" / "models.json"
+    lists = {ds: {"models": list(config["datasets"][ds]["models"]), "stages": EVALUATED_STAGES}
+             for ds in DATASETS}
+    write_text_if_changed(path, json.dumps(lists, indent=1, sort_keys=True) + "\n")
+    return str(path)
+
+
+MODEL_LISTS = _write_model_lists()
+
+
 def dataset_digest(wildcards) -> str:
     """A rule's params change (and it reruns) when the config behind the dataset's files does."""
     return dataset_hash(config, wildcards.dataset)

@@ -50,6 +50,7 @@ rule report_studies:
 rule report_dataset:
     input:
         fingerprint=rules.preprocess.output.fingerprint,
+        model_lists=MODEL_LISTS,
         metrics=lambda w: [
             eval_metrics(w.dataset, model, stage, path_fold(config, w.dataset))
             for model in models_of(w)
@@ -96,6 +97,7 @@ rule summarize:
         ],
         dataset_reports=expand(f"{RESULTS}/{{dataset}}/reports/comparison.html", dataset=DATASETS),
         crossval=[path for ds in DATASETS for path in crossval_files(ds)],
+        model_lists=MODEL_LISTS,
     output:
         summary=f"{RESULTS}/summary.json",
         index=report(
