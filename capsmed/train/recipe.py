@@ -54,7 +54,7 @@ def training_progress(step: int, total_steps: int, seconds: float,
         fraction ``s = step / total_steps`` and the time fraction
         ``t = seconds / (60 * max_minutes)``; ``s`` alone without a budget. The time term is 0 at
         ``t = CLOCK_SLACK`` and 1 when the budget is spent, so a schedule still ends with the
-        budget, and a run that ends by ``epochs`` well inside it never reads the clock.
+        budget, and a run that ends by ``epochs`` well inside it never lets the clock set it.
 
     Raises:
         ValueError: when ``total_steps`` < 1 or ``max_minutes`` is not positive.
