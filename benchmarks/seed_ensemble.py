@@ -21,7 +21,6 @@ threshold reaches the goal; only a better ranking (AUC) can.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 
 from capsmed.evaluate.metrics import bootstrap_classification_cis, classification_metrics
 from capsmed.paths import Layout
+from capsmed.report.files import read_table
 
 METRICS = ("auc", "accuracy")
 
@@ -48,19 +48,16 @@ def best_threshold_accuracy(y: np.ndarray, prob_1: np.ndarray) -> float:
     return float(max(np.mean((prob_1 >= t) == (y == 1)) for t in thresholds))
 
 
-def stage_probabilities(cases_csv: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Case ids ``(N,)``, true classes ``(N,)`` and probabilities ``(N, C)`` of one cases.csv."""
-    with open(cases_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise SystemExit(f"{cases_csv}: no cases")
-    columns = sorted((k for k in rows[0] if k.startswith("prob_")), key=lambda k: int(k[5:]))
+def stage_probabilities(cases_csv: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """Case ids ``(N,)``, true classes ``(N,)`` and probabilities ``(N, C)`` of one cases.csv.
+
+    None for a segmentation stage (no ``prob_<class>`` columns).
+    """
+    df = read_table(cases_csv, required=True)
+    columns = sorted((c for c in df.columns if c.startswith("prob_")), key=lambda c: int(c[5:]))
     if not columns:
-        raise SystemExit(f"{cases_csv}: no prob_<class> columns (not a classification stage)")
-    ids = [r["case_id"] for r in rows]
-    y = np.array([int(r["class"]) for r in rows])
-    probs = np.array([[float(r[c]) for c in columns] for r in rows])
-    return ids, y, probs
+        return None
+    return list(df["case_id"]), df["class"].to_numpy(dtype=int), df[columns].to_numpy(dtype=float)
 
 
 def main() -> int:
@@ -81,10 +78,9 @@ def main() -> int:
         for model in models:
             files = [lay.eval_dir(ds, model, args.stage) / "cases.csv" for lay in layouts]
             files = [f for f in files if f.is_file()]
-            with open(files[0], newline="") as fh:
-                if not any(k.startswith("prob_") for k in next(csv.reader(fh), [])):
-                    continue  # a segmentation stage
             loaded = [stage_probabilities(f) for f in files]
+            if loaded[0] is None:
+                continue  # a segmentation stage
             ids, y, _ = loaded[0]
             for f, (other_ids, other_y, _) in zip(files, loaded, strict=True):
                 if other_ids != ids or not np.array_equal(other_y, y):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -69,13 +70,7 @@ def _accepted_kwargs(cls: type[CapsmedModel]) -> list[str]:
 
 def _plain(value: Any) -> Any:
     """A JSON-plain copy of an option value: tuples become lists, other objects their repr."""
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return repr(value)
+    return json.loads(json.dumps(value, default=repr))
 
 
 def model_arguments(name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
