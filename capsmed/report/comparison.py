@@ -105,7 +105,7 @@ def _separation(a: Mapping[str, Any], b_: Mapping[str, Any], stage: str, metric:
 
 
 def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list[str]:
-    """Plain sentences: which model is best, by how much, what the capsules cost, ablations."""
+    """Plain sentences: which model is best, by how much, and what the capsules cost."""
     scored = [e for e in entries if is_number(e["metrics"].get(stage, {}).get(metric))]
     if not scored:
         return [f"No {stage} metrics are available yet for these models."]
@@ -154,12 +154,14 @@ def _verdict(stage: str, entries: Sequence[dict[str, Any]], metric: str) -> list
     elif caps or cnns:
         out.append("Only " + ("capsule networks" if caps else "CNN baselines") + " were evaluated; "
                    "add the other family to answer whether capsules are cheaper.")
-    return out + [_ablation_sentence(reference, variant, changed, stage, metric)
-                  for reference, variant, changed in ablations(entries)]
+    return out
 
 
-def ablations(entries: Sequence[Mapping[str, Any]]
-              ) -> list[tuple[Mapping[str, Any], Mapping[str, Any], dict[str, tuple[Any, Any]]]]:
+#: An ablation: (reference entry, variant entry, {option: (variant value, reference value)}).
+_Pair = tuple[Mapping[str, Any], Mapping[str, Any], dict[str, tuple[Any, Any]]]
+
+
+def ablations(entries: Sequence[Mapping[str, Any]]) -> list[_Pair]:
     """Pairs of entries built from one model class that differ in some options: ablations.
 
     Two config entries of one registry class (``train.json``'s ``model_class``), both with the
@@ -220,10 +222,8 @@ def _ablation_sentence(reference: Mapping[str, Any], variant: Mapping[str, Any],
     return sentence + _separation(variant, reference, stage, metric) + "."
 
 
-def _ablation_section(entries: Sequence[Mapping[str, Any]], stage: str, metric: str
-                      ) -> dict[str, Any] | None:
-    """A table of every ablation (:func:`ablations`) on the judged stage; None without one."""
-    pairs = ablations(entries)
+def _ablation_section(pairs: Sequence[_Pair], stage: str, metric: str) -> dict[str, Any] | None:
+    """A table of the ablations (:func:`ablations`) on the judged stage; None without one."""
     if not pairs:
         return None
     rows = []
@@ -438,7 +438,8 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     judged, metric = _judged_metric(entries, task)
     sections = [s for s in (_metrics_section(entries, stage, lay, out) for stage in STAGES) if s]
     sections.append(_crossval_section(lay, models, fold))
-    sections.append(_ablation_section(entries, judged, metric))
+    pairs = ablations(entries)
+    sections.append(_ablation_section(pairs, judged, metric))
     sections.append(_cost_section(entries, judged, metric))
     if missing:
         sections.append(b.section("missing", "Missing results", paragraphs=[
@@ -449,5 +450,7 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
         nav.append(b.link("Preprocessing QC", "qc.html"))
     return render_page(out, "page.html", title=f"{dataset}: model comparison",
                        subtitle=f"{task} \u00b7 {len(models)} models", nav=nav,
-                       lead=_verdict(judged, entries, metric), note=None, top_cards=[],
+                       lead=_verdict(judged, entries, metric) + [
+                           _ablation_sentence(*pair, judged, metric) for pair in pairs],
+                       note=None, top_cards=[],
                        sections=[s for s in sections if s is not None])
