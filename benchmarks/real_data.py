@@ -8,11 +8,13 @@ and standard deviation over seeds (test stage).
     python benchmarks/real_data.py msd_hippocampus --seeds 0 1 2
     python benchmarks/real_data.py msd_hippocampus --seeds 0 --ablation   # + routing ablations
     python benchmarks/real_data.py breastmnist --seeds 0 -- --rerun-triggers mtime  # snakemake args
+    python benchmarks/real_data.py breastmnist --models rescapsnet rescapsnet_cosine  # a subset
 
 ``--ablation`` adds the config's ablation entries (``models.<capsule model>_1iter`` and ``_conv`` /
 ``_linear``: same parameters, FLOPs within 0.5%, one routing iteration or no routing; AdrenalMNIST3D's
-``densecapsnet`` has only the first, its CNN counterpart being the DenseNet beside it) to the
-dataset's models, in the same results folder, so the comparison page shows them beside the others.
+``densecapsnet`` has no ``_linear``, its CNN counterpart being the DenseNet beside it; and the
+classifiers' ``_cosine``, routing by cosine agreement) to the dataset's models, in the same results
+folder, so the comparison page shows them beside the others.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 #: Ablation entries of each row's config (``models:``), added to the dataset's models by --ablation.
 ABLATIONS = {
-    "breastmnist": ("breastmnist", ["rescapsnet_1iter", "rescapsnet_linear"]),
-    "adrenalmnist3d": ("adrenalmnist3d", ["densecapsnet_1iter"]),
+    "breastmnist": ("breastmnist", ["rescapsnet_1iter", "rescapsnet_linear", "rescapsnet_cosine"]),
+    "adrenalmnist3d": ("adrenalmnist3d", ["densecapsnet_1iter", "densecapsnet_cosine"]),
     "msd_hippocampus": ("hippocampus", ["capsunet_1iter", "capsunet_conv"]),
 }
 ROWS = {
@@ -45,15 +47,18 @@ ROWS = {
 
 
 def command(row: str, seed: int, results: Path, extra: list[str],
-            ablation: bool = False) -> list[str]:
+            ablation: bool = False, models: list[str] | None = None) -> list[str]:
+    """The snakemake command of one seed; ``models`` replaces the dataset's model list."""
     cfg, data_root, _ = ROWS[row]
     config = [f"data_root={data_root}", f"seed={seed}", f"results={results}"]
-    if ablation:
+    dataset, variants = ABLATIONS[row]
+    if ablation or models:
         import yaml
 
-        dataset, variants = ABLATIONS[row]
-        models = yaml.safe_load((ROOT / cfg).read_text())["datasets"][dataset]["models"]
-        config.append(f"datasets={{{dataset}: {{models: [{', '.join(models + variants)}]}}}}")
+        if models is None:
+            models = yaml.safe_load((ROOT / cfg).read_text())["datasets"][dataset]["models"]
+        models = list(models) + (variants if ablation else [])
+        config.append(f"datasets={{{dataset}: {{models: [{', '.join(models)}]}}}}")
     return [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", cfg, "--config",
             *config, *extra]
 
@@ -103,6 +108,8 @@ def main() -> int:
     ap.add_argument("--report-only", action="store_true", help="only tabulate existing results")
     ap.add_argument("--ablation", action="store_true",
                     help="also train the config's routing ablations (same results folders)")
+    ap.add_argument("--models", nargs="+", metavar="NAME",
+                    help="train these entries of the config's models instead of the dataset's list")
     ap.epilog = "Arguments after -- go to snakemake."
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -112,7 +119,7 @@ def main() -> int:
     for seed in args.seeds:
         results = args.out / f"{args.row}_seed{seed}"
         dirs.append(results)
-        cmd = command(args.row, seed, results, args.extra, args.ablation)
+        cmd = command(args.row, seed, results, args.extra, args.ablation, args.models)
         print("$", shlex.join(cmd), flush=True)
         if not args.report_only:
             t0 = time.time()

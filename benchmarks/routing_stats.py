@@ -7,6 +7,10 @@ evaluation preprocesses it and summarises the couplings of every routing layer w
 (``1/J`` for uniform couplings, 1 for a one-hot choice) and the coupling entropy over ``log J``
 (1 uniform, 0 one-hot). One routing iteration gives exactly ``1/J`` and 1.
 
+For the classifiers it also gives the mean length of a vote ``|u_j|i|`` and of a class capsule
+``|v_j|``: under dot agreement an iteration moves a routing logit by at most ``|u_j|i| |v_j|``, so
+these two lengths say how far the couplings can move at all.
+
     python benchmarks/routing_stats.py benchmarks/out/msd_hippocampus_seed0 [more folders]
 """
 
@@ -41,6 +45,16 @@ def case_couplings(model: torch.nn.Module, image: torch.Tensor) -> list[torch.Te
     return [model.couplings(x)]
 
 
+def case_lengths(model: torch.nn.Module, image: torch.Tensor) -> tuple[float, float] | None:
+    """Mean vote length and mean class-capsule length of a classifier (None: a segmenter)."""
+    if not hasattr(model, "class_capsules"):
+        return None
+    x = image[None]
+    votes = model.digits.votes(model._digit_inputs(x))  # (1, I, J, D)
+    return (votes.norm(dim=-1).mean().item(),
+            model.class_capsules(x).norm(dim=-1).mean().item())
+
+
 def model_stats(results: Path, dataset: str, model_name: str) -> list[dict] | None:
     """Per routing layer: coupling statistics pooled over the test cases (None: no routing)."""
     layout = Layout(results)
@@ -53,19 +67,30 @@ def model_stats(results: Path, dataset: str, model_name: str) -> list[dict] | No
     cases = read_json(layout.cases(dataset), "case list")["cases"]
     test = set(read_json(layout.splits(dataset), "splits")["test"])
     per_layer: dict[int, list[dict]] = {}
+    lengths: list[tuple[float, float]] = []
     with torch.no_grad():
         for case in cases:
             if case["case_id"] not in test:
                 continue
-            image = preprocess({"image": case["image"]})["image"]
-            for k, c in enumerate(case_couplings(model, torch.as_tensor(image).float())):
+            image = torch.as_tensor(preprocess({"image": case["image"]})["image"]).float()
+            for k, c in enumerate(case_couplings(model, image)):
                 per_layer.setdefault(k, []).append(coupling_statistics(c, dim=2))
+            case_length = case_lengths(model, image)
+            if case_length is not None:
+                lengths.append(case_length)
     rows = []
+    last = max(per_layer, default=0)
+    agreement = "/".join(sorted({a for m in model.modules() if isinstance(a := getattr(
+        m, "agreement", None), str)}))
     for k, stats in sorted(per_layer.items()):
         rows.append({"layer": k, "outputs": stats[0]["outputs"],
                      "iterations": spec["args"].get("routing_iterations", 3),
+                     "agreement": agreement,
                      "max_coupling": statistics.mean(s["max_coupling"] for s in stats),
                      "entropy": statistics.mean(s["entropy"] for s in stats), "cases": len(stats)})
+        if lengths and k == last:  # the class-capsule layer
+            rows[-1]["vote_length"] = statistics.mean(u for u, _ in lengths)
+            rows[-1]["class_length"] = statistics.mean(v for _, v in lengths)
     return rows
 
 
@@ -82,15 +107,19 @@ def main() -> int:
                 rows = model_stats(results, dataset, model_name)
                 for row in rows or []:
                     table.setdefault((dataset, model_name, row["layer"]), []).append(row)
-    print("| dataset | model | routing layer | J | iterations | mean largest coupling (1/J) | "
-          "entropy / log J | seeds |")
-    print("| --- | --- | ---: | ---: | ---: | --- | --- | ---: |")
+    print("| dataset | model | routing layer | J | iterations | agreement | "
+          "mean largest coupling (1/J) | entropy / log J | vote length | class capsule length | "
+          "seeds |")
+    print("| --- | --- | ---: | ---: | ---: | --- | --- | --- | ---: | ---: | ---: |")
     for (dataset, model_name, layer), rows in table.items():
         j = rows[0]["outputs"]
         mc = statistics.mean(r["max_coupling"] for r in rows)
         ent = statistics.mean(r["entropy"] for r in rows)
+        u, v = (f"{statistics.mean(r[k] for r in rows):.4f}" if k in rows[0] else ""
+                for k in ("vote_length", "class_length"))
         print(f"| {dataset} | {model_name} | {layer} | {j} | {rows[0]['iterations']} | "
-              f"{mc:.3f} ({1 / j:.3f}) | {ent:.3f} | {len(rows)} |")
+              f"{rows[0]['agreement']} | {mc:.3f} ({1 / j:.3f}) | {ent:.3f} | {u} | {v} | "
+              f"{len(rows)} |")
     return 0
 
 

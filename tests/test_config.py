@@ -32,9 +32,13 @@ def test_default_config_validates_with_defaults(repo_root):
 @pytest.mark.parametrize("name", ["msd_hippocampus", "breastmnist", "adrenalmnist3d",
                                   "csv_manifest"])
 def test_example_configs_validate(repo_root, name):
+    from capsmed.config import config_problems
+
     cfg = load_config(repo_root / "config" / "examples" / f"{name}.yaml", ["data_root=/data"])
     for ds in cfg["datasets"].values():
         assert ds["path"].startswith("/data")
+    # every models entry names real options (the data folder /data is the only thing missing)
+    assert [p for p in config_problems(cfg, f"{name}.yaml") if "does not exist" not in p] == []
 
 
 def test_example_without_data_root_is_a_clear_error(repo_root):

@@ -445,8 +445,6 @@ def dynamic_routing(
     if bias is not None and tuple(bias.shape) != (j, d):
         raise ValueError(f"bias must have shape (J, D) = {(j, d)}, got {tuple(bias.shape)}")
 
-    n, i, j, d = votes.shape[:4]
-    spatial = tuple(votes.shape[4:])
     in_dtype = votes.dtype
     if in_dtype not in (torch.float32, torch.float64):  # route half precision in float32
         votes = votes.float()

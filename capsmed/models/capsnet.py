@@ -14,6 +14,7 @@ from monai.networks.nets import DenseNet
 from torch import nn
 
 from capsmed.layers import DenseCapsule, GridCapsule, PrimaryCapsule, squash, squash_efficient
+from capsmed.layers.routing import AGREEMENTS
 from capsmed.models.base import CapsmedModel, capsule_lengths, plain_tensor
 from capsmed.models.registry import register_model
 
@@ -422,7 +423,8 @@ VOTE_WEIGHTS = ("per_capsule", "per_type")
 FRONT_NORMS = ("instance", "batch")
 
 
-def _check_class_block(routing: str, capsule_block: str, vote_weights: str) -> None:
+def _check_class_block(routing: str, capsule_block: str, vote_weights: str,
+                       agreement: str = "dot") -> None:
     """Raise ValueError for an unknown or inconsistent class-capsule block."""
     if routing not in ("dynamic", "attention"):
         raise ValueError(f"routing must be 'dynamic' or 'attention'; got {routing!r}")
@@ -438,6 +440,16 @@ def _check_class_block(routing: str, capsule_block: str, vote_weights: str) -> N
         raise ValueError(
             "vote_weights='per_type' routes dynamically through capsules (capsule_block="
             "'capsule', routing='dynamic'); its fixed-weight ablation is routing_iterations=1"
+        )
+    if agreement not in AGREEMENTS:
+        raise ValueError(
+            f"agreement must be one of {', '.join(AGREEMENTS)}; got {agreement!r}"
+        )
+    if agreement != "dot" and (capsule_block != "capsule" or routing != "dynamic"):
+        raise ValueError(
+            f"agreement={agreement!r} is an option of dynamic routing through capsules "
+            f"(capsule_block='capsule', routing='dynamic'); got capsule_block={capsule_block!r}, "
+            f"routing={routing!r}"
         )
 
 
@@ -495,6 +507,16 @@ class ResCapsNet(_CapsuleClassifier):
     ``capsule_block="linear"`` is the ablation: the class capsules come from a linear layer with
     the same weights and FLOPs as the routed one (:class:`_LinearClassCapsules`), squashed, under
     the same margin loss. ``routing_iterations=1`` is the other (uniform couplings, same cost).
+    The two are one function: one iteration gives ``s_j = sum_i W_ij x_i / J``, a linear map of the
+    primary capsules; the linear block differs only in its parametrisation (no ``1 / J``) and its
+    initialisation (PyTorch's default for ``nn.Linear`` instead of ``N(0, 0.01^2)``).
+
+    ``agreement``: with ``"dot"`` (Sabour et al.) an iteration adds ``u_j|i . v_j`` to the routing
+    logits, at most the vote's length. The class capsules sum hundreds of votes (784 here), so each
+    vote is short (about 0.02 long in trained BreastMNIST models against class capsules about 0.5
+    long; ``benchmarks/routing_stats.py``) and the couplings stay within about 0.005 of
+    uniform whatever the votes say. ``"cosine"`` (3D-UCaps) adds ``cos(u_j|i, s_j)`` in [-1, 1],
+    independent of vote length, so the couplings can move.
 
     Cost with the defaults, 2 classes: 2D 28 x 28 about 0.59M parameters and 0.06 forward GFLOPs
     (CapsNet: 7.0M); 3D 28^3 about 0.55M parameters and 0.07 GFLOPs (CapsNet: 25M and 1.0).
@@ -515,6 +537,9 @@ class ResCapsNet(_CapsuleClassifier):
         class_dim: class capsule size (16).
         routing: ``"dynamic"`` or ``"attention"``.
         routing_iterations: dynamic routing iterations (3).
+        agreement: dynamic routing's agreement, ``"dot"`` (Sabour et al.; default) or
+            ``"cosine"`` (3D-UCaps), which moves the couplings where dot products of the many
+            short votes cannot (see the class docstring).
         capsule_block: ``"capsule"`` or the ``"linear"`` ablation (per-capsule votes only; with
             per-type votes the fixed-weight sum of the same votes is ``routing_iterations=1``).
         vote_weights: ``"per_capsule"`` (DenseCapsule) or ``"per_type"`` (GridCapsule).
@@ -542,6 +567,7 @@ class ResCapsNet(_CapsuleClassifier):
         class_dim: int = 16,
         routing: str = "dynamic",
         routing_iterations: int = 3,
+        agreement: str = "dot",
         capsule_block: str = "capsule",
         vote_weights: str = "per_capsule",
         coordinate_addition: bool = False,
@@ -561,7 +587,7 @@ class ResCapsNet(_CapsuleClassifier):
             raise ValueError(
                 "primary_capsules, primary_dim, class_dim and routing_iterations must be >= 1"
             )
-        _check_class_block(routing, capsule_block, vote_weights)
+        _check_class_block(routing, capsule_block, vote_weights, agreement)
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8; got {image_size}")
         self._set_image_size(image_size)
@@ -582,7 +608,7 @@ class ResCapsNet(_CapsuleClassifier):
             size = -(-size // 2)
         self.features = nn.Sequential(*layers)
         self._build_head(channels[-1], size, primary_capsules, primary_dim, class_dim, routing,
-                         routing_iterations, coordinate_addition, decoder_hidden,
+                         routing_iterations, agreement, coordinate_addition, decoder_hidden,
                          reconstruction_activation)
 
     def _build_head(
@@ -594,6 +620,7 @@ class ResCapsNet(_CapsuleClassifier):
         class_dim: int,
         routing: str,
         routing_iterations: int,
+        agreement: str,
         coordinate_addition: bool,
         decoder_hidden: Sequence[int] | None,
         reconstruction_activation: str | None,
@@ -608,12 +635,13 @@ class ResCapsNet(_CapsuleClassifier):
         if vote_weights == "per_type":
             self.digits: nn.Module = GridCapsule(
                 spatial_dims, primary_capsules, primary_dim, out_channels, class_dim,
-                routing_iterations=routing_iterations, coordinate_addition=coordinate_addition,
+                routing_iterations=routing_iterations, agreement=agreement,
+                coordinate_addition=coordinate_addition,
             )
         elif capsule_block == "capsule":
             self.digits = DenseCapsule(
                 self.num_primary, primary_dim, out_channels, class_dim, routing=routing,
-                routing_iterations=routing_iterations,
+                routing_iterations=routing_iterations, agreement=agreement,
             )
         else:
             self.digits = _LinearClassCapsules(self.num_primary, primary_dim, out_channels,
@@ -702,6 +730,9 @@ class DenseCapsNet(ResCapsNet):
         class_dim: class capsule size (16).
         routing: ``"dynamic"`` or ``"attention"`` (per-capsule votes only).
         routing_iterations: dynamic routing iterations (3).
+        agreement: dynamic routing's agreement, ``"dot"`` (Sabour et al.; default) or
+            ``"cosine"`` (3D-UCaps), which moves the couplings where dot products of the many
+            short votes cannot (see the class docstring).
         capsule_block: ``"capsule"`` or the ``"linear"`` ablation (per-capsule votes only).
         vote_weights: ``"per_type"`` (GridCapsule) or ``"per_capsule"`` (DenseCapsule).
         coordinate_addition: per-type votes only: add each position's scaled coordinates (off:
@@ -728,6 +759,7 @@ class DenseCapsNet(ResCapsNet):
         class_dim: int = 16,
         routing: str = "dynamic",
         routing_iterations: int = 3,
+        agreement: str = "dot",
         capsule_block: str = "capsule",
         vote_weights: str = "per_type",
         coordinate_addition: bool = False,
@@ -745,7 +777,7 @@ class DenseCapsNet(ResCapsNet):
             raise ValueError(
                 "primary_capsules, primary_dim, class_dim and routing_iterations must be >= 1"
             )
-        _check_class_block(routing, capsule_block, vote_weights)
+        _check_class_block(routing, capsule_block, vote_weights, agreement)
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16; got {image_size}")
         self._set_image_size(image_size)
@@ -764,5 +796,5 @@ class DenseCapsNet(ResCapsNet):
         finally:
             self.features.train()
         self._build_head(probe.shape[1], probe.shape[2], primary_capsules, primary_dim, class_dim,
-                         routing, routing_iterations, coordinate_addition, decoder_hidden,
-                         reconstruction_activation)
+                         routing, routing_iterations, agreement, coordinate_addition,
+                         decoder_hidden, reconstruction_activation)

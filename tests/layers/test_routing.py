@@ -159,6 +159,27 @@ def test_cosine_agreement_is_scale_invariant_and_dot_is_not():
     assert torch.all(ratio <= math.exp(4) + 1e-6)
 
 
+def test_dot_couplings_move_at_most_by_the_vote_length():
+    """Why dense class capsules keep uniform couplings under dot agreement (BENCHMARKS.md).
+
+    An update adds ``u . v`` with ``|v| < 1``, so after ``T`` iterations two logits of one input
+    differ by less than ``2 (T - 1) |u|``: with many short votes the couplings cannot move, however
+    clearly the votes agree. Cosine agreement on the same votes moves them.
+    """
+    torch.manual_seed(9)
+    n_in, length = 400, 0.02
+    direction = torch.randn(1, 1, 2, 8, dtype=torch.float64)
+    votes = direction.expand(2, n_in, 2, 8).clone()
+    votes[:, n_in // 2:, 1] *= -1  # half the inputs disagree about output 1, all agree on output 0
+    votes += 0.1 * torch.randn_like(votes)
+    votes = length * votes / votes.norm(dim=-1, keepdim=True)
+    _, c_dot = dynamic_routing(votes, 3, agreement="dot", return_coupling=True)
+    bound = 1 / (1 + math.exp(-2 * 2 * length))  # largest coupling for a logit gap of 4 |u|
+    assert c_dot.max() <= bound
+    _, c_cos = dynamic_routing(votes, 3, agreement="cosine", return_coupling=True)
+    assert c_cos[:, n_in // 2:, 0].min() > 0.65 > bound  # the disagreeing inputs go to output 0
+
+
 def test_cosine_prefers_votes_that_agree():
     # input 0 votes for output 0 along +x, input 1 along +x too; for output 1 they disagree
     votes = torch.zeros(1, 2, 2, 2, dtype=torch.float64)

@@ -189,6 +189,36 @@ def test_rescapsnet_linear_ablation_costs_the_same():
     assert attention.couplings(torch.rand(1, 1, 28, 28)).shape == (1, 784, 2)
 
 
+def test_rescapsnet_one_iteration_is_the_linear_block_with_weights_over_j():
+    """routing_iterations=1 and capsule_block='linear' are one function (``W / J``), in float64."""
+    torch.manual_seed(1)
+    one = get_model("rescapsnet", 2, 1, 3, routing_iterations=1).double().eval()
+    linear = get_model("rescapsnet", 2, 1, 3, capsule_block="linear").double().eval()
+    linear.load_state_dict({k: v for k, v in one.state_dict().items() if not k.startswith("digits")},
+                           strict=False)
+    w = one.digits.weight  # (I, J, Dout, Din)
+    i, j, d_out, d_in = w.shape
+    with torch.no_grad():
+        linear.digits.linear.weight.copy_(w.permute(1, 2, 0, 3).reshape(j * d_out, i * d_in) / j)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(linear.class_capsules(x), one.class_capsules(x))
+
+
+@pytest.mark.parametrize("name", ["rescapsnet", "densecapsnet"])
+def test_classifiers_cosine_agreement_costs_the_same(name):
+    dot = get_model(name, 3, 1, 2)
+    cosine = get_model(name, 3, 1, 2, agreement="cosine")
+    assert dot.digits.agreement == "dot" and cosine.digits.agreement == "cosine"
+    assert cosine.num_parameters() == dot.num_parameters()
+    size = [28] * 3
+    assert estimate_flops(cosine, 1, size) == estimate_flops(dot, 1, size)
+    x = torch.rand(2, 1, *size)
+    out = cosine.forward_train(x, torch.tensor([0, 1]))
+    build_loss(cosine)(out, torch.tensor([0, 1]), x).backward()
+    assert _finite_grads(cosine)
+    torch.testing.assert_close(cosine.couplings(x).sum(-1), torch.ones(2, cosine.num_primary))
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_rescapsnet_per_type_votes_share_weights_across_positions(spatial_dims):
     torch.manual_seed(0)
@@ -232,6 +262,9 @@ def test_rescapsnet_batch_norm_front_end():
      ({"vote_weights": "per_type", "capsule_block": "linear"}, "its fixed-weight ablation is"),
      ({"vote_weights": "per_type", "routing": "attention"}, "routes dynamically"),
      ({"norm": "group"}, "norm must be one of instance, batch"),
+     ({"agreement": "l2"}, "agreement must be one of dot, cosine"),
+     ({"agreement": "cosine", "capsule_block": "linear"}, "an option of dynamic routing"),
+     ({"agreement": "cosine", "routing": "attention"}, "an option of dynamic routing"),
      ({"image_size": 6}, "image_size must be >= 8"), ({"class_dim": 0}, "must be >= 1")],
 )
 def test_rescapsnet_bad_arguments(kwargs, message):
