@@ -517,8 +517,9 @@ class ResCapsNet(_CapsuleClassifier):
     long; ``benchmarks/routing_stats.py``) and the couplings stay within about 0.005 of
     uniform whatever the votes say. ``"cosine"`` (3D-UCaps) adds ``cos(u_j|i, s_j)`` in [-1, 1],
     independent of vote length, so the couplings can move: trained on BreastMNIST and
-    AdrenalMNIST3D, the largest of 2 couplings averages 0.66-0.69 against dot's 0.504, at the
-    same test AUC (3 seeds; BENCHMARKS.md), so dot stays the default.
+    AdrenalMNIST3D, the largest of 2 couplings averages 0.66-0.69 against dot's 0.504, with no
+    gain in validation AUC (the rule fixed before the runs) and level test AUC (3 seeds;
+    BENCHMARKS.md), so dot stays the default.
 
     Cost with the defaults, 2 classes: 2D 28 x 28 about 0.59M parameters and 0.06 forward GFLOPs
     (CapsNet: 7.0M); 3D 28^3 about 0.55M parameters and 0.07 GFLOPs (CapsNet: 25M and 1.0).
