@@ -87,18 +87,10 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
             that is no proper volume, naming its UID.
     """
     from capsmed.data.transforms import build_preprocess_transforms
-    from capsmed.dicom.outputs import volumes_ml
-    from capsmed.evaluate.evidence import evidence_disagreement
-    from capsmed.fileio import save_nifti
     from capsmed.report import write_study_report
     from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.inference import (
-        evidence_kind,
-        predict_classification_case,
-        predict_segmentation_case,
-    )
+    from capsmed.train.inference import evidence_kind
     from capsmed.train.runtime import atomic_write_text, select_device, sha256_file
-    from capsmed.train.study_files import save_classification_panels, save_segmentation_maps
 
     ckpt = load_checkpoint(checkpoint)
     plan, task, names = ckpt["plan"], ckpt["task"], ckpt["names"]
@@ -129,44 +121,17 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         seen.add(cid)
         stem = safe_name(cid)
         item = {"image": str(study.resolve()), "case_id": cid}
-        try:
-            if task == "segmentation":
-                icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "evidence": True,
-                        "largest_component": largest_component}
-                out = predict_segmentation_case(model, item, plan, preprocess, dev, icfg)
-            else:
-                out = predict_classification_case(model, item, preprocess, dev)
-        except CapsmedError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - report unreadable studies without a traceback
-            raise CapsmedError(f"{study}: cannot be read or predicted ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "evidence": True,
+                "largest_component": largest_component}
+        out = _predict_one(model, item, task, plan, preprocess, dev, icfg, study)
         report_info = {"case_id": cid, "task": task, "model": ckpt["model"]["name"],
                        "dataset": ckpt.get("dataset"), "image": item["image"],
                        "provenance": provenance}
         result = {"case_id": cid}
         if task == "segmentation":
-            pred_path = out_dir / f"{stem}_seg.nii.gz"
-            save_nifti(out["pred"], pred_path, out["affine"], dtype=np.uint8)
-            report_info.update(prediction=str(pred_path), labels=names,
-                               volumes_ml=volumes_ml(out["pred"], out["affine"], names))
-            if out["uncertainty"] is not None:
-                unc_path = out_dir / f"{stem}_uncertainty.nii.gz"
-                save_nifti(out["uncertainty"], unc_path, out["affine"], dtype=np.float32)
-                report_info["uncertainty"] = str(unc_path)
-            maps = save_segmentation_maps(out, out_dir, stem)
-            report_info.update({k: str(v) for k, v in maps.items()}, evidence_kind=kind)
-            if maps and kind == "capsule lengths":
-                report_info["evidence_disagreement"] = evidence_disagreement(out["evidence"],
-                                                                             out["pred"])
-            result["prediction"] = str(pred_path)
+            result["prediction"] = _save_segmentation(out, out_dir, stem, names, kind, report_info)
         else:
-            probs = [float(p) for p in out["probs"]]
-            report_info.update(probabilities=probs, classes=names)
-            if out["lengths"] is not None:
-                report_info["lengths"] = [float(v) for v in out["lengths"]]
-            report_info.update({k: str(v) for k, v in
-                                save_classification_panels(out, out_dir, stem).items()})
+            probs = _save_classification(out, out_dir, stem, names, report_info)
             result["probabilities"] = probs
             rows.append({"case_id": cid, "image": item["image"],
                          "predicted": int(np.argmax(probs)),
@@ -188,6 +153,70 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         writer.writerows(rows)
         atomic_write_text(out_dir / "probabilities.csv", buf.getvalue())
     return results
+
+
+def _predict_one(model: Any, item: dict[str, str], task: str, plan: dict, preprocess: Any,
+                 dev: Any, icfg: dict[str, Any], study: Path) -> dict[str, Any]:
+    """One study's prediction (:mod:`capsmed.train.inference`), errors named by the study.
+
+    Raises:
+        CapsmedError: The study cannot be read or predicted (no traceback).
+    """
+    from capsmed.train.inference import predict_classification_case, predict_segmentation_case
+
+    try:
+        if task == "segmentation":
+            return predict_segmentation_case(model, item, plan, preprocess, dev, icfg)
+        return predict_classification_case(model, item, preprocess, dev)
+    except CapsmedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - report unreadable studies without a traceback
+        raise CapsmedError(f"{study}: cannot be read or predicted ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _save_segmentation(out: dict[str, Any], out_dir: Path, stem: str, names: Any,
+                       kind: str | None, report_info: dict[str, Any]) -> str:
+    """Write a segmentation's label map, uncertainty and evidence maps; returns the map's path.
+
+    Adds the files, volumes and evidence disagreement to ``report_info`` (the study page's input).
+    """
+    from capsmed.dicom.outputs import volumes_ml
+    from capsmed.evaluate.evidence import evidence_disagreement
+    from capsmed.fileio import save_nifti
+    from capsmed.train.study_files import save_segmentation_maps
+
+    pred_path = out_dir / f"{stem}_seg.nii.gz"
+    save_nifti(out["pred"], pred_path, out["affine"], dtype=np.uint8)
+    report_info.update(prediction=str(pred_path), labels=names,
+                       volumes_ml=volumes_ml(out["pred"], out["affine"], names))
+    if out["uncertainty"] is not None:
+        unc_path = out_dir / f"{stem}_uncertainty.nii.gz"
+        save_nifti(out["uncertainty"], unc_path, out["affine"], dtype=np.float32)
+        report_info["uncertainty"] = str(unc_path)
+    maps = save_segmentation_maps(out, out_dir, stem)
+    report_info.update({k: str(v) for k, v in maps.items()}, evidence_kind=kind)
+    if maps and kind == "capsule lengths":
+        report_info["evidence_disagreement"] = evidence_disagreement(out["evidence"],
+                                                                     out["pred"])
+    return str(pred_path)
+
+
+def _save_classification(out: dict[str, Any], out_dir: Path, stem: str, names: Any,
+                         report_info: dict[str, Any]) -> list[float]:
+    """Write a classification's panels; returns its class probabilities.
+
+    Adds the probabilities, capsule lengths and panel files to ``report_info``.
+    """
+    from capsmed.train.study_files import save_classification_panels
+
+    probs = [float(p) for p in out["probs"]]
+    report_info.update(probabilities=probs, classes=names)
+    if out["lengths"] is not None:
+        report_info["lengths"] = [float(v) for v in out["lengths"]]
+    report_info.update({k: str(v) for k, v in
+                        save_classification_panels(out, out_dir, stem).items()})
+    return probs
 
 
 def _dicom_sources(studies: list[Path]) -> dict[Path, Any]:

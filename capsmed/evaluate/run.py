@@ -222,6 +222,94 @@ def case_file(eval_dir: Path, case_id: str) -> Path:
     return Path(eval_dir) / "cases" / f"{safe_name(case_id)}.json"
 
 
+def _gather_case_files(out_dir: Path, cases: list[dict], ckpt_path: Path,
+                       ckpt_sha: str) -> tuple[list[dict], float, str | None]:
+    """The rows of a stage evaluated one case per job: ``(rows, peak MB, device)``.
+
+    Raises:
+        CapsmedError: A case file is missing or unreadable, or was made with another checkpoint.
+    """
+    from capsmed.paths import read_json
+
+    rows: list[dict] = []
+    peak, device = 0.0, None  # the device of the last case file that names one
+    for c in cases:
+        path = case_file(out_dir, c["case_id"])
+        doc = read_json(path, f"evaluation of case {c['case_id']}")
+        if doc.get("checkpoint_sha256") != ckpt_sha:
+            raise CapsmedError(f"{path}: made with another checkpoint than {ckpt_path}; "
+                               "evaluate that case again")
+        rows.append(doc["row"])
+        peak = max(peak, float(doc.get("peak_memory_mb") or 0.0))
+        device = doc.get("device") or device
+    return rows, peak, None if device is None else str(device)
+
+
+def _predict_cases(task: str, ckpt: dict, cases: list[dict], ctx: dict[str, Any],
+                   where: str) -> tuple[list[dict], float]:
+    """Predict every case with the checkpoint's model: ``(rows, peak MB)``.
+
+    ``ctx`` is :func:`_case_row`'s context without ``evidence_kind``, which this adds from the
+    model; ``where`` (``dataset/stage``) names the stage in log messages.
+    """
+    from capsmed.train.checkpoint import build_model
+    from capsmed.train.inference import evidence_kind
+    from capsmed.train.runtime import peak_memory_mb
+
+    model = build_model(ckpt).to(ctx["device"])
+    ctx = {**ctx, "evidence_kind": evidence_kind(model)}
+    if ctx["dicom"] and not any(Path(c["image"]).is_dir() for c in cases):
+        logger.info("%s: evaluate.dicom_out writes no DICOM SEG/SR: no %s case is a DICOM "
+                    "series (a SEG references the source's DICOM instances)", where, ctx["stage"])
+    rows = [_case_row(task, model, c, ctx) for c in cases]
+    return rows, peak_memory_mb(ctx["device"])
+
+
+def _stage_document(rows: list[dict], names: Any, cfg: dict, identity: dict[str, Any],
+                    provenance: dict[str, Any], peak: float,
+                    device: str) -> tuple[dict[str, Any], list[str]]:
+    """``metrics.json``'s content from the case rows, and the fields of ``cases.csv``.
+
+    Removes the rows' private keys (timings, histograms, evidence kind) once they are counted.
+
+    Args:
+        rows: One dict per case (:func:`_case_row`).
+        names: Label or class names of the checkpoint.
+        cfg: Validated configuration (bootstrap resamples, seed).
+        identity: dataset, model, stage, fold and task, the document's first keys.
+        provenance: checkpoint hash and inference settings, after the cost.
+        peak: Peak memory in MB.
+        device: Device the cases ran on.
+
+    Returns:
+        ``(document, fields)``: what ``metrics.json`` holds, and the columns of ``cases.csv``.
+    """
+    from capsmed.evaluate.uncertainty import calibrate, tta_cost
+
+    task = identity["task"]
+    seconds = [float(r.pop("_seconds")) for r in rows]
+    pass_seconds = [r.pop("_pass_seconds", None) for r in rows]
+    metrics, ci, fields, extra = _aggregate(task, rows, names, int(cfg["evaluate"]["bootstrap"]),
+                                            int(cfg["seed"]))
+    doc = {
+        **identity, "n_cases": len(rows), "metrics": metrics, "ci95": ci,
+        "cost": {"inference_seconds_per_case": round(float(np.mean(seconds)), 4) if seconds
+                 else None, "peak_memory_mb": round(peak, 1), "device": device},
+        **provenance, **extra,
+    }
+    if task == "segmentation":
+        doc["cost"].update(tta_cost(pass_seconds))
+        kinds = {r.get("_evidence_kind") for r in rows} - {None}
+        if kinds:
+            doc["evidence_kind"] = kinds.pop()
+        if identity["stage"] == "val":
+            doc["uncertainty_calibration"] = calibrate(rows)
+    for r in rows:
+        for key in ("_entropy_hist_error", "_entropy_hist_correct", "_evidence_kind"):
+            r.pop(key, None)
+    return doc, fields
+
+
 def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
                    threads: int | None = None, fold: int | None = None, case: str | None = None,
                    from_cases: bool = False) -> dict[str, Any]:
@@ -254,15 +342,12 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
 
     from capsmed.data.splits import stage_cases
     from capsmed.data.transforms import build_preprocess_transforms
-    from capsmed.evaluate.uncertainty import calibrate, tta_cost
     from capsmed.paths import read_json
-    from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.inference import evidence_kind
+    from capsmed.train.checkpoint import load_checkpoint
     from capsmed.train.runtime import (
         atomic_write_json,
         atomic_write_text,
         configure_threads,
-        peak_memory_mb,
         select_device,
         sha256_file,
     )
@@ -293,68 +378,36 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
                                + (f" of fold {fold_index}" if path_fold is not None else ""))
         cases = chosen[:1]
 
-    rows: list[dict] = []
-    peak = 0.0
-    device_name = str(device)
     if from_cases:
-        for c in cases:
-            path = case_file(out_dir, c["case_id"])
-            doc = read_json(path, f"evaluation of case {c['case_id']}")
-            if doc.get("checkpoint_sha256") != ckpt_sha:
-                raise CapsmedError(f"{path}: made with another checkpoint than {ckpt_path}; "
-                                   "evaluate that case again")
-            rows.append(doc["row"])
-            peak = max(peak, float(doc.get("peak_memory_mb") or 0.0))
-            device_name = str(doc.get("device") or device_name)
+        rows, peak, device_name = _gather_case_files(out_dir, cases, ckpt_path, ckpt_sha)
+        device_name = device_name or str(device)
     else:
-        model = build_model(ckpt).to(device)
-        ctx = {"plan": ckpt["plan"], "preprocess": build_preprocess_transforms(ckpt["plan"]),
+        ctx = {"preprocess": build_preprocess_transforms(ckpt["plan"]), "plan": ckpt["plan"],
                "device": device, "icfg": icfg, "names": names, "layout": layout,
-               "pred_dir": pred_dir, "stage": stage, "evidence_kind": evidence_kind(model),
+               "pred_dir": pred_dir, "stage": stage,
                "dicom": {"model": model_name, "checkpoint_sha256": ckpt_sha}
                if cfg["evaluate"].get("dicom_out") else None}
-        if ctx["dicom"] and not any(Path(c["image"]).is_dir() for c in cases):
-            logger.info("%s/%s: evaluate.dicom_out writes no DICOM SEG/SR: no %s case is a "
-                        "DICOM series (a SEG references the source's DICOM instances)",
-                        dataset, stage, stage)
-        for c in cases:
-            rows.append(_case_row(task, model, c, ctx))
-        peak = peak_memory_mb(device)
+        rows, peak = _predict_cases(task, ckpt, cases, ctx, f"{dataset}/{stage}")
+        device_name = str(device)
         if case is not None:
             doc = {"dataset": dataset, "model": model_name, "stage": stage, "fold": fold_index,
-                   "row": rows[0], "peak_memory_mb": round(peak, 1), "device": str(device),
+                   "row": rows[0], "peak_memory_mb": round(peak, 1), "device": device_name,
                    "checkpoint_sha256": ckpt_sha}
             atomic_write_json(case_file(out_dir, cases[0]["case_id"]), doc)
             logger.info("%s/%s/%s: case %s in %.2f s", dataset, model_name, stage,
                         cases[0]["case_id"], rows[0]["_seconds"])
             return doc
 
-    seconds = [float(r.pop("_seconds")) for r in rows]
-    pass_seconds = [r.pop("_pass_seconds", None) for r in rows]
-    metrics, ci, fields, extra = _aggregate(task, rows, names, int(cfg["evaluate"]["bootstrap"]),
-                                            int(cfg["seed"]))
-    doc = {
-        "dataset": dataset, "model": model_name, "stage": stage, "fold": fold_index, "task": task,
-        "n_cases": len(rows), "metrics": metrics, "ci95": ci,
-        "cost": {"inference_seconds_per_case": round(float(np.mean(seconds)), 4) if seconds
-                 else None, "peak_memory_mb": round(peak, 1), "device": device_name},
-        "checkpoint_sha256": ckpt_sha, "inference": icfg, **extra,
-    }
-    if task == "segmentation":
-        doc["cost"].update(tta_cost(pass_seconds))
-        kinds = {r.get("_evidence_kind") for r in rows} - {None}
-        if kinds:
-            doc["evidence_kind"] = kinds.pop()
-        if stage == "val":
-            doc["uncertainty_calibration"] = calibrate(rows)
-    for r in rows:
-        for key in ("_entropy_hist_error", "_entropy_hist_correct", "_evidence_kind"):
-            r.pop(key, None)
+    identity = {"dataset": dataset, "model": model_name, "stage": stage, "fold": fold_index,
+                "task": task}
+    doc, fields = _stage_document(rows, names, cfg, identity,
+                                  {"checkpoint_sha256": ckpt_sha, "inference": icfg},
+                                  peak, device_name)
     atomic_write_text(out_dir / "cases.csv", _rows_to_csv(rows, fields))
     atomic_write_json(out_dir / "metrics.json", doc)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     logger.info("%s/%s/%s: %d cases, %s", dataset, model_name, stage, len(rows),
-                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                ", ".join(f"{k}={v:.4f}" for k, v in doc["metrics"].items()
                           if v is not None and "_" not in k))
     return doc

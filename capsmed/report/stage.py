@@ -442,6 +442,102 @@ def _uncertainty_section(cases: pd.DataFrame, names: Mapping[int, str],
 # ----------------------------------------------------------------------------- page
 
 
+def _stage_lead(dataset: str, model: str, stage: str, task: str, n_cases: int, metrics: dict,
+                ci95: dict, train: dict, cost: dict) -> list[str]:
+    """The page's opening sentences: the headline metrics, then the model's cost."""
+    lead_parts = [headline_text(m, metrics, ci95) for m in PRIMARY_METRICS.get(task, ())
+                  if is_number(metrics.get(m))][:2]
+    lead = []
+    if lead_parts:
+        cases_word = "case" if n_cases == 1 else "cases"
+        lead.append(f"On the {n_cases} {stage} {cases_word} of {dataset}, {model} reaches "
+                    + " and ".join(lead_parts) + ".")
+    cost_bits = []
+    if is_number(train.get("params")):
+        cost_bits.append(f"{fmt_params(train['params'])} parameters")
+    if is_number(train.get("flops")):
+        cost_bits.append(f"{fmt_flops(train['flops'])} per forward pass")
+    if is_number(train.get("train_seconds")):
+        cost_bits.append(f"trained in {fmt_seconds(train['train_seconds'])}")
+    if is_number(cost.get("inference_seconds_per_case")):
+        cost_bits.append(f"{fmt_seconds(cost['inference_seconds_per_case'])} per case at inference")
+    if cost_bits:
+        lead.append("Cost: " + ", ".join(cost_bits) + ".")
+    return lead
+
+
+def _stage_cards(task: str, metrics: dict, ci95: dict, n_cases: int, stage: str, train: dict,
+                 cost: dict) -> list[dict[str, str]]:
+    """The cards under the title: headline metrics with their intervals, cases, cost."""
+    cards = [b.card(metric_label(m).replace(" (mm)", ""),
+                    fmt_metric(metrics[m], m) + (" mm" if m.startswith("hd95") else ""),
+                    ("95% CI " + fmt_ci(ci95.get(m), m)) if fmt_ci(ci95.get(m), m) else "")
+             for m in PRIMARY_METRICS.get(task, ()) if is_number(metrics.get(m))]
+    cards.append(b.card("Cases", n_cases, stage))
+    if is_number(train.get("params")):
+        cards.append(b.card("Parameters", fmt_params(train["params"])))
+    if is_number(cost.get("inference_seconds_per_case")):
+        cards.append(b.card("Inference", fmt_seconds(cost["inference_seconds_per_case"]),
+                            "per case"))
+    return cards
+
+
+def _segmentation_page_sections(lay: DatasetLayout, model: str, edir: Path, metrics_doc: dict,
+                                cases: pd.DataFrame, names: Mapping[int, str],
+                                links: Mapping[str, str | None]
+                                ) -> tuple[list[dict[str, Any]], list[str]]:
+    """A segmentation stage's sections and the sentences they add to the lead.
+
+    The uncertainty and evidence sections go before the case table, which stays last.
+    ``edir`` is the stage's evaluation folder; figures' paths resolve against it, the results
+    folder, the dataset folder and its ``predictions``.
+    """
+    bases = [edir, Path(lay.results_dir), lay.dataset_dir, edir / "predictions"]
+    sections = _segmentation_sections(cases, names, links, bases)
+    lead = []
+    unc_section, unc_lead = _uncertainty_section(cases, names, links,
+                                                 read_calibration(lay, model),
+                                                 metrics_doc.get("cost") or {})
+    if unc_section is not None:
+        sections.insert(len(sections) - 1, unc_section)
+    if unc_lead:
+        lead.append(unc_lead)
+    ev_text = evidence_text(cases, metrics_doc.get("evidence_kind"))
+    if ev_text:
+        sections.insert(len(sections) - 1, b.section(
+            "evidence", "What the capsules saw", paragraphs=[ev_text]))
+    return sections, lead
+
+
+def _provenance_section(metrics_doc: dict, train: dict) -> dict[str, Any]:
+    """Seed, config hash, checkpoint hash, training date and package versions."""
+    record = {**{k: metrics_doc[k] for k in ("checkpoint_sha256",) if metrics_doc.get(k)},
+              **{k: v for k, v in train.items() if v not in (None, "")}}
+    prov = [(label, record[k]) for k, label in (
+        ("seed", "Seed"), ("config_hash", "Config hash"),
+        ("checkpoint_sha256", "Checkpoint SHA-256"), ("date", "Trained")) if k in record]
+    versions = train.get("versions")
+    prov_tables = [b.kv_table(prov)] if prov else []
+    if isinstance(versions, Mapping) and versions:
+        prov_tables.append(b.table(["Package", "Version"],
+                                   [b.row([k, v]) for k, v in sorted(versions.items())]))
+    return b.section("provenance", "Provenance", tables=prov_tables,
+                     paragraphs=[] if prov_tables else ["No train.json was found."])
+
+
+def _stage_nav(lay: DatasetLayout, model: str, stage: str,
+               report_dir: Path) -> list[dict[str, str]]:
+    """Links to the results index, the model's other stages, the comparison and QC pages."""
+    nav = [b.link("All results", rel_href(Path(lay.results_dir) / "index.html", report_dir))]
+    for other in STAGES:
+        if other != stage and lay.stage_report(model, other).exists():
+            nav.append(b.link(f"{other} stage", f"{other}.html"))
+    for page, text in (("comparison.html", "Model comparison"), ("qc.html", "Preprocessing QC")):
+        if (lay.reports_dir / page).exists():
+            nav.append(b.link(text, rel_href(lay.reports_dir / page, report_dir)))
+    return nav
+
+
 def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, *,
                        fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/{model}/{stage}.html``.
@@ -484,36 +580,7 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, 
     cost = metrics_doc.get("cost") or {}
     n_cases = metrics_doc.get("n_cases", len(cases))
 
-    lead_parts = [headline_text(m, metrics, ci95) for m in PRIMARY_METRICS.get(task, ())
-                  if is_number(metrics.get(m))][:2]
-    lead = []
-    if lead_parts:
-        cases_word = "case" if n_cases == 1 else "cases"
-        lead.append(f"On the {n_cases} {stage} {cases_word} of {dataset}, {model} reaches "
-                    + " and ".join(lead_parts) + ".")
-    cost_bits = []
-    if is_number(train.get("params")):
-        cost_bits.append(f"{fmt_params(train['params'])} parameters")
-    if is_number(train.get("flops")):
-        cost_bits.append(f"{fmt_flops(train['flops'])} per forward pass")
-    if is_number(train.get("train_seconds")):
-        cost_bits.append(f"trained in {fmt_seconds(train['train_seconds'])}")
-    if is_number(cost.get("inference_seconds_per_case")):
-        cost_bits.append(f"{fmt_seconds(cost['inference_seconds_per_case'])} per case at inference")
-    if cost_bits:
-        lead.append("Cost: " + ", ".join(cost_bits) + ".")
-
-    cards = [b.card(metric_label(m).replace(" (mm)", ""),
-                    fmt_metric(metrics[m], m) + (" mm" if m.startswith("hd95") else ""),
-                    ("95% CI " + fmt_ci(ci95.get(m), m)) if fmt_ci(ci95.get(m), m) else "")
-             for m in PRIMARY_METRICS.get(task, ()) if is_number(metrics.get(m))]
-    cards.append(b.card("Cases", n_cases, stage))
-    if is_number(train.get("params")):
-        cards.append(b.card("Parameters", fmt_params(train["params"])))
-    if is_number(cost.get("inference_seconds_per_case")):
-        cards.append(b.card("Inference", fmt_seconds(cost["inference_seconds_per_case"]),
-                            "per case"))
-
+    lead = _stage_lead(dataset, model, stage, task, n_cases, metrics, ci95, train, cost)
     report_dir = out.parent
     links = {str(cid): _study_link(str(cid), report_dir, lay.studies_dir(model), stage)
              for cid in (cases["case_id"] if "case_id" in cases.columns else [])}
@@ -528,38 +595,13 @@ def write_stage_report(results_dir: Path, dataset: str, model: str, stage: str, 
     elif task == "classification":
         sections += _classification_sections(metrics_doc, cases, names, links)
     else:
-        bases = [edir, results_dir, lay.dataset_dir, edir / "predictions"]
-        sections += _segmentation_sections(cases, names, links, bases)
-        unc_section, unc_lead = _uncertainty_section(cases, names, links,
-                                                     read_calibration(lay, model), cost)
-        if unc_section is not None:
-            sections.insert(len(sections) - 1, unc_section)  # before the case table
-        if unc_lead:
-            lead.append(unc_lead)
-        ev_text = evidence_text(cases, metrics_doc.get("evidence_kind"))
-        if ev_text:
-            sections.insert(len(sections) - 1, b.section(
-                "evidence", "What the capsules saw", paragraphs=[ev_text]))
-    record = {**{k: metrics_doc[k] for k in ("checkpoint_sha256",) if metrics_doc.get(k)},
-              **{k: v for k, v in train.items() if v not in (None, "")}}
-    prov = [(label, record[k]) for k, label in (
-        ("seed", "Seed"), ("config_hash", "Config hash"),
-        ("checkpoint_sha256", "Checkpoint SHA-256"), ("date", "Trained")) if k in record]
-    versions = train.get("versions")
-    prov_tables = [b.kv_table(prov)] if prov else []
-    if isinstance(versions, Mapping) and versions:
-        prov_tables.append(b.table(["Package", "Version"],
-                                   [b.row([k, v]) for k, v in sorted(versions.items())]))
-    sections.append(b.section("provenance", "Provenance", tables=prov_tables,
-                              paragraphs=[] if prov_tables else ["No train.json was found."]))
-
-    nav = [b.link("All results", rel_href(results_dir / "index.html", report_dir))]
-    for other in STAGES:
-        if other != stage and lay.stage_report(model, other).exists():
-            nav.append(b.link(f"{other} stage", f"{other}.html"))
-    for page, text in (("comparison.html", "Model comparison"), ("qc.html", "Preprocessing QC")):
-        if (lay.reports_dir / page).exists():
-            nav.append(b.link(text, rel_href(lay.reports_dir / page, report_dir)))
+        seg_sections, seg_lead = _segmentation_page_sections(lay, model, edir, metrics_doc,
+                                                             cases, names, links)
+        sections += seg_sections
+        lead += seg_lead
+    sections.append(_provenance_section(metrics_doc, train))
     return render_page(out, "page.html", title=f"{dataset}: {model}, {stage} stage",
-                       subtitle=f"{task} \u00b7 {n_cases} cases", nav=nav, lead=lead, note=None,
-                       top_cards=cards, sections=sections)
+                       subtitle=f"{task} \u00b7 {n_cases} cases",
+                       nav=_stage_nav(lay, model, stage, report_dir), lead=lead, note=None,
+                       top_cards=_stage_cards(task, metrics, ci95, n_cases, stage, train, cost),
+                       sections=sections)
