@@ -318,6 +318,67 @@ def _check_label(image: Path, vol: ImageInfo, spatial: tuple[int, ...] | None, l
 # MSD
 
 
+def _read_msd_json(jpath: Path, p: list[str]) -> dict[str, Any] | None:
+    """An MSD ``dataset.json`` as a dict, or None with the reason appended to ``p``."""
+    if not jpath.is_file():
+        p.append(f"{jpath}: missing (an MSD folder needs a dataset.json)")
+        return None
+    try:
+        doc = json.loads(jpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        p.append(f"{jpath}: malformed JSON ({exc})")
+        return None
+    except OSError as exc:
+        p.append(f"{jpath}: unreadable ({exc})")
+        return None
+    if not isinstance(doc, dict):
+        p.append(f"{jpath}: malformed dataset.json: the top level must be an object")
+        return None
+    return doc
+
+
+def _msd_entries(training: list[Any], jpath: Path, root: Path,
+                 p: list[str]) -> list[tuple[str, Path, Path]]:
+    """``(case id, image, label)`` of each well-formed, unique ``training`` entry.
+
+    Entries that are no object, lack a path, point outside ``root`` or repeat an image or a
+    case id are left out, each with its problem appended to ``p``.
+    """
+    seen_img: dict[Path, int] = {}
+    seen_id: dict[str, int] = {}
+    entries = []
+    for i, entry in enumerate(training):
+        where = f"{jpath}: training[{i}]"
+        if not isinstance(entry, dict):
+            p.append(f"{where} must be an object with 'image' and 'label'")
+            continue
+        paths = {}
+        for key in ("image", "label"):
+            val = entry.get(key)
+            if not isinstance(val, str) or not val:
+                p.append(f"{where} lacks '{key}'")
+                continue
+            full = resolve(val, root)
+            if not is_within(full, root):
+                p.append(f"{where} {key} '{val}' leaves the dataset folder {root}")
+                continue
+            paths[key] = full
+        if len(paths) < 2:
+            continue
+        case_id = strip_nifti_suffix(paths["image"].name)
+        if paths["image"] in seen_img:
+            p.append(f"{where}: duplicate case: image {paths['image']} is also "
+                     f"training[{seen_img[paths['image']]}]")
+            continue
+        if case_id in seen_id:
+            p.append(f"{where}: duplicate case id '{case_id}' (also training[{seen_id[case_id]}])")
+            continue
+        seen_img[paths["image"]] = i
+        seen_id[case_id] = i
+        entries.append((case_id, paths["image"], paths["label"]))
+    return entries
+
+
 def scan_msd(path: Path, *, spatial_dims: int | None = None, max_cases: int | None = None,
              load: bool = True) -> Scan:
     """Check a Medical Segmentation Decathlon folder (or its ``dataset.json``) and list its cases.
@@ -339,19 +400,8 @@ def scan_msd(path: Path, *, spatial_dims: int | None = None, max_cases: int | No
         root, jpath = path.parent, path
     scan = Scan(kind="msd", path=path, task="segmentation")
     p = scan.problems
-    if not jpath.is_file():
-        p.append(f"{jpath}: missing (an MSD folder needs a dataset.json)")
-        return scan
-    try:
-        doc = json.loads(jpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        p.append(f"{jpath}: malformed JSON ({exc})")
-        return scan
-    except OSError as exc:
-        p.append(f"{jpath}: unreadable ({exc})")
-        return scan
-    if not isinstance(doc, dict):
-        p.append(f"{jpath}: malformed dataset.json: the top level must be an object")
+    doc = _read_msd_json(jpath, p)
+    if doc is None:
         return scan
     for key in ("labels", "training"):
         if key not in doc:
@@ -384,38 +434,7 @@ def scan_msd(path: Path, *, spatial_dims: int | None = None, max_cases: int | No
                     # background 0 counts as declared (a missing "0" is reported once above)
                     declared_labels={0} | {int(k) for k in labels} if labels else None,
                     dims_from=dims_from)
-    seen_img: dict[Path, int] = {}
-    seen_id: dict[str, int] = {}
-    to_check = []
-    for i, entry in enumerate(training):
-        where = f"{jpath}: training[{i}]"
-        if not isinstance(entry, dict):
-            p.append(f"{where} must be an object with 'image' and 'label'")
-            continue
-        paths = {}
-        for key in ("image", "label"):
-            val = entry.get(key)
-            if not isinstance(val, str) or not val:
-                p.append(f"{where} lacks '{key}'")
-                continue
-            full = resolve(val, root)
-            if not is_within(full, root):
-                p.append(f"{where} {key} '{val}' leaves the dataset folder {root}")
-                continue
-            paths[key] = full
-        if len(paths) < 2:
-            continue
-        case_id = strip_nifti_suffix(paths["image"].name)
-        if paths["image"] in seen_img:
-            p.append(f"{where}: duplicate case: image {paths['image']} is also "
-                     f"training[{seen_img[paths['image']]}]")
-            continue
-        if case_id in seen_id:
-            p.append(f"{where}: duplicate case id '{case_id}' (also training[{seen_id[case_id]}])")
-            continue
-        seen_img[paths["image"]] = i
-        seen_id[case_id] = i
-        to_check.append((case_id, paths["image"], paths["label"]))
+    to_check = _msd_entries(training, jpath, root, p)
     if max_cases is not None:
         to_check = to_check[:max_cases]
     geo.decide([image for _, image, _ in to_check])
@@ -479,43 +498,17 @@ def scan_npz(path: Path, *, spatial_dims: int | None = None, classes: Any = None
     dims_seen = set()
     max_label = -1
     for s, (imgs, labs) in splits.items():
-        if imgs.shape[:1] != labs.shape[:1]:
-            p.append(f"{path}: count mismatch: {s}_images has {imgs.shape[0]} item(s) but "
-                     f"{s}_labels has {labs.shape[0] if labs.ndim else 0}")
-            continue
-        if labs.ndim == 2 and labs.shape[1] != 1:
-            p.append(f"{path}: {s}_labels has shape {list(labs.shape)}: multi-label "
-                     "(N, k) labels are not supported (need (N,) or (N, 1))")
-            continue
-        if labs.ndim not in (1, 2):
-            p.append(f"{path}: {s}_labels has shape {list(labs.shape)}; need (N,) or (N, 1)")
-            continue
-        flat = labs.reshape(-1)
-        if flat.dtype.kind not in "iuf" or (flat.dtype.kind == "f" and (
-                not np.isfinite(flat).all() or (flat != np.round(flat)).any())):
-            p.append(f"{path}: {s}_labels holds non-integer classes (dtype {flat.dtype})")
-            continue
-        if flat.size and flat.min() < 0:
-            p.append(f"{path}: {s}_labels holds negative classes ({int(flat.min())})")
-            continue
-        if imgs.ndim == 4 and imgs.shape[-1] in (3, 4) and imgs.shape[1] != imgs.shape[-1]:
-            p.append(f"{path}: {s}_images has shape {list(imgs.shape)}: colour (N, H, W, "
-                     f"{imgs.shape[-1]}) images are not supported; convert them to grey")
-            continue
-        if imgs.ndim not in (3, 4):
-            p.append(f"{path}: wrong dimensionality: {s}_images has shape {list(imgs.shape)}; "
-                     "need (N, H, W) or (N, D, H, W)")
-            continue
-        if imgs.dtype.kind not in "iufb":
-            p.append(f"{path}: {s}_images has non-numeric dtype {imgs.dtype}")
+        problem = _npz_split_problem(path, s, imgs, labs)
+        if problem:
+            p.append(problem)
             continue
         if imgs.dtype.kind == "f":
             bad = int(imgs.size - np.count_nonzero(np.isfinite(imgs)))
             if bad:
                 p.append(f"{path}: {s}_images holds {bad} NaN/inf value(s)")
         dims_seen.add(imgs.ndim - 1)
-        if flat.size:
-            max_label = max(max_label, int(flat.max()))
+        if labs.size:
+            max_label = max(max_label, int(labs.max()))
     if len(dims_seen) > 1:
         p.append(f"{path}: wrong dimensionality: the splits mix 2D and 3D images")
     elif dims_seen:
@@ -539,16 +532,58 @@ def scan_npz(path: Path, *, spatial_dims: int | None = None, classes: Any = None
     if p:
         return scan
     scan.arrays = splits
+    scan.cases = _npz_cases(path.stem, splits, max_cases)
+    return scan
+
+
+def _npz_split_problem(path: Path, split: str, imgs: np.ndarray, labs: np.ndarray) -> str | None:
+    """The first problem that makes one official split of a MedMNIST archive unusable, or None.
+
+    Args:
+        path: the ``.npz`` file (named in the message).
+        split: ``train``, ``val`` or ``test``.
+        imgs: ``{split}_images``, ``(N, H, W)`` or ``(N, D, H, W)`` when valid.
+        labs: ``{split}_labels``, ``(N,)`` or ``(N, 1)`` integer classes when valid.
+    """
+    s = split
+    if imgs.shape[:1] != labs.shape[:1]:
+        return (f"{path}: count mismatch: {s}_images has {imgs.shape[0]} item(s) but "
+                f"{s}_labels has {labs.shape[0] if labs.ndim else 0}")
+    if labs.ndim == 2 and labs.shape[1] != 1:
+        return (f"{path}: {s}_labels has shape {list(labs.shape)}: multi-label "
+                "(N, k) labels are not supported (need (N,) or (N, 1))")
+    if labs.ndim not in (1, 2):
+        return f"{path}: {s}_labels has shape {list(labs.shape)}; need (N,) or (N, 1)"
+    flat = labs.reshape(-1)
+    if flat.dtype.kind not in "iuf" or (flat.dtype.kind == "f" and (
+            not np.isfinite(flat).all() or (flat != np.round(flat)).any())):
+        return f"{path}: {s}_labels holds non-integer classes (dtype {flat.dtype})"
+    if flat.size and flat.min() < 0:
+        return f"{path}: {s}_labels holds negative classes ({int(flat.min())})"
+    if imgs.ndim == 4 and imgs.shape[-1] in (3, 4) and imgs.shape[1] != imgs.shape[-1]:
+        return (f"{path}: {s}_images has shape {list(imgs.shape)}: colour (N, H, W, "
+                f"{imgs.shape[-1]}) images are not supported; convert them to grey")
+    if imgs.ndim not in (3, 4):
+        return (f"{path}: wrong dimensionality: {s}_images has shape {list(imgs.shape)}; "
+                "need (N, H, W) or (N, D, H, W)")
+    if imgs.dtype.kind not in "iufb":
+        return f"{path}: {s}_images has non-numeric dtype {imgs.dtype}"
+    return None
+
+
+def _npz_cases(stem: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+               max_cases: int | None) -> list[dict[str, Any]]:
+    """The case list of a checked MedMNIST archive (see :func:`scan_npz`)."""
     take = _proportional_take({s: v[0].shape[0] for s, v in splits.items()}, max_cases)
-    stem = path.stem
     width = max(5, len(str(max(v[0].shape[0] for v in splits.values()))))
+    cases = []
     for s, (_, labs) in splits.items():
         flat = labs.reshape(-1)
         for i in range(take[s]):
             cid = f"{stem}_{s}_{i:0{width}d}"
-            scan.cases.append({"case_id": cid, "class": int(flat[i]), "patient_id": cid,
-                               "split": s, "index": i})
-    return scan
+            cases.append({"case_id": cid, "class": int(flat[i]), "patient_id": cid,
+                          "split": s, "index": i})
+    return cases
 
 
 def _proportional_take(sizes: dict[str, int], max_cases: int | None) -> dict[str, int]:
