@@ -2,13 +2,14 @@
 
 Each row is one plain Snakemake command (printed), run once per seed into its own results folder;
 this script then reads every ``summary.json`` and ``train.json`` and prints a markdown table of mean
-and standard deviation over seeds (test stage).
+and standard deviation over seeds (test stage, or ``--stage``; ``--per-seed`` adds each seed's value).
 
     python benchmarks/real_data.py breastmnist --seeds 0 1 2
     python benchmarks/real_data.py msd_hippocampus --seeds 0 1 2
     python benchmarks/real_data.py msd_hippocampus --seeds 0 --ablation   # + routing ablations
     python benchmarks/real_data.py breastmnist --seeds 0 -- --rerun-triggers mtime  # snakemake args
     python benchmarks/real_data.py breastmnist --models rescapsnet rescapsnet_cosine  # a subset
+    python benchmarks/real_data.py breastmnist --report-only --stage val --per-seed
 
 ``--ablation`` adds the config's ablation entries (``models.<capsule model>_1iter`` and ``_conv`` /
 ``_linear``: same parameters, FLOPs within 0.5%, one routing iteration or no routing; AdrenalMNIST3D's
@@ -38,9 +39,9 @@ ABLATIONS = {
 }
 ROWS = {
     "breastmnist": ("config/examples/breastmnist.yaml", DATA / "medmnist",
-                    ["accuracy", "auc", "balanced_accuracy", "f1"]),
+                    ["accuracy", "auc", "balanced_accuracy", "f1", "ece"]),
     "adrenalmnist3d": ("config/examples/adrenalmnist3d.yaml", DATA / "medmnist",
-                       ["accuracy", "auc", "balanced_accuracy", "f1"]),
+                       ["accuracy", "auc", "balanced_accuracy", "f1", "ece"]),
     "msd_hippocampus": ("config/examples/msd_hippocampus.yaml", DATA / "msd_hippocampus_subset",
                         ["dice_anterior", "dice_posterior", "dice", "hd95"]),
 }
@@ -63,7 +64,8 @@ def command(row: str, seed: int, results: Path, extra: list[str],
             *config, *extra]
 
 
-def table(row: str, results_dirs: list[Path]) -> str:
+def table(row: str, results_dirs: list[Path], stage: str = "test", per_seed: bool = False) -> str:
+    """Markdown table over the seeds' results folders: mean +- sd of the stage's metrics, cost."""
     metrics = ROWS[row][2]
     per_model: dict[str, dict[str, list[float]]] = {}
     for res in results_dirs:
@@ -73,7 +75,7 @@ def table(row: str, results_dirs: list[Path]) -> str:
                 rec = json.loads((res / ds / "models" / model / "train.json").read_text())
                 slot = per_model.setdefault(model, {})
                 for k in metrics:
-                    v = m["stages"]["test"]["metrics"].get(k)
+                    v = m["stages"][stage]["metrics"].get(k)
                     if v is not None:
                         slot.setdefault(k, []).append(float(v))
                 slot.setdefault("params", []).append(rec["params"])
@@ -89,12 +91,17 @@ def table(row: str, results_dirs: list[Path]) -> str:
             return f"{vals[0]:.{digits}f}"
         return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
-    head = ["model", *metrics, "params", "GFLOPs", "train min", "epochs", "peak GB"]
+    def fmt_seeds(vals: list[float], digits: int = 3) -> str:
+        seeds = " / ".join(f"{v:.{digits}f}" for v in vals)
+        return f"{fmt(vals, digits)} ({seeds})" if per_seed and len(vals) > 1 else fmt(vals, digits)
+
+    head = ["model", *(f"{stage} {k}" for k in metrics), "params", "GFLOPs", "train min",
+            "epochs", "peak GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for model, slot in per_model.items():
-        cells = [model] + [fmt(slot.get(k, [])) for k in metrics]
+        cells = [model] + [fmt_seeds(slot.get(k, [])) for k in metrics]
         cells += [f"{int(slot['params'][0]):,}", f"{slot['gflops'][0]:.3f}", fmt(slot["train_min"], 1),
-                  fmt(slot["epochs"], 1),
+                  fmt_seeds(slot["epochs"], 0) if per_seed else fmt(slot["epochs"], 1),
                   fmt(slot["peak_gb"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -110,6 +117,9 @@ def main() -> int:
                     help="also train the config's routing ablations (same results folders)")
     ap.add_argument("--models", nargs="+", metavar="NAME",
                     help="train these entries of the config's models instead of the dataset's list")
+    ap.add_argument("--stage", choices=("train", "val", "test"), default="test",
+                    help="the stage whose metrics the table shows (default test)")
+    ap.add_argument("--per-seed", action="store_true", help="also show each seed's metric values")
     ap.epilog = "Arguments after -- go to snakemake."
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -125,7 +135,7 @@ def main() -> int:
             t0 = time.time()
             subprocess.run(cmd, cwd=ROOT, check=True)
             print(f"  seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    print(table(args.row, dirs))
+    print(table(args.row, dirs, args.stage, args.per_seed))
     return 0
 
 
