@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from capsmed.data.transforms import build_preprocess_transforms
+from capsmed.infer.checkpoint import build_model, load_checkpoint
 from capsmed.layers import coupling_statistics
 from capsmed.paths import Layout, read_json
-from capsmed.train.checkpoint import build_model, load_checkpoint
 
 ROUTED = ("capsunet", "rescapsnet", "densecapsnet")
 

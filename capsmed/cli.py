@@ -60,7 +60,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.config is None):
         raise CapsmedError("validate: give a dataset PATH or a config with -c CONFIG (not both)")
     if args.config is not None:
-        from capsmed.config import config_problems, load_config
+        from capsmed.config import load_config
+        from capsmed.models.registry import config_problems
 
         cfg = load_config(args.config, args.set)
         problems = config_problems(cfg, str(args.config))
@@ -99,9 +100,9 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     """Fingerprint the dataset and write the preprocessing plan."""
     from capsmed.config import dataset_config, model_class
     from capsmed.data.fingerprint import compute_fingerprint, make_plan
+    from capsmed.infer.runtime import atomic_write_json
     from capsmed.models import MODEL_REGISTRY
     from capsmed.paths import Layout, read_json
-    from capsmed.train.runtime import atomic_write_json
 
     cfg = _config(args)
     ds_cfg = dataset_config(cfg, args.dataset)
@@ -144,11 +145,18 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) one model on one dataset."""
+    from capsmed.config import resolve_fold
+    from capsmed.infer.settings import config_settings, record_settings
+    from capsmed.paths import Layout
     from capsmed.train.loop import train_model
 
     cfg = _config(args)
     train_model(cfg, args.dataset, args.model, threads=args.threads, max_epochs=args.max_epochs,
                 fold=args.fold)
+    # the inference settings beside best.pt, so capsmed predict finds them from the model alone
+    record_settings(Layout(Path(cfg["results"])).model_dir(
+        args.dataset, args.model, resolve_fold(cfg, args.dataset, args.fold)[1]),
+        config_settings(cfg, args.dataset))
     return 0
 
 
@@ -165,8 +173,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_crossval(args: argparse.Namespace) -> int:
     """Gather one model's validation metrics over the folds of a dataset."""
     from capsmed.evaluate.crossval import crossval_summary
+    from capsmed.infer.runtime import atomic_write_json
     from capsmed.paths import Layout
-    from capsmed.train.runtime import atomic_write_json
 
     cfg = _config(args)
     doc = crossval_summary(cfg, args.dataset, args.model)
@@ -215,9 +223,9 @@ def cmd_report_dataset(args: argparse.Namespace) -> int:
 def cmd_summarize(args: argparse.Namespace) -> int:
     """Write results/summary.json and results/index.html."""
     from capsmed import report
+    from capsmed.infer.runtime import atomic_write_json
     from capsmed.paths import Layout
     from capsmed.summary import build_summary
-    from capsmed.train.runtime import atomic_write_json
 
     cfg = _config(args)
     layout = Layout(Path(cfg["results"]))
@@ -248,8 +256,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not studies:
         raise CapsmedError("no studies given: name NIfTI files or DICOM series folders, or use "
                            "--dicomweb URL --study UID")
-    predict_studies(Path(args.model), studies, Path(args.out), device=args.device, tta=args.tta,
-                    largest_component=args.largest_component, dicom_out=dicom_out, sink=sink)
+    overrides = {"tta": args.tta, "tta_flips": args.tta_flips, "overlap": args.overlap,
+                 "largest_component": args.largest_component, "sw_batch_size": args.sw_batch_size}
+    predict_studies(Path(args.model), studies, Path(args.out), device=args.device,
+                    overrides=overrides, dicom_out=dicom_out, sink=sink)
     return 0
 
 
@@ -352,10 +362,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("studies", nargs="*", help="NIfTI files or DICOM series folders")
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--tta", action="store_true", help="test-time flips and an uncertainty map")
-    p.add_argument("--largest-component", action="store_true",
-                   help="segmentation: keep the largest connected component of each label "
-                        "(as inference.largest_component in the pipeline)")
+    recorded = " (default: as recorded in inference.json beside the checkpoint)"
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time flips (and a segmenter's uncertainty map)" + recorded)
+    p.add_argument("--tta-flips", choices=("axes", "mirror"), default=None,
+                   help="which flips: each axis, or every combination (nnU-Net)" + recorded)
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap in [0, 1)" + recorded)
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="segmentation: keep the largest connected component of each label"
+                        + recorded)
+    p.add_argument("--sw-batch-size", type=int, default=None,
+                   help="windows per forward pass (memory and time only; default 2)")
     p.add_argument("--dicom-out", action="store_true",
                    help="for DICOM series inputs also write a DICOM SEG and a DICOM SR (TID 1500)")
     p.add_argument("--dicomweb", metavar="URL",

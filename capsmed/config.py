@@ -262,6 +262,11 @@ def train_config(cfg: dict[str, Any], dataset: str, model: str) -> dict[str, Any
     return deep_merge(merged, cfg["models"].get(model, {}).get("train", {}))
 
 
+#: Inference settings that change only memory and time, never a prediction: they are chosen where
+#: inference runs, and changing them reruns no evaluation (:mod:`capsmed.infer.settings`).
+INFERENCE_RUNTIME_KEYS = ("sw_batch_size",)
+
+
 def inference_config(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
     """Inference settings for a dataset: global < dataset."""
     return deep_merge(cfg["inference"], dataset_config(cfg, dataset).get("inference", {}))
@@ -366,59 +371,13 @@ def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
 
 
 def evaluation_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
-    """Hash of what determines a model's evaluation: the trained model, inference, evaluate."""
-    return config_hash({"model": model_config_hash(cfg, dataset, model),
-                        "inference": inference_config(cfg, dataset),
-                        "evaluate": cfg["evaluate"]})
+    """Hash of what determines a model's evaluation: the trained model, inference, evaluate.
 
-
-def config_problems(cfg: dict[str, Any], source: str = "config") -> list[str]:
-    """What the schema cannot know and a run would find only after jobs ran.
-
-    Checked when Snakemake parses the workflow (``workflow/rules/common.smk``) and by
-    ``capsmed validate -c CONFIG``: every model name is in the registry and suits the dataset's
-    task, every model option is one its constructor takes, and every file source's ``path``
-    exists (relative paths from the working directory).
-
-    Args:
-        cfg: A validated configuration (:func:`validate_config`).
-        source: Name of the config file, for messages.
-
-    Returns:
-        One line per problem naming the key and the accepted values; empty when none.
+    Inference settings that change only memory and time (:data:`INFERENCE_RUNTIME_KEYS`) are left
+    out, so changing them reruns nothing.
     """
-    from capsmed.models.registry import MODEL_REGISTRY, _accepted_kwargs
-
-    known = ", ".join(sorted(MODEL_REGISTRY))
-    variants = sorted(m for m in cfg["models"] if model_class(cfg, m) != m)
-    problems = []
-    for name, ds in cfg["datasets"].items():
-        for model in ds["models"]:
-            cls = MODEL_REGISTRY.get(model_class(cfg, model))
-            if cls is None:
-                accepted = known + (f"; variants in models: {', '.join(variants)}"
-                                    if variants else "")
-                problems.append(f"{source}: datasets.{name}.models: unknown model {model!r}; "
-                                f"accepted: {accepted}")
-            elif cls.task != ds["task"]:
-                fits = ", ".join(sorted(m for m, c in MODEL_REGISTRY.items()
-                                        if c.task == ds["task"]))
-                problems.append(f"{source}: datasets.{name}.models: {model} is a {cls.task} model "
-                                f"but the task is {ds['task']}; accepted: {fits}")
-        if ds["source"] in FILE_SOURCES and ds.get("path"):
-            path = Path(ds["path"]).expanduser()
-            if not path.exists():
-                problems.append(f"{source}: datasets.{name}.path: {path} does not exist")
-    for model, settings in cfg["models"].items():
-        class_name = model_class(cfg, model)
-        cls = MODEL_REGISTRY.get(class_name)
-        if cls is None:
-            key = f"models.{model}.model" if class_name != model else f"models.{model}"
-            problems.append(f"{source}: {key}: unknown model {class_name!r}; accepted: {known}")
-            continue
-        accepted = _accepted_kwargs(cls)
-        for option in settings.get("args", {}):
-            if option not in accepted:
-                problems.append(f"{source}: models.{model}.args: unknown option {option!r} of "
-                                f"{class_name}; accepted: {', '.join(accepted)}")
-    return problems
+    icfg = {k: v for k, v in inference_config(cfg, dataset).items()
+            if k not in INFERENCE_RUNTIME_KEYS}
+    return config_hash({"model": model_config_hash(cfg, dataset, model),
+                        "inference": icfg,
+                        "evaluate": cfg["evaluate"]})

@@ -1,13 +1,16 @@
 """``capsmed predict``: run a trained model on new, unlabeled studies.
 
-The checkpoint carries everything inference needs (model name and arguments, preprocessing plan, label
-or class names), so a user passes only the checkpoint and the studies. For each study it writes the
-segmentation (NIfTI with the input's shape and affine; with ``--tta`` an uncertainty map too) or the
-class probabilities (one CSV row per study), and a diagnostic report. The report has the sections of
-a pipeline study page: a segmenter's evidence maps (capsule lengths beside the decoder's
-probabilities, or a CNN's softmax) and a capsule classifier's reconstruction and pose-perturbation
-panel, written by the same :mod:`capsmed.train.study_files` as ``capsmed evaluate``. With
-``dicom_out`` it also writes, for DICOM series inputs, a DICOM SEG and a TID 1500 SR
+The checkpoint carries everything inference needs (model name and arguments, preprocessing plan,
+label or class names), and ``inference.json`` beside it the settings the pipeline evaluated it with
+(:mod:`capsmed.infer.settings`), so a user passes only the checkpoint and the studies, and gets the
+prediction ``capsmed evaluate`` made: both run :class:`capsmed.infer.predictor.Predictor`. A flag
+may override a recorded setting; the override is written into each study's provenance. For each
+study it writes the segmentation (NIfTI with the input's shape and affine; with TTA an uncertainty
+map too) or the class probabilities (one CSV row per study), and a diagnostic report. The report has
+the sections of a pipeline study page: a segmenter's evidence maps (capsule lengths beside the
+decoder's probabilities, or a CNN's softmax) and a capsule classifier's reconstruction and pose-
+perturbation panel, written by the same :mod:`capsmed.infer.study_files` as ``capsmed evaluate``.
+With ``dicom_out`` it also writes, for DICOM series inputs, a DICOM SEG and a TID 1500 SR
 (:mod:`capsmed.dicom`), and stores them on a DICOMweb server when given a sink; NIfTI inputs get no
 DICOM objects (a SEG needs source instances).
 """
@@ -59,7 +62,7 @@ def _check_study(path: Path, spatial_dims: int) -> None:
 
 
 def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, device: str = "auto",
-                    tta: bool = False, largest_component: bool = False, dicom_out: bool = False,
+                    overrides: dict[str, Any] | None = None, dicom_out: bool = False,
                     sink: Callable[[Sequence[Any]], str] | None = None) -> list[dict]:
     """Predict each study and write outputs and reports under ``out_dir``.
 
@@ -68,10 +71,9 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         studies: NIfTI files or DICOM series folders.
         out_dir: Output folder (created).
         device: ``auto``, ``cpu`` or ``cuda``.
-        tta: Test-time flips and an uncertainty map (segmentation).
-        largest_component: Keep only the largest connected component of each label
-            (segmentation; MONAI ``KeepLargestConnectedComponent``, as ``inference.largest_component``
-            does in the pipeline).
+        overrides: Inference settings that replace the recorded ones (``tta``, ``tta_flips``,
+            ``overlap``, ``largest_component``, ``sw_batch_size``; ``None`` values: as recorded in
+            the checkpoint folder's ``inference.json``).
         dicom_out: For DICOM series inputs, also write a DICOM SEG (segmentation) and SR, and a
             ``{id}_dicom.json`` record of them. Every DICOM series is checked first (one volume: one
             orientation, no missing slice), so a bad one stops the run before anything is written.
@@ -86,31 +88,26 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         CapsmedError: Missing or unreadable studies or checkpoint, naming the file; a DICOM series
             that is no proper volume, naming its UID.
     """
-    from capsmed.data.transforms import build_preprocess_transforms
+    from capsmed.infer.checkpoint import load_checkpoint
+    from capsmed.infer.predictor import Predictor
+    from capsmed.infer.runtime import atomic_write_json, atomic_write_text
     from capsmed.report import write_study_report
-    from capsmed.train.checkpoint import build_model, load_checkpoint
-    from capsmed.train.inference import evidence_kind
-    from capsmed.train.runtime import atomic_write_text, select_device, sha256_file
 
     ckpt = load_checkpoint(checkpoint)
     plan, task, names = ckpt["plan"], ckpt["task"], ckpt["names"]
-    if largest_component and task != "segmentation":
+    if (overrides or {}).get("largest_component") and task != "segmentation":
         raise CapsmedError(f"{checkpoint}: --largest-component applies to segmentation models; "
                            f"this one is a {task} model")
     for study in studies:
         _check_study(Path(study), int(plan["spatial_dims"]))
     sources = _dicom_sources(studies) if dicom_out else {}
-    dev = select_device(device)
-    model = build_model(ckpt).to(dev)
-    kind = evidence_kind(model) if task == "segmentation" else None
-    preprocess = build_preprocess_transforms(plan)
+    predictor = Predictor.from_checkpoint(Path(checkpoint), overrides=overrides, device=device,
+                                          ckpt=ckpt)
+    kind = predictor.evidence_kind
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    provenance = {"model": ckpt["model"]["name"], "checkpoint": str(checkpoint),
-                  "checkpoint_sha256": sha256_file(Path(checkpoint)),
-                  "config_hash": ckpt.get("config_hash"), "seed": ckpt.get("seed"),
-                  "params": sum(p.numel() for p in model.parameters()),
-                  "versions": ckpt.get("versions", {}), "trained_on": ckpt.get("dataset")}
+    provenance = predictor.provenance()
+    atomic_write_json(out_dir / "provenance.json", provenance)
     results, rows = [], []
     seen: set[str] = set()
     for study in studies:
@@ -121,9 +118,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
         seen.add(cid)
         stem = safe_name(cid)
         item = {"image": str(study.resolve()), "case_id": cid}
-        icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "evidence": True,
-                "largest_component": largest_component}
-        out = _predict_one(model, item, task, plan, preprocess, dev, icfg, study)
+        out = _predict_one(predictor, item, study)
         report_info = {"case_id": cid, "task": task, "model": ckpt["model"]["name"],
                        "dataset": ckpt.get("dataset"), "image": item["image"],
                        "provenance": provenance}
@@ -138,7 +133,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
                          **{f"prob_{k}": p for k, p in enumerate(probs)}})
         if dicom_out:
             record = _write_dicom(out_dir, stem, cid, study, sources.get(study), task, names, out,
-                                  report_info, provenance, tta, sink)
+                                  report_info, provenance, sink)
             if record is not None:
                 report_info["dicom"] = str(record)
                 result["dicom"] = str(record)
@@ -155,19 +150,14 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
     return results
 
 
-def _predict_one(model: Any, item: dict[str, str], task: str, plan: dict, preprocess: Any,
-                 dev: Any, icfg: dict[str, Any], study: Path) -> dict[str, Any]:
-    """One study's prediction (:mod:`capsmed.train.inference`), errors named by the study.
+def _predict_one(predictor: Any, item: dict[str, str], study: Path) -> dict[str, Any]:
+    """One study's prediction (:class:`capsmed.infer.predictor.Predictor`), errors named by the study.
 
     Raises:
         CapsmedError: The study cannot be read or predicted (no traceback).
     """
-    from capsmed.train.inference import predict_classification_case, predict_segmentation_case
-
     try:
-        if task == "segmentation":
-            return predict_segmentation_case(model, item, plan, preprocess, dev, icfg)
-        return predict_classification_case(model, item, preprocess, dev)
+        return predictor.predict(item)
     except CapsmedError:
         raise
     except Exception as exc:  # noqa: BLE001 - report unreadable studies without a traceback
@@ -184,7 +174,7 @@ def _save_segmentation(out: dict[str, Any], out_dir: Path, stem: str, names: Any
     from capsmed.dicom.outputs import volumes_ml
     from capsmed.evaluate.evidence import evidence_disagreement
     from capsmed.fileio import save_nifti
-    from capsmed.train.study_files import save_segmentation_maps
+    from capsmed.infer.study_files import save_segmentation_maps
 
     pred_path = out_dir / f"{stem}_seg.nii.gz"
     save_nifti(out["pred"], pred_path, out["affine"], dtype=np.uint8)
@@ -208,7 +198,7 @@ def _save_classification(out: dict[str, Any], out_dir: Path, stem: str, names: A
 
     Adds the probabilities, capsule lengths and panel files to ``report_info``.
     """
-    from capsmed.train.study_files import save_classification_panels
+    from capsmed.infer.study_files import save_classification_panels
 
     probs = [float(p) for p in out["probs"]]
     report_info.update(probabilities=probs, classes=names)
@@ -227,7 +217,7 @@ def _dicom_sources(studies: list[Path]) -> dict[Path, Any]:
 
 
 def _write_dicom(out_dir: Path, stem: str, cid: str, study: Path, series: Any, task: str,
-                 names: Any, out: dict, report_info: dict, provenance: dict, tta: bool,
+                 names: Any, out: dict, report_info: dict, provenance: dict,
                  sink: Callable[[Sequence[Any]], str] | None) -> Path | None:
     """Write (and maybe store) one study's SEG and SR; None, with one log line, for NIfTI inputs."""
     from capsmed.dicom.outputs import write_case_dicom
@@ -238,6 +228,7 @@ def _write_dicom(out_dir: Path, stem: str, cid: str, study: Path, series: Any, t
         return None
     return write_case_dicom(out_dir, stem, cid, series, task, names, out,
                             model=str(provenance["model"]),
-                            checkpoint_sha256=str(provenance["checkpoint_sha256"]), tta=tta,
+                            checkpoint_sha256=str(provenance["checkpoint_sha256"]),
+                            tta=bool(provenance["inference"]["tta"]),
                             volumes=report_info.get("volumes_ml"),
                             probabilities=report_info.get("probabilities"), sink=sink)

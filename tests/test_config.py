@@ -32,7 +32,7 @@ def test_default_config_validates_with_defaults(repo_root):
 @pytest.mark.parametrize("name", ["msd_hippocampus", "breastmnist", "adrenalmnist3d",
                                   "csv_manifest"])
 def test_example_configs_validate(repo_root, name):
-    from capsmed.config import config_problems
+    from capsmed.models.registry import config_problems
 
     cfg = load_config(repo_root / "config" / "examples" / f"{name}.yaml", ["data_root=/data"])
     for ds in cfg["datasets"].values():
@@ -214,7 +214,8 @@ def test_one_definition_of_the_same_trained_model(repo_root):
 
 
 def test_model_variants_are_checked_through_their_model():
-    from capsmed.config import config_problems, model_class
+    from capsmed.config import model_class
+    from capsmed.models.registry import config_problems
 
     cfg = validate_config({
         "datasets": {"d": {"source": "synthetic", "task": "segmentation",

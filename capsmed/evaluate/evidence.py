@@ -1,6 +1,6 @@
 """What a segmenter saw: agreement of its evidence map with its final prediction.
 
-The evidence map (:func:`capsmed.train.inference.evidence_kind`) of a capsule segmenter is its class
+The evidence map (:func:`capsmed.infer.engine.evidence_kind`) of a capsule segmenter is its class
 capsules' lengths (coarse ones at their own resolution where the model has them); of a CNN its
 softmax. For capsule models the share of voxels where the evidence's strongest class differs from the
 final label says how often the capsules and the decoder's prediction disagree.

@@ -65,11 +65,10 @@ from sklearn.metrics import (
     confusion_matrix,
     f1_score,
     precision_recall_curve,
-    roc_auc_score,
     roc_curve,
 )
 
-from capsmed.evaluate.calibration import confidence_bins, reliability_table
+from capsmed.measures import confidence_bins, reliability_table, roc_auc
 
 logger = logging.getLogger(__name__)
 
@@ -625,7 +624,7 @@ def _check_classification_inputs(
 def _reliability(
     y: np.ndarray, probs: np.ndarray, n_bins: int
 ) -> tuple[float, dict[str, list[Any]]]:
-    """ECE and reliability-diagram table (:func:`capsmed.evaluate.calibration.reliability_table`).
+    """ECE and reliability-diagram table (:func:`capsmed.measures.reliability_table`).
 
     Args:
         y: (N,) int class indices.
@@ -663,37 +662,6 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     y, p = _check_classification_inputs(y_true, probs)
     return _reliability(y, p, int(n_bins))[0]
-
-
-def roc_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """ROC AUC: binary on ``probs[:, 1]``, else macro one-vs-rest over the classes present.
-
-    Args:
-        y: (N,) int class indices.
-        probs: (N, C) probabilities.
-
-    Returns:
-        The AUC, or NaN (with a warning) when ``y`` holds a single class.
-
-    """
-    present = np.unique(y)
-    if present.size < 2:
-        logger.warning(
-            "AUC is undefined: the true labels hold one class only (%s); reporting NaN",
-            present.tolist(),
-        )
-        return math.nan
-    n_classes = probs.shape[1]
-    if n_classes == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
-    missing = sorted(set(range(n_classes)) - set(present.tolist()))
-    if missing:
-        logger.warning(
-            "AUC: classes %s are absent from the true labels; the macro mean uses the other %d",
-            missing,
-            present.size,
-        )
-    return float(np.mean([roc_auc_score(y == k, probs[:, k]) for k in present]))
 
 
 def _sensitivity_specificity(cm: np.ndarray) -> tuple[float, float]:

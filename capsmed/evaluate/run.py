@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from capsmed.config import inference_config, resolve_fold
+from capsmed.config import resolve_fold
 from capsmed.errors import CapsmedError
+from capsmed.infer.study_files import save_classification_panels, save_segmentation_maps
 from capsmed.paths import Layout, safe_name
-from capsmed.train.study_files import save_classification_panels, save_segmentation_maps
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +65,15 @@ def _finite(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[str, Any]:
+def _case_row(task: str, predictor: Any, case: dict, ctx: dict[str, Any]) -> dict[str, Any]:
     """Predict one case and measure it: one row of ``cases.csv`` (predictions saved to disk).
 
     Args:
         task: ``segmentation`` or ``classification``.
-        model: The trained model (on ``ctx["device"]``).
+        predictor: The :class:`capsmed.infer.predictor.Predictor` of the evaluated checkpoint.
         case: One entry of ``cases.json``.
-        ctx: ``plan``, ``preprocess``, ``device``, ``icfg``, ``names``, ``layout``, ``pred_dir``,
-            ``stage``.
+        ctx: ``icfg`` (the inference settings), ``names``, ``layout``, ``pred_dir``, ``stage``,
+            ``evidence_kind``, ``dicom``.
 
     Returns:
         The row, with the prediction's seconds under ``"_seconds"``.
@@ -81,17 +81,11 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
     from capsmed.evaluate import metrics as M
     from capsmed.evaluate.uncertainty import case_uncertainty
     from capsmed.fileio import save_nifti
-    from capsmed.train.inference import (
-        classification_tta_axes,
-        predict_classification_case,
-        predict_segmentation_case,
-    )
 
     layout, pred_dir, names = ctx["layout"], ctx["pred_dir"], ctx["names"]
     t0 = time.perf_counter()
+    out = predictor.predict(case)
     if task == "segmentation":
-        out = predict_segmentation_case(model, case, ctx["plan"], ctx["preprocess"], ctx["device"],
-                                        {**ctx["icfg"], "evidence": True})
         seconds = time.perf_counter() - t0
         label, spacing = _load_label(case["label"])
         pred = out["pred"]
@@ -122,8 +116,6 @@ def _case_row(task: str, model: Any, case: dict, ctx: dict[str, Any]) -> dict[st
                        for k, v in fg.items() if f"volume_ml_{v}" in row}
             _write_dicom(case, name, task, names, out, ctx, volumes=volumes or None)
     else:
-        axes = classification_tta_axes(ctx["plan"]) if ctx["icfg"].get("tta") else []
-        out = predict_classification_case(model, case, ctx["preprocess"], ctx["device"], axes)
         seconds = time.perf_counter() - t0
         probs = out["probs"]
         row = {"case_id": case["case_id"], "image": case["image"], "class": int(case["class"]),
@@ -164,7 +156,7 @@ def _evidence_files(out: dict, ctx: dict[str, Any], name: str) -> dict[str, Any]
 
     ``evidence_disagreement`` (capsule models only, see :mod:`capsmed.evaluate.evidence`), and the
     paths of ``{name}_evidence.nii.gz`` and ``{name}_probs.nii.gz``
-    (:func:`capsmed.train.study_files.save_segmentation_maps`).
+    (:func:`capsmed.infer.study_files.save_segmentation_maps`).
     """
     from capsmed.evaluate.evidence import evidence_disagreement
 
@@ -249,19 +241,19 @@ def _predict_cases(task: str, ckpt: dict, cases: list[dict], ctx: dict[str, Any]
                    where: str) -> tuple[list[dict], float]:
     """Predict every case with the checkpoint's model: ``(rows, peak MB)``.
 
-    ``ctx`` is :func:`_case_row`'s context without ``evidence_kind``, which this adds from the
-    model; ``where`` (``dataset/stage``) names the stage in log messages.
+    ``ctx`` is :func:`_case_row`'s context without ``evidence_kind``, plus ``checkpoint`` and
+    ``device``; the predictor's evidence kind is added. ``where`` (``dataset/stage``) names the
+    stage in log messages.
     """
-    from capsmed.train.checkpoint import build_model
-    from capsmed.train.inference import evidence_kind
-    from capsmed.train.runtime import peak_memory_mb
+    from capsmed.infer.predictor import Predictor
+    from capsmed.infer.runtime import peak_memory_mb
 
-    model = build_model(ckpt).to(ctx["device"])
-    ctx = {**ctx, "evidence_kind": evidence_kind(model)}
+    predictor = Predictor(ctx["checkpoint"], ctx["icfg"], device=ctx["device"], ckpt=ckpt)
+    ctx = {**ctx, "evidence_kind": predictor.evidence_kind}
     if ctx["dicom"] and not any(Path(c["image"]).is_dir() for c in cases):
         logger.info("%s: evaluate.dicom_out writes no DICOM SEG/SR: no %s case is a DICOM "
                     "series (a SEG references the source's DICOM instances)", where, ctx["stage"])
-    rows = [_case_row(task, model, c, ctx) for c in cases]
+    rows = [_case_row(task, predictor, c, ctx) for c in cases]
     return rows, peak_memory_mb(ctx["device"])
 
 
@@ -341,28 +333,29 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     import torch
 
     from capsmed.data.splits import stage_cases
-    from capsmed.data.transforms import build_preprocess_transforms
-    from capsmed.paths import read_json
-    from capsmed.train.checkpoint import load_checkpoint
-    from capsmed.train.runtime import (
+    from capsmed.infer.checkpoint import load_checkpoint
+    from capsmed.infer.runtime import (
         atomic_write_json,
         atomic_write_text,
         configure_threads,
         select_device,
         sha256_file,
     )
+    from capsmed.infer.settings import config_settings, record_settings
+    from capsmed.paths import read_json
 
     if stage not in ("train", "val", "test"):
         raise CapsmedError(f"stage must be train, val or test, got {stage!r}")
     if case is not None and from_cases:
         raise CapsmedError("evaluate: give either a case or from_cases, not both")
     layout = Layout(Path(cfg["results"]))
-    icfg = inference_config(cfg, dataset)
+    icfg = config_settings(cfg, dataset)
     configure_threads(threads or cfg["threads"])
     device = select_device(cfg["device"])
     fold_index, path_fold = resolve_fold(cfg, dataset, fold)
     ckpt_path = layout.model_dir(dataset, model_name, path_fold) / "best.pt"
     ckpt = load_checkpoint(ckpt_path)
+    record_settings(ckpt_path.parent, icfg)  # what capsmed predict reads beside best.pt
     ckpt_sha = sha256_file(ckpt_path)
     names, task = ckpt["names"], ckpt["task"]
     cases_doc = read_json(layout.cases(dataset), "case list")
@@ -382,8 +375,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         rows, peak, device_name = _gather_case_files(out_dir, cases, ckpt_path, ckpt_sha)
         device_name = device_name or str(device)
     else:
-        ctx = {"preprocess": build_preprocess_transforms(ckpt["plan"]), "plan": ckpt["plan"],
-               "device": device, "icfg": icfg, "names": names, "layout": layout,
+        ctx = {"checkpoint": ckpt_path, "device": device, "icfg": icfg, "names": names, "layout": layout,
                "pred_dir": pred_dir, "stage": stage,
                "dicom": {"model": model_name, "checkpoint_sha256": ckpt_sha}
                if cfg["evaluate"].get("dicom_out") else None}

@@ -1,7 +1,7 @@
 """Test-time-augmentation uncertainty of segmentations: per-case summaries and its calibration.
 
 The voxel uncertainty is the normalised entropy of the mean class probabilities over the test-time
-passes (:func:`capsmed.train.inference.normalised_entropy`), 0 certain to 1 evenly spread.
+passes (:func:`capsmed.measures.normalised_entropy`), 0 certain to 1 evenly spread.
 
 - :func:`case_uncertainty` gives one case's columns of ``cases.csv`` (mean entropy inside the
   predicted structures, per structure the spread of the volume over the passes) and, for the

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -176,3 +177,57 @@ def describe_models() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def config_problems(cfg: dict[str, Any], source: str = "config") -> list[str]:
+    """What the config schema cannot know and a run would find only after jobs ran.
+
+    It lives with the registry it checks against (the config, a floor below, knows no models).
+
+    Checked when Snakemake parses the workflow (``workflow/rules/common.smk``) and by
+    ``capsmed validate -c CONFIG``: every model name is in the registry and suits the dataset's
+    task, every model option is one its constructor takes, and every file source's ``path``
+    exists (relative paths from the working directory).
+
+    Args:
+        cfg: A validated configuration (:func:`capsmed.config.validate_config`).
+        source: Name of the config file, for messages.
+
+    Returns:
+        One line per problem naming the key and the accepted values; empty when none.
+    """
+    from capsmed.config import FILE_SOURCES, model_class
+
+    known = ", ".join(sorted(MODEL_REGISTRY))
+    variants = sorted(m for m in cfg["models"] if model_class(cfg, m) != m)
+    problems = []
+    for name, ds in cfg["datasets"].items():
+        for model in ds["models"]:
+            cls = MODEL_REGISTRY.get(model_class(cfg, model))
+            if cls is None:
+                accepted = known + (f"; variants in models: {', '.join(variants)}"
+                                    if variants else "")
+                problems.append(f"{source}: datasets.{name}.models: unknown model {model!r}; "
+                                f"accepted: {accepted}")
+            elif cls.task != ds["task"]:
+                fits = ", ".join(sorted(m for m, c in MODEL_REGISTRY.items()
+                                        if c.task == ds["task"]))
+                problems.append(f"{source}: datasets.{name}.models: {model} is a {cls.task} model "
+                                f"but the task is {ds['task']}; accepted: {fits}")
+        if ds["source"] in FILE_SOURCES and ds.get("path"):
+            path = Path(ds["path"]).expanduser()
+            if not path.exists():
+                problems.append(f"{source}: datasets.{name}.path: {path} does not exist")
+    for model, settings in cfg["models"].items():
+        class_name = model_class(cfg, model)
+        cls = MODEL_REGISTRY.get(class_name)
+        if cls is None:
+            key = f"models.{model}.model" if class_name != model else f"models.{model}"
+            problems.append(f"{source}: {key}: unknown model {class_name!r}; accepted: {known}")
+            continue
+        accepted = _accepted_kwargs(cls)
+        for option in settings.get("args", {}):
+            if option not in accepted:
+                problems.append(f"{source}: models.{model}.args: unknown option {option!r} of "
+                                f"{class_name}; accepted: {', '.join(accepted)}")
+    return problems

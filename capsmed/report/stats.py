@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from capsmed.evaluate.calibration import reliability_table
+from capsmed.measures import ece_from_table, reliability_table
 
 
 def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +108,7 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
     Returns:
         ``{"bin_confidence", "bin_accuracy", "bin_count"}`` lists of length ``n_bins`` (mean
         confidence and accuracy per bin, None for empty bins), the layout of ``metrics.json``
-        (:func:`capsmed.evaluate.calibration.reliability_table`). Non-finite entries are left out.
+        (:func:`capsmed.measures.reliability_table`). Non-finite entries are left out.
     """
     conf = np.clip(np.asarray(confidence, dtype=float).ravel(), 0.0, 1.0)
     corr = np.asarray(correct, dtype=float).ravel()
@@ -117,22 +117,5 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 
 
 
 def expected_calibration_error(bins: dict[str, list[float]]) -> float:
-    """ECE from a reliability table: count-weighted mean of ``|accuracy - confidence|``."""
-    conf = np.asarray(bins.get("bin_confidence", []), dtype=float)
-    acc = np.asarray(bins.get("bin_accuracy", []), dtype=float)
-    cnt = np.asarray(bins.get("bin_count", []), dtype=float)
-    if not (conf.size == acc.size == cnt.size) or cnt.sum() <= 0:
-        return float("nan")
-    ok = np.isfinite(conf) & np.isfinite(acc) & (cnt > 0)
-    return float(np.sum(cnt[ok] * np.abs(acc[ok] - conf[ok])) / cnt.sum())
-
-
-def normalised_entropy(probabilities: np.ndarray) -> float:
-    """Entropy of a probability vector divided by ``log(C)``: 0 = certain, 1 = uniform."""
-    p = np.asarray(probabilities, dtype=float).ravel()
-    p = p[np.isfinite(p)]
-    if p.size < 2 or p.sum() <= 0:
-        return float("nan")
-    p = p / p.sum()
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / np.log(p.size))
+    """ECE from a reliability table (:func:`capsmed.measures.ece_from_table`)."""
+    return ece_from_table(bins)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from capsmed.errors import CapsmedError
+from capsmed.measures import normalised_entropy
 from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report import figures as fig
@@ -57,7 +58,6 @@ from capsmed.report.render import (
     safe_relative_link,
     study_filename,
 )
-from capsmed.report.stats import normalised_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -751,7 +751,7 @@ def _classification_parts(study: Mapping[str, Any]) -> dict[str, Any]:
     if truth is not None:
         cards.append(b.card("True class", names.get(truth, str(truth)),
                             "correct" if truth == predicted else "incorrect"))
-    entropy = normalised_entropy(np.asarray(probs)) if probs else float("nan")
+    entropy = float(normalised_entropy(np.asarray(probs, dtype=float))) if probs else float("nan")
     if np.isfinite(entropy):
         lead.append(f"Spread of the class probabilities (normalised entropy): {entropy:.3f} "
                     "(0 = all probability on one class, 1 = evenly spread).")

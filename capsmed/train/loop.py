@@ -35,9 +35,8 @@ from capsmed.config import (
 )
 from capsmed.data.splits import stage_cases
 from capsmed.errors import CapsmedError
-from capsmed.paths import Layout, read_json
-from capsmed.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
-from capsmed.train.runtime import (
+from capsmed.infer.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from capsmed.infer.runtime import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
@@ -47,6 +46,8 @@ from capsmed.train.runtime import (
     select_device,
     sha256_file,
 )
+from capsmed.infer.settings import config_settings, record_settings
+from capsmed.paths import Layout, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +213,10 @@ def resolve_model(cfg: dict, dataset: str, model_name: str, plan: dict, in_chann
 def _classification_metric(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Validation metric for classification: AUC when every class is present, else accuracy.
 
-    The AUC is :func:`capsmed.evaluate.metrics.roc_auc` (binary, or macro one-vs-rest), as in the
+    The AUC is :func:`capsmed.measures.roc_auc` (binary, or macro one-vs-rest), as in the
     evaluation.
     """
-    from capsmed.evaluate.metrics import roc_auc
+    from capsmed.measures import roc_auc
 
     if len(np.unique(y_true)) == probs.shape[1] and probs.shape[1] >= 2:
         return roc_auc(y_true, probs)
@@ -737,5 +738,7 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
         if max_epochs is not None and stop_after < run.tcfg["epochs"]:
             return {"partial": True, "epoch": state.epoch}
     record = training_record(run, state)
+    # the inference settings beside best.pt, so capsmed predict finds them from the model alone
+    record_settings(run.model_dir, config_settings(cfg, dataset))
     atomic_write_json(run.model_dir / "train.json", record)
     return record

@@ -121,7 +121,7 @@ def test_predict_keeps_the_largest_component_when_asked(trained_seg, tmp_path):
     cfg, _, data = trained_seg
     ckpt = cfg["results"] + "/ds/models/unet/best.pt"
     study = str(data / "img3.nii.gz")
-    for flag, out in (([], "plain"), (["--largest-component"], "kept")):
+    for flag, out in ((["--no-largest-component"], "plain"), (["--largest-component"], "kept")):
         assert run_cli("-q", "predict", "--model", ckpt, study, "--out", str(tmp_path / out),
                        *flag) == 0
     plain = np.asarray(nib.load(tmp_path / "plain" / "img3_seg.nii.gz").dataobj)

@@ -24,8 +24,8 @@ def test_import_does_not_load_torch_or_monai(repo_root):
     out = res.stdout
     assert "HEAVY []" in out, out
     assert "PYPLOT False" in out, out
-    # capsmed.evaluate.calibration: numpy only, the one home of the confidence bins
+    # capsmed.measures: numpy only, the one home of the confidence bins
     allowed = ("capsmed.report", "capsmed.errors", "capsmed.paths", "capsmed.fileio",
-               "capsmed.evaluate.calibration")
+               "capsmed.measures")
     mods = eval(out.split("CAPSMED ", 1)[1].splitlines()[0])  # noqa: S307 - our own output
     assert all(m.startswith(allowed) or m == "capsmed.evaluate" for m in mods), mods

@@ -64,12 +64,6 @@ def test_confusion_reliability_and_ece():
     assert stats.expected_calibration_error(bins) == pytest.approx(0.05)
 
 
-def test_normalised_entropy():
-    assert stats.normalised_entropy([1.0, 0.0]) == pytest.approx(0.0)
-    assert stats.normalised_entropy([0.25] * 4) == pytest.approx(1.0)
-    assert math.isnan(stats.normalised_entropy([1.0]))
-
-
 def test_formatting():
     assert fmt_params(812345) == "812.3 K" and fmt_params(4_808_917) == "4.81 M"
     assert fmt_params(None) == "n/a" and fmt_params(512) == "512"

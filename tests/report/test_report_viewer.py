@@ -113,8 +113,8 @@ def test_a_64_cubed_study_page_with_its_assets_is_at_most_2_mb(tmp_path):
 
     from capsmed.data.synthetic import segmentation_case
     from capsmed.fileio import save_nifti
-    from capsmed.train.inference import normalised_entropy
-    from capsmed.train.study_files import save_segmentation_maps
+    from capsmed.infer.study_files import save_segmentation_maps
+    from capsmed.measures import normalised_entropy
 
     rng = np.random.default_rng(0)
     image, label = segmentation_case((64, 64, 64), num_classes=3, seed=0, index=0)

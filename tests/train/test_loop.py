@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from capsmed.errors import CapsmedError
-from capsmed.train.checkpoint import build_model, load_checkpoint
+from capsmed.infer.checkpoint import build_model, load_checkpoint
 from capsmed.train.loop import train_model
 from tests.pipeline_helpers import prepare_all, tiny_config, write_config
 

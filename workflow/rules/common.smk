@@ -11,7 +11,6 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from capsmed.config import (
-    config_problems,
     dataset_hash,
     evaluation_hash,
     model_config_hash,
@@ -23,6 +22,7 @@ from capsmed.config import (
 from capsmed.data.splits import stage_case_ids
 from capsmed.evaluate.run import case_file
 from capsmed.fileio import read_json, write_text_if_changed
+from capsmed.models.registry import config_problems
 from capsmed.paths import STAGES, Layout
 
 

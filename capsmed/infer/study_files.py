@@ -26,7 +26,7 @@ def save_segmentation_maps(out: dict[str, Any], folder: Path, stem: str) -> dict
     """Write a segmentation's evidence and probability maps.
 
     Args:
-        out: :func:`capsmed.train.inference.predict_segmentation_case` output made with
+        out: :func:`capsmed.infer.engine.predict_segmentation_case` output made with
             ``evidence``: ``evidence`` and ``probs`` ``(C, *S)`` in [0, 1], ``affine``.
         folder: Where the files go (created).
         stem: File name stem of the study.
@@ -49,7 +49,7 @@ def save_classification_panels(out: dict[str, Any], folder: Path, stem: str) -> 
     """Write a capsule classifier's reconstruction and pose-perturbation panel.
 
     Args:
-        out: :func:`capsmed.train.inference.predict_classification_case` output:
+        out: :func:`capsmed.infer.engine.predict_classification_case` output:
             ``reconstruction`` ``(C_in, *S)`` and ``perturbation`` ``(D, steps, C_in, *S)``
             (either None for models without a decoder), ``perturbation_steps``.
         folder: Where the files go (created).

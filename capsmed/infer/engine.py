@@ -17,12 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from capsmed.measures import normalised_entropy
+
 logger = logging.getLogger(__name__)
-
-
-def _flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Test-time flips: none, then each spatial axis (dims counted with batch and channel)."""
-    return [()] + [(2 + d,) for d in range(spatial_dims)]
 
 
 def evidence_kind(model: torch.nn.Module) -> str:
@@ -55,8 +52,19 @@ def _evidence(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     return probs, ev
 
 
+def _autocast(device: torch.device, precision: str):
+    """The forward pass's arithmetic: float32 as it is, or bfloat16 autocast."""
+    import contextlib
+
+    if precision == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, overlap: float = 0.25,
-            sw_batch_size: int = 2, tta: bool = False, evidence: bool = False) -> dict[str, Any]:
+            sw_batch_size: int = 2, flips: list[tuple[int, ...]] | None = None,
+            evidence: bool = False, mode: str = "gaussian",
+            precision: str = "float32") -> dict[str, Any]:
     """Class probabilities of one preprocessed image by sliding windows.
 
     Args:
@@ -64,35 +72,39 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, ov
         image: ``(1, C_in, *S)`` preprocessed image on the model's device.
         patch: Window size.
         overlap: Window overlap.
-        sw_batch_size: Windows per forward pass.
-        tta: Average over flips along each spatial axis (1 + spatial_dims passes).
+        sw_batch_size: Windows per forward pass (memory and time only).
+        flips: Test-time flips, one tuple of 0-based spatial axes per pass
+            (:func:`capsmed.infer.settings.flip_sets`); ``None`` or ``[()]``: one pass.
         evidence: Also return the evidence map of the unflipped pass (see :func:`evidence_kind`).
+        mode: Window blending, ``gaussian`` or ``constant`` (MONAI ``sliding_window_inference``).
+        precision: ``float32`` or ``bfloat16`` (autocast of the forward pass).
 
     Returns:
         ``{"probs", "passes", "seconds", "evidence"}``: the ``(1, C, *S)`` mean probabilities, the
-        ``(1, C, *S)`` probabilities of each pass (flipped back; only with ``tta``, else empty),
-        the wall-clock seconds of each pass, and the ``(1, C, *S)`` evidence map (or None).
+        ``(1, C, *S)`` probabilities of each pass (flipped back; only with several passes, else
+        empty), the wall-clock seconds of each pass, and the ``(1, C, *S)`` evidence map (or None).
     """
     from monai.inferers import sliding_window_inference
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        return model.probabilities(model(x))
+        return model.probabilities(model(x)).float()
 
     def with_evidence(x: torch.Tensor) -> torch.Tensor:
         # one tensor, classes then evidence: MONAI blends tuple outputs unevenly
-        return torch.cat(_evidence(model, x), dim=1)
+        return torch.cat(_evidence(model, x), dim=1).float()
 
     runs, seconds = [], []
     ev = None
-    flips = _flip_sets(image.ndim - 2) if tta else [()]
-    with torch.no_grad():
-        for dims in flips:
+    flips = list(flips or [()])
+    with torch.no_grad(), _autocast(image.device, precision):
+        for axes in flips:
+            dims = tuple(2 + a for a in axes)
             t0 = time.perf_counter()
             x = torch.flip(image, dims) if dims else image
             want = evidence and not dims
             p = sliding_window_inference(x, roi_size=patch, sw_batch_size=sw_batch_size,
                                          predictor=with_evidence if want else predictor,
-                                         overlap=overlap, mode="gaussian")
+                                         overlap=overlap, mode=mode)
             if want:
                 n = p.shape[1] // 2
                 p, ev = p[:, :n], p[:, n:].float()
@@ -101,23 +113,8 @@ def segment(model: torch.nn.Module, image: torch.Tensor, patch: list[int], *, ov
                 torch.cuda.synchronize(image.device)
             seconds.append(time.perf_counter() - t0)
     probs = torch.stack(runs).mean(0)
-    return {"probs": probs, "passes": runs if tta else [], "seconds": seconds, "evidence": ev}
-
-
-def normalised_entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
-    """Entropy of class probabilities divided by ``log C``: 0 certain, 1 evenly spread.
-
-    Args:
-        probs: Probabilities with the classes along ``axis``, e.g. ``(C, *S)``.
-        axis: The class axis.
-
-    Returns:
-        Array without the class axis, float32, in [0, 1].
-    """
-    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
-    n = p.shape[axis]
-    h = -(p * np.log(p)).sum(axis=axis)
-    return (h / np.log(n) if n > 1 else np.zeros_like(h)).clip(0.0, 1.0).astype(np.float32)
+    return {"probs": probs, "passes": runs if len(runs) > 1 else [], "seconds": seconds,
+            "evidence": ev}
 
 
 def invert_to_original(data: dict, key: str, tensor: torch.Tensor, preprocess, *,
@@ -181,13 +178,23 @@ def keep_largest_components(pred: np.ndarray, num_classes: int) -> np.ndarray:
     return np.asarray(out[0]).astype(pred.dtype)
 
 
+def segmentation_flips(spatial_dims: int, inference: dict[str, Any]) -> list[tuple[int, ...]]:
+    """A segmenter's test-time flips: every spatial axis (``tta_flips``), or one pass without TTA."""
+    from capsmed.infer.settings import flip_sets
+
+    if not inference.get("tta"):
+        return [()]
+    return flip_sets(range(spatial_dims), inference.get("tta_flips", "axes"))
+
+
 def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device: torch.device,
                               inference: dict[str, Any]) -> dict[str, Any]:
     """Segment one study and map the result back to its original geometry.
 
-    With ``inference["tta"]`` the image is also segmented flipped along each spatial axis; the
-    uncertainty map is the normalised entropy of the mean probabilities over these passes, and each
-    pass's own label map gives the spread of the structure volumes.
+    With ``inference["tta"]`` the image is also segmented flipped (:func:`segmentation_flips`);
+    the uncertainty map is the normalised entropy of the mean probabilities over these passes, and
+    each pass's own label map, post-processed as the reported one, gives the spread of the
+    structure volumes.
 
     Args:
         model: Trained segmenter in eval mode on ``device``.
@@ -195,7 +202,8 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
         plan: Preprocessing plan (``patch_size`` used as the window).
         preprocess: Deterministic preprocessing transform.
         device: Device of the model.
-        inference: ``overlap``, ``sw_batch_size``, ``tta``, ``largest_component``; optional
+        inference: Settings (:mod:`capsmed.infer.settings`): ``overlap``, ``sw_batch_size``,
+            ``tta``, ``largest_component``; optional ``tta_flips``, ``mode``, ``precision`` and
             ``evidence`` (bool).
 
     Returns:
@@ -209,18 +217,26 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
     data = preprocess({k: v for k, v in item.items() if k in ("image",)})
     image = data["image"].unsqueeze(0).to(device)
     res = segment(model, image, plan["patch_size"], overlap=inference["overlap"],
-                  sw_batch_size=inference["sw_batch_size"], tta=inference["tta"],
-                  evidence=bool(inference.get("evidence")))
+                  sw_batch_size=inference["sw_batch_size"],
+                  flips=segmentation_flips(image.ndim - 2, inference),
+                  evidence=bool(inference.get("evidence")),
+                  mode=inference.get("mode", "gaussian"),
+                  precision=inference.get("precision", "float32"))
     probs_orig = invert_to_original(data, "pred", res["probs"][0], preprocess).cpu().numpy()
     n_classes = probs_orig.shape[0]
-    pred = probs_orig.argmax(0).astype(np.uint8)
-    if inference.get("largest_component"):
-        pred = keep_largest_components(pred, n_classes)
+
+    def labels_of(probs: np.ndarray) -> np.ndarray:
+        pred = probs.argmax(0).astype(np.uint8)
+        if inference.get("largest_component"):
+            pred = keep_largest_components(pred, n_classes)
+        return pred
+
+    pred = labels_of(probs_orig)
     unc_orig = normalised_entropy(probs_orig) if res["passes"] else None
     counts = []
     for run in res["passes"] or [None]:
-        labels = pred if run is None else invert_to_original(
-            data, "pass", run[0], preprocess).cpu().numpy().argmax(0)
+        labels = pred if run is None else labels_of(invert_to_original(
+            data, "pass", run[0], preprocess).cpu().numpy())
         counts.append(np.bincount(labels.ravel(), minlength=n_classes)[:n_classes])
     affine = original_affine(item["image"])
     out = {"pred": pred, "uncertainty": unc_orig, "pass_counts": np.stack(counts),
@@ -264,6 +280,19 @@ def pose_perturbation(decoder: torch.nn.Module, poses: torch.Tensor, index: int,
     return recon.reshape(dims, len(steps), *recon.shape[1:])
 
 
+def classification_flips(plan: dict, inference: dict[str, Any]) -> list[tuple[int, ...]]:
+    """A classifier's test-time flips: the axes of :func:`classification_tta_axes`.
+
+    ``tta_flips: axes`` flips one axis at a time, ``mirror`` every combination of them; without
+    ``tta`` one pass.
+    """
+    from capsmed.infer.settings import flip_sets
+
+    if not inference.get("tta"):
+        return [()]
+    return flip_sets(classification_tta_axes(plan), inference.get("tta_flips", "axes"))
+
+
 def classification_tta_axes(plan: dict) -> list[int]:
     """Spatial axes (0-based) flipped for classification test-time augmentation.
 
@@ -277,7 +306,8 @@ def classification_tta_axes(plan: dict) -> list[int]:
 
 
 def predict_classification_case(model, item: dict, preprocess, device: torch.device,
-                                tta_axes: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+                                flips: list[tuple[int, ...]] | None = None,
+                                precision: str = "float32") -> dict[str, Any]:
     """Classify one study.
 
     Args:
@@ -285,9 +315,10 @@ def predict_classification_case(model, item: dict, preprocess, device: torch.dev
         item: ``{"image": path, ...}``.
         preprocess: Deterministic preprocessing transform.
         device: Device of the model.
-        tta_axes: spatial axes to flip for test-time augmentation (e.g.
-            :func:`classification_tta_axes`): the probabilities are averaged over the image and
-            its flip along each of them. Empty: one pass.
+        flips: Test-time flips (:func:`classification_flips`), one tuple of 0-based spatial axes
+            per pass, the unflipped pass first: the probabilities are averaged over them.
+            ``None``: one pass.
+        precision: ``float32`` or ``bfloat16`` (autocast of the forward pass).
 
     Returns:
         ``{"probs": (C,), "lengths": (C,) or None, "reconstruction": (C_in, *S) or None,
@@ -298,14 +329,15 @@ def predict_classification_case(model, item: dict, preprocess, device: torch.dev
     """
     data = preprocess({"image": item["image"]})
     image = data["image"].unsqueeze(0).to(device)
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(device, precision):
         # one pass: scores, and for capsule networks the lengths and the reconstruction from the
         # longest capsule (what extra_outputs gives, without running the network twice)
         out = model.forward_train(image, None)
         runs = [model.probabilities(out["scores"])[0].float()]
-        for axis in tta_axes:
-            flipped = torch.flip(image, (axis + 2,))
-            runs.append(model.probabilities(model(flipped))[0].float())
+        for axes in (flips or [()]):
+            if axes:
+                flipped = torch.flip(image, tuple(a + 2 for a in axes))
+                runs.append(model.probabilities(model(flipped))[0].float())
         probs = torch.stack(runs).mean(0).cpu().numpy()
     lengths = out.get("lengths")
     recon = out.get("reconstruction")

@@ -5,15 +5,14 @@ import numpy as np
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-from capsmed.models import get_model
-from capsmed.train.inference import (
+from capsmed.infer.engine import (
     POSE_STEPS,
     evidence_kind,
-    normalised_entropy,
     predict_classification_case,
     predict_segmentation_case,
     segment,
 )
+from capsmed.models import get_model
 
 
 def test_capsule_classifier_runs_once_per_study():
@@ -52,7 +51,7 @@ def test_cnn_classifier_has_no_capsule_outputs():
 
 
 def test_classification_tta_averages_the_flips():
-    from capsmed.train.inference import classification_tta_axes
+    from capsmed.infer.engine import classification_tta_axes
 
     assert classification_tta_axes({"spatial_dims": 2, "modality": "US"}) == [1]
     assert classification_tta_axes({"spatial_dims": 2, "modality": "MRI"}) == [0, 1]
@@ -61,7 +60,7 @@ def test_classification_tta_averages_the_flips():
     model = get_model("seed_cnn", spatial_dims=2, in_channels=1, out_channels=2).eval()
     image = torch.rand(1, 28, 28)
     out = predict_classification_case(model, {"image": "unused"}, lambda d: {"image": image},
-                                      torch.device("cpu"), tta_axes=[1])
+                                      torch.device("cpu"), flips=[(), (1,)])
     with torch.no_grad():
         plain = model.probabilities(model(image[None]))[0]
         flipped = model.probabilities(model(torch.flip(image[None], (3,))))[0]
@@ -70,7 +69,7 @@ def test_classification_tta_averages_the_flips():
 
 
 def test_keep_largest_components_per_label():
-    from capsmed.train.inference import keep_largest_components
+    from capsmed.infer.engine import keep_largest_components
 
     pred = np.zeros((12, 12, 12), np.uint8)
     pred[1:4, 1:4, 1:4] = 1  # 27 voxels: kept
@@ -88,7 +87,7 @@ def test_segmentation_tta_gives_entropy_of_the_mean_and_per_pass_volumes(tmp_pat
     torch.manual_seed(0)
     model = get_model("unet", spatial_dims=3, in_channels=1, out_channels=3).eval()
     image = torch.rand(1, 1, 32, 32, 32)  # one window: the passes equal direct calls
-    res = segment(model, image, [32, 32, 32], tta=True)
+    res = segment(model, image, [32, 32, 32], flips=[(), (0,), (1,), (2,)])
     assert len(res["passes"]) == 4 and len(res["seconds"]) == 4
     torch.testing.assert_close(res["probs"], torch.stack(res["passes"]).mean(0))
     with torch.no_grad():
@@ -113,11 +112,6 @@ def test_segmentation_tta_gives_entropy_of_the_mean_and_per_pass_volumes(tmp_pat
     assert without["uncertainty"] is None and without["pass_counts"].shape == (1, 3)
 
 
-def test_normalised_entropy():
-    ent = normalised_entropy(np.array([[1.0, 0.5, 1 / 3], [0.0, 0.5, 1 / 3], [0.0, 0.0, 1 / 3]]))
-    np.testing.assert_allclose(ent, [0.0, np.log(2) / np.log(3), 1.0], atol=1e-6)
-
-
 def test_capsule_evidence_keeps_its_own_resolution():
     torch.manual_seed(0)
     model = get_model("ucaps", spatial_dims=3, in_channels=1, out_channels=3).eval()
@@ -125,7 +119,7 @@ def test_capsule_evidence_keeps_its_own_resolution():
     assert evidence_kind(get_model("unet", spatial_dims=3, in_channels=1,
                                    out_channels=3)) == "softmax"
     image = torch.rand(1, 1, 32, 32, 32)
-    res = segment(model, image, [32, 32, 32], tta=True, evidence=True)
+    res = segment(model, image, [32, 32, 32], flips=[(), (0,), (1,), (2,)], evidence=True)
     with torch.no_grad():
         coarse = model.forward_train(image)["coarse_lengths"]
     assert coarse.shape[2:] == (4, 4, 4)
