@@ -71,8 +71,10 @@ def compute_fingerprint(cases_doc: Mapping[str, Any]) -> dict:
         "shapes", "shapes_after_crop", "median_spacing", "median_shape",
         "median_shape_after_crop", "intensity": {"mean", "std", "median", "min", "max",
         "percentile_00_5", "percentile_99_5"}, "intensity_per_channel": [...]}`` plus
-        ``"labels"`` and ``"label_voxels": {"0": n, ...}`` (segmentation: voxels per label over
-        all cases) or ``"classes"`` and ``"class_counts": {"0": n, ...}`` (classification).
+        ``"labels"``, ``"label_voxels": {"0": n, ...}`` (segmentation: voxels per label over
+        all cases) and ``"label_boxes"`` (per case, in ``case_ids`` order, the foreground's
+        :func:`relative_box` in array axes, None without foreground) or ``"classes"`` and
+        ``"class_counts": {"0": n, ...}`` (classification).
         Spacings and shapes are per case in RAS axis order (3D) or array order (2D). Intensities
         come from voxels with label > 0 (segmentation; all voxels when a case has none) or all
         voxels (classification), sampled (at most 10,000 per case, fixed seed) for the
@@ -92,6 +94,7 @@ def compute_fingerprint(cases_doc: Mapping[str, Any]) -> dict:
     sums: list[list[float]] = []
     channels = None
     label_voxels: dict[int, int] = {}
+    label_boxes: list[list[list[float]] | None] = []
     class_counts: dict[int, int] = {}
     for case in cases:
         img, affine = _load(case["image"])
@@ -124,6 +127,7 @@ def compute_fingerprint(cases_doc: Mapping[str, Any]) -> dict:
             for v, c in zip(values, counts, strict=True):
                 label_voxels[int(v)] = label_voxels.get(int(v), 0) + int(c)
             mask = lab > 0
+            label_boxes.append(relative_box(mask))
             if not mask.any():
                 mask = np.ones(shape, bool)
         else:
@@ -157,12 +161,32 @@ def compute_fingerprint(cases_doc: Mapping[str, Any]) -> dict:
     if task == "segmentation":
         fp["labels"] = dict(cases_doc.get("labels") or {})
         fp["label_voxels"] = {str(k): v for k, v in sorted(label_voxels.items())}
+        fp["label_boxes"] = label_boxes
     else:
         fp["classes"] = dict(cases_doc.get("classes") or {})
         fp["class_counts"] = {str(k): v for k, v in sorted(class_counts.items())}
     logger.info("fingerprinted %d cases: median spacing %s, median shape %s", len(cases),
                 fp["median_spacing"], fp["median_shape"])
     return fp
+
+
+def relative_box(mask: np.ndarray) -> list[list[float]] | None:
+    """The bounding box of a mask's voxels as fractions of the array's extent, per array axis.
+
+    Args:
+        mask: ``(*S)`` boolean foreground.
+
+    Returns:
+        ``[[lo, hi], ...]`` with ``lo = first / n`` and ``hi = (last + 1) / n`` of each axis, or
+        None when the mask is empty. Images of different sizes then share one frame.
+    """
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append([round(hit[0] / mask.shape[axis], 6), round((hit[-1] + 1) / mask.shape[axis], 6)])
+    return box
 
 
 def _round_up(value: float, k: int) -> int:

@@ -107,8 +107,11 @@ def _case_row(task: str, predictor: Any, case: dict, ctx: dict[str, Any]) -> dic
                else ""}
         fg = {int(k): metric_label(v) for k, v in names.items() if int(k) != 0}
         row.update(M.segmentation_case_metrics(pred, label, fg, spacing))
+        region = foreground = None
+        if not pred.any():  # nothing found: where should it have been?
+            region, foreground = _miss_regions(case, pred.shape, ctx.get("label_boxes") or [])
         row.update(case_uncertainty(out["uncertainty"], pred, label, out["pass_counts"],
-                                    float(np.prod(spacing)) / 1000.0, fg))
+                                    float(np.prod(spacing)) / 1000.0, fg, region, foreground))
         row["_pass_seconds"] = [float(x) for x in out["pass_seconds"]]
         row.update(_evidence_files(out, ctx, name))
         if ctx.get("dicom") and Path(case["image"]).is_dir():
@@ -134,6 +137,28 @@ def _case_row(task: str, predictor: Any, case: dict, ctx: dict[str, Any]) -> dic
                 row[key] = str(path.relative_to(layout.results))
     row["_seconds"] = seconds
     return row
+
+
+def _miss_regions(case: dict, shape: tuple[int, ...], boxes: list
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """For a study where nothing was found: ``(expected region, image foreground)`` masks.
+
+    The expected region comes from the training labels' boxes
+    (:func:`capsmed.evaluate.uncertainty.expected_region`); the image's foreground (voxels above
+    its minimum, the air or padding of a scan) is read only when there is no such region.
+    """
+    from capsmed.evaluate.uncertainty import expected_region
+
+    region = expected_region(boxes, shape)
+    if region is not None:
+        return region, None
+    from monai.transforms import LoadImage
+
+    image = np.asarray(LoadImage(image_only=True)(case["image"]))
+    if image.shape[: len(shape)] != tuple(shape):
+        return None, None
+    image = image.reshape(*shape, -1)
+    return None, (image > image.min()).any(axis=-1)
 
 
 def _write_dicom(case: dict, stem: str, task: str, names: Any, out: dict, ctx: dict[str, Any],
@@ -302,6 +327,17 @@ def _stage_document(rows: list[dict], names: Any, cfg: dict, identity: dict[str,
     return doc, fields
 
 
+def _training_label_boxes(layout: Layout, dataset: str, cases_doc: dict, splits: dict,
+                          fold_index: int) -> list:
+    """The fingerprint's label boxes of the training cases (segmentation; empty otherwise)."""
+    from capsmed.data.splits import stage_cases
+    from capsmed.paths import read_json
+
+    fp = read_json(layout.fingerprint(dataset), "fingerprint", required=False, default={})
+    boxes = dict(zip(fp.get("case_ids", []), fp.get("label_boxes", []), strict=False))
+    return [boxes.get(c["case_id"]) for c in stage_cases(cases_doc, splits, "train", fold_index)]
+
+
 def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
                    threads: int | None = None, fold: int | None = None, case: str | None = None,
                    from_cases: bool = False) -> dict[str, Any]:
@@ -361,6 +397,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     cases_doc = read_json(layout.cases(dataset), "case list")
     splits = read_json(layout.splits(dataset), "splits")
     cases = stage_cases(cases_doc, splits, stage, fold_index)
+    label_boxes = _training_label_boxes(layout, dataset, cases_doc, splits, fold_index)
     out_dir = layout.eval_dir(dataset, model_name, stage, path_fold)
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -376,7 +413,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         device_name = device_name or str(device)
     else:
         ctx = {"checkpoint": ckpt_path, "device": device, "icfg": icfg, "names": names, "layout": layout,
-               "pred_dir": pred_dir, "stage": stage,
+               "pred_dir": pred_dir, "stage": stage, "label_boxes": label_boxes,
                "dicom": {"model": model_name, "checkpoint_sha256": ckpt_sha}
                if cfg["evaluate"].get("dicom_out") else None}
         rows, peak = _predict_cases(task, ckpt, cases, ctx, f"{dataset}/{stage}")

@@ -5,7 +5,11 @@ passes (:func:`capsmed.measures.normalised_entropy`), 0 certain to 1 evenly spre
 
 - :func:`case_uncertainty` gives one case's columns of ``cases.csv`` (mean entropy inside the
   predicted structures, per structure the spread of the volume over the passes) and, for the
-  calibration, histograms of the entropy of wrongly and rightly labelled voxels.
+  calibration, histograms of the entropy of wrongly and rightly labelled voxels. A study in which
+  the model finds no foreground is flagged ``nothing_found``; its uncertainty is then the mean
+  entropy of the region where the structures usually lie (:func:`expected_region`: the training
+  labels' bounding boxes), or failing that of the image's foreground, never of the whole image,
+  whose background would average it into near-certainty.
 - :func:`calibrate` turns the validation cases into the thresholds the reports use: a voxel is
   *uncertain* above the entropy that best separates wrong from right voxels (Youden's J on the
   validation voxels), and a study is *flagged* when its mean entropy exceeds the highest one seen
@@ -25,8 +29,35 @@ BINS = 100
 MEASURE = "normalised entropy of the mean test-time-augmentation probabilities"
 
 
+def expected_region(boxes: Sequence[Sequence[Sequence[float]] | None], shape: Sequence[int]
+                    ) -> np.ndarray | None:
+    """Where the structures usually lie: the union of the training labels' bounding boxes.
+
+    Args:
+        boxes: Relative boxes of the training cases
+            (:func:`capsmed.data.fingerprint.relative_box`: ``[[lo, hi], ...]`` per array axis,
+            fractions of the extent; None for a case without foreground).
+        shape: The study's array shape.
+
+    Returns:
+        ``(*shape)`` boolean mask of the smallest box holding every training box, scaled to the
+        study's extent, or None when no training case has foreground.
+    """
+    boxes = [b for b in boxes if b is not None and len(b) == len(shape)]
+    if not boxes:
+        return None
+    lo = np.min([[axis[0] for axis in b] for b in boxes], axis=0)
+    hi = np.max([[axis[1] for axis in b] for b in boxes], axis=0)
+    mask = np.zeros(tuple(int(n) for n in shape), bool)
+    index = tuple(slice(int(np.floor(a * n)), max(int(np.ceil(b * n)), int(np.floor(a * n)) + 1))
+                  for a, b, n in zip(lo, hi, shape, strict=True))
+    mask[index] = True
+    return mask
+
+
 def case_uncertainty(entropy: np.ndarray | None, pred: np.ndarray, label: np.ndarray | None,
-                     pass_counts: np.ndarray, voxel_ml: float, fg: Mapping[int, str]
+                     pass_counts: np.ndarray, voxel_ml: float, fg: Mapping[int, str],
+                     region: np.ndarray | None = None, image_foreground: np.ndarray | None = None
                      ) -> dict[str, Any]:
     """One case's uncertainty columns.
 
@@ -37,19 +68,32 @@ def case_uncertainty(entropy: np.ndarray | None, pred: np.ndarray, label: np.nda
         pass_counts: ``(passes, C)`` voxels of each class in each pass's label map.
         voxel_ml: Volume of one voxel in mL.
         fg: Foreground label index -> the name used in column names.
+        region: ``(*S)`` where the structures usually lie (:func:`expected_region`), or None.
+        image_foreground: ``(*S)`` the image's foreground (non-background voxels), or None.
 
     Returns:
-        ``uncertainty_mean`` (mean entropy over the predicted foreground, or over the image when
-        nothing is predicted), ``volume_spread_ml_<name>`` (largest minus smallest volume over the
+        ``nothing_found`` (1 when no voxel is predicted as foreground, else 0),
+        ``uncertainty_region`` (what ``uncertainty_mean`` averages: ``predicted structures``;
+        with nothing found ``expected region``, else ``image foreground``, else ``whole image``),
+        ``uncertainty_mean``, ``volume_spread_ml_<name>`` (largest minus smallest volume over the
         passes) when there are several passes, and the private ``_entropy_hist_error`` /
         ``_entropy_hist_correct`` (voxel counts per entropy bin among voxels predicted or labelled
-        as foreground) when there is a ground truth. Empty without an entropy map.
+        as foreground) when there is a ground truth. Only ``nothing_found`` without an entropy map.
     """
-    if entropy is None:
-        return {}
-    out: dict[str, Any] = {}
     inside = pred > 0
-    values = entropy[inside] if inside.any() else entropy.ravel()
+    out: dict[str, Any] = {"nothing_found": int(not inside.any())}
+    if entropy is None:
+        return out
+    where = "predicted structures"
+    if not inside.any():
+        for name, mask in (("expected region", region), ("image foreground", image_foreground)):
+            if mask is not None and mask.shape == pred.shape and mask.any():
+                inside, where = mask, name
+                break
+        else:
+            inside, where = np.ones(pred.shape, bool), "whole image"
+    values = entropy[inside]
+    out["uncertainty_region"] = where
     out["uncertainty_mean"] = round(float(values.mean()), 6) if values.size else None
     counts = np.asarray(pass_counts)
     if counts.shape[0] > 1:

@@ -26,7 +26,7 @@ def test_case_uncertainty_columns():
     assert sum(row["_entropy_hist_error"]) == int((pred != label).sum())
     assert sum(row["_entropy_hist_correct"]) == int(((pred > 0) | (label > 0)).sum()
                                                     - (pred != label).sum())
-    assert case_uncertainty(None, pred, label, counts, 0.002, {1: "tumour"}) == {}
+    assert case_uncertainty(None, pred, label, counts, 0.002, {1: "tumour"}) == {"nothing_found": 0}
     single = case_uncertainty(entropy, pred, None, counts[:1], 0.002, {1: "tumour"})
     assert "volume_spread_ml_tumour" not in single and "_entropy_hist_error" not in single
 
@@ -59,3 +59,37 @@ def test_tta_cost():
     cost = tta_cost([[1.0, 1.1, 0.9, 1.0], [2.0, 2.0, 2.0, 2.0], None])
     assert cost == {"tta_passes": 4, "tta_extra_seconds_per_case": 4.5, "tta_time_factor": 4.0}
     assert tta_cost([None]) == {}
+
+
+def test_a_miss_is_flagged_and_measured_where_the_structure_usually_lies():
+    from capsmed.data.fingerprint import relative_box
+    from capsmed.evaluate.uncertainty import case_uncertainty, expected_region
+
+    train = np.zeros((10, 10, 10), bool)
+    train[2:4, 5:8, 0:10] = True
+    box = relative_box(train)
+    assert box == [[0.2, 0.4], [0.5, 0.8], [0.0, 1.0]]
+    # a study of another size: the same fractions of its extent
+    region = expected_region([box, None], (20, 10, 5))
+    assert region.sum() == 4 * 3 * 5 and region[4:8, 5:8, :].all()
+    entropy = np.zeros((20, 10, 5), np.float32)
+    entropy[region] = 0.6  # uncertain where the structure should be, certain background elsewhere
+    pred = np.zeros((20, 10, 5), np.uint8)
+    counts = np.array([[1000, 0]])
+    row = case_uncertainty(entropy, pred, None, counts, 0.001, {1: "a"}, region)
+    assert row["nothing_found"] == 1 and row["uncertainty_region"] == "expected region"
+    assert row["uncertainty_mean"] == pytest.approx(0.6)
+    # no training box: the image's foreground; neither: the whole image, said so
+    body = np.zeros_like(region)
+    body[:10] = True
+    row = case_uncertainty(entropy, pred, None, counts, 0.001, {1: "a"}, None, body)
+    assert row["uncertainty_region"] == "image foreground"
+    assert row["uncertainty_mean"] == pytest.approx(entropy[body].mean())
+    row = case_uncertainty(entropy, pred, None, counts, 0.001, {1: "a"})
+    assert row["uncertainty_region"] == "whole image"
+    found = pred.copy()
+    found[0, 0, 0] = 1
+    row = case_uncertainty(entropy, found, None, counts, 0.001, {1: "a"}, region)
+    assert row["nothing_found"] == 0 and row["uncertainty_region"] == "predicted structures"
+    assert case_uncertainty(None, pred, None, counts, 0.001, {1: "a"}) == {"nothing_found": 1}
+    assert relative_box(np.zeros((3, 3), bool)) is None

@@ -151,3 +151,34 @@ def test_pose_perturbation_moves_one_dimension_of_the_winning_capsule():
     assert predict_classification_case(
         get_model("seed_cnn", spatial_dims=2, in_channels=1, out_channels=2).eval(),
         {"image": "unused"}, lambda d: {"image": image}, torch.device("cpu"))["perturbation"] is None
+
+
+def test_volume_spread_uses_the_reported_post_processing(tmp_path, monkeypatch):
+    """Each TTA pass's volume is counted after the largest-component clean-up, as the prediction."""
+    import capsmed.infer.engine as engine
+
+    torch.manual_seed(0)
+    model = get_model("unet", spatial_dims=3, in_channels=1, out_channels=3, channels=[4, 8],
+                      strides=[2], num_res_units=0).eval()
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 18, 16)).astype(np.float32),
+                             np.eye(4)), tmp_path / "img.nii.gz")
+    pre = Compose([LoadImaged(keys="image"), EnsureChannelFirstd(keys="image")])
+    cleaned = []
+    real = engine.keep_largest_components
+
+    def spy(pred, n):
+        out = real(pred, n)
+        cleaned.append(np.bincount(out.ravel(), minlength=n)[:n])
+        return out
+
+    monkeypatch.setattr(engine, "keep_largest_components", spy)
+    for lc in (False, True):
+        cleaned.clear()
+        icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": True, "largest_component": lc}
+        out = engine.predict_segmentation_case(model, {"image": str(tmp_path / "img.nii.gz")},
+                                               {"patch_size": [16, 16, 16]}, pre,
+                                               torch.device("cpu"), icfg)
+        # the mean's map, then each of the 4 passes: every counted map was cleaned when asked
+        assert len(cleaned) == (5 if lc else 0)
+        if lc:
+            np.testing.assert_array_equal(out["pass_counts"], np.stack(cleaned[1:]))
