@@ -619,7 +619,7 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
         run.opt.step()
         state.step += 1
         if run.ema is not None:
-            run.ema.update(run.model)
+            run.ema.update_parameters(run.model)
         total += float(loss.detach()) * image.shape[0]
         count += image.shape[0]
     return total / max(count, 1)

@@ -326,7 +326,7 @@ def test_ema_select_last_and_resume(tmp_path):
     assert record["checkpoint_epoch"] == 3
     for key, value in best["state_dict"].items():
         assert torch.equal(value, last["state_dict"][key])  # the EMA weights, in both
-    assert last["ema"]["steps"] == 3 * 2
+    assert int(last["ema"]["n_averaged"]) == 3 * 2 + 1  # the initial copy and six steps
     raw = last["train_state_dict"]
     assert any(not torch.equal(raw[k], v) for k, v in best["state_dict"].items())
 
