@@ -5,8 +5,9 @@ Dictionaries carry ``"image"`` and ``"label"`` (segmentation) or ``"image"`` and
 
 Deterministic part (:func:`build_preprocess_transforms`), in order:
 
-1. ``LoadImaged`` (MetaTensors; NIfTI through nibabel, DICOM folders through ``PydicomReader``),
-   ``EnsureChannelFirstd``;
+1. :class:`LoadPinnedImaged` (``LoadImaged`` with its reader pinned, MetaTensors: NIfTI through
+   MONAI's ``NibabelReader``, DICOM series folders through its ``PydicomReader``, the readers
+   ``capsmed validate`` checks with; installing ITK changes nothing), ``EnsureChannelFirstd``;
 2. 3D: ``Orientationd("RAS")``; ``Spacingd`` when the plan sets a spacing (bilinear image,
    nearest label);
 3. segmentation with ``crop_foreground``: ``CropForegroundd`` to the non-zero box of the image
@@ -38,10 +39,12 @@ from __future__ import annotations
 import itertools
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data import ImageReader, NibabelReader, PydicomReader
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -69,6 +72,87 @@ from monai.transforms import (
 logger = logging.getLogger(__name__)
 
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class PinnedImageReader(ImageReader):
+    """The image reader of every capsmed pipeline: the one ``capsmed validate`` checks with.
+
+    NIfTI files (``.nii``, ``.nii.gz``) are read by MONAI's ``NibabelReader`` and DICOM series
+    folders by its ``PydicomReader``, both with their defaults: ``capsmed validate`` reads NIfTI
+    headers with nibabel and DICOM series with ``PydicomReader()``
+    (:mod:`capsmed.data.validate`). Left to choose, ``LoadImage`` would read DICOM folders with
+    ``ITKReader`` as soon as ITK is installed, with another geometry path than the one validated.
+
+    ``read`` returns ``(reader, image)`` so that ``get_data`` asks the same reader.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nifti = NibabelReader()
+        self.dicom = PydicomReader()
+
+    @staticmethod
+    def _paths(data: Sequence[Any] | Any) -> list[Path]:
+        items = data if isinstance(data, (list, tuple)) else [data]
+        return [Path(str(item)) for item in items]
+
+    def reader_for(self, data: Sequence[Any] | Any) -> ImageReader:
+        """The reader of ``data`` (a path, or several of one kind stacked as channels).
+
+        Raises:
+            ValueError: ``data`` mixes DICOM folders and files, or names a file that is not NIfTI.
+        """
+        paths = self._paths(data)
+        folders = {p.is_dir() for p in paths}
+        if len(folders) != 1:
+            raise ValueError(f"cannot read DICOM series folders and files together: {paths}")
+        if folders.pop():
+            return self.dicom
+        bad = [str(p) for p in paths if not p.name.lower().endswith(NIFTI_SUFFIXES)]
+        if bad:
+            raise ValueError(f"{bad[0]}: not a NIfTI file (.nii/.nii.gz) or a DICOM series folder")
+        return self.nifti
+
+    def verify_suffix(self, filename: Sequence[Any] | Any) -> bool:
+        """Whether every path is a NIfTI file or a folder (a DICOM series)."""
+        return all(p.is_dir() or p.name.lower().endswith(NIFTI_SUFFIXES)
+                   for p in self._paths(filename))
+
+    def read(self, data: Sequence[Any] | Any, **kwargs: Any) -> tuple[ImageReader, Any]:
+        """Read with the reader :meth:`reader_for` names; returns ``(reader, image)``."""
+        reader = self.reader_for(data)
+        return reader, reader.read(data, **kwargs)
+
+    def get_data(self, img: tuple[ImageReader, Any]) -> tuple[Any, dict]:
+        """``(array, metadata)`` from the reader that read ``img``."""
+        reader, image = img
+        return reader.get_data(image)
+
+
+class LoadPinnedImaged(LoadImaged):
+    """``LoadImaged`` that reads with :class:`PinnedImageReader` and no other reader.
+
+    Given a reader, ``LoadImaged`` still falls back to its default readers (ITK first among them
+    for DICOM) when that reader fails; here the pinned reader is passed at call time, so a file it
+    cannot read raises its error instead.
+
+    Args:
+        keys: Keys of the paths to load.
+        **kwargs: ``LoadImaged``'s other arguments (``image_only``, ``allow_missing_keys``, ...).
+    """
+
+    def __init__(self, keys: Any, **kwargs: Any) -> None:
+        self.pinned_reader = PinnedImageReader()
+        with warnings.catch_warnings():
+            # LoadImage registers every reader; the optional nvImageCodec one warns when absent
+            warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+            super().__init__(keys, reader=self.pinned_reader, **kwargs)
+
+    def __call__(self, data: Mapping[Any, Any], reader: ImageReader | None = None) -> dict:
+        """Load every key with the pinned reader (or ``reader`` when one is given)."""
+        return super().__call__(data, reader or self.pinned_reader)
 
 
 def nonzero(x: torch.Tensor) -> torch.Tensor:
@@ -129,10 +213,7 @@ def build_preprocess_transforms(plan: Mapping[str, Any]) -> Compose:
     seg = plan["task"] == "segmentation"
     dims = int(plan["spatial_dims"])
     keys = ["image", "label"] if seg else ["image"]
-    with warnings.catch_warnings():
-        # LoadImage registers every reader; the optional nvImageCodec one warns when absent
-        warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
-        load = LoadImaged(keys=keys, image_only=True, allow_missing_keys=True)
+    load = LoadPinnedImaged(keys=keys, image_only=True, allow_missing_keys=True)
     t: list[Any] = [load, EnsureChannelFirstd(keys=keys, allow_missing_keys=True)]
     if dims == 3:
         t.append(Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS,

@@ -149,9 +149,9 @@ def original_affine(path: str) -> np.ndarray:
         import nibabel as nib
 
         return np.asarray(nib.load(str(p)).affine, dtype=np.float64)
-    from monai.transforms import LoadImage
+    from capsmed.data.transforms import LoadPinnedImaged
 
-    img = LoadImage(image_only=True)(str(p))
+    img = LoadPinnedImaged(keys="image", image_only=True)({"image": str(p)})["image"]
     return np.asarray(img.affine, dtype=np.float64)
 
 

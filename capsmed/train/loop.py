@@ -5,6 +5,15 @@ Every epoch writes ``last.pt`` (and ``best.pt`` when the validation metric impro
 resumes from ``last.pt`` and ends with exactly the metrics of an uninterrupted run: each epoch
 re-seeds every random source (weights are restored, data order and augmentation derive from
 ``seed`` and the epoch number), so nothing depends on how many epochs ran in this process.
+
+A run resumes only when ``last.pt`` was written for the same training inputs
+(:func:`resume_identity`: the model, its training settings, the plan, the cases and a digest of
+their files, the validation's overlap); otherwise it trains from scratch and says which input
+changed. Settings that change only memory or speed (threads, ``preprocess.cache``,
+``inference.sw_batch_size``) do not count. A run that stopped (``epochs`` done, the time budget
+spent, early stopping) records why in ``last.pt`` and ``train.json`` (``stop_reason``), and started
+again trains no further epoch. The epoch a run stops at is always validated, so ``last.pt`` and
+``best.pt`` both hold validated weights.
 """
 
 from __future__ import annotations
@@ -56,6 +65,20 @@ _EPOCH_SLEEP = float(os.environ.get("CAPSMED_TEST_EPOCH_SLEEP", "0") or 0)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_metric", "lr", "seconds")
 
+#: Why a run ended (``stop_reason`` in ``last.pt`` and ``train.json``): every epoch done, the time
+#: budget ``max_minutes`` spent, or ``patience`` validations without improvement.
+STOP_REASONS = ("epochs", "time_budget", "early_stop")
+
+#: The parts of a run's resume identity (:func:`resume_identity`), as the log names a changed one.
+RESUME_PARTS = {
+    "model": "the model (class, arguments, outputs) or the seed",
+    "train": "the training settings",
+    "plan": "the preprocessing plan (spacing, patch size, normalisation)",
+    "cases": "the training / validation cases",
+    "data": "the cases' files (size or modification time)",
+    "validation": "the validation's sliding-window overlap",
+}
+
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of one epoch's data order and augmentation."""
@@ -73,6 +96,53 @@ def model_input_items(cases: list[dict], task: str) -> list[dict]:
             item["class"] = int(case["class"])
         items.append(item)
     return items
+
+
+def case_file_stamps(item: dict) -> list[list]:
+    """``[path, size in bytes, mtime_ns]`` of every file a case's image and label are read from.
+
+    A DICOM series folder contributes every file below it; a missing path is ``[path, -1, -1]``.
+    """
+    stamps = []
+    for key in ("image", "label"):
+        if key not in item:
+            continue
+        path = Path(item[key])
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                stamps.append([str(f), -1, -1])
+            else:
+                stamps.append([str(f), st.st_size, st.st_mtime_ns])
+    return stamps
+
+
+def data_digest(items: list[dict]) -> str:
+    """Digest of the cases' files: path, size and modification time (ns) of each, not contents.
+
+    Cheap (one ``stat`` per file, no read): a file rewritten in place changes its mtime and so the
+    digest, also when its size stays; a file copied elsewhere changes its path.
+
+    Args:
+        items: Cases as :func:`model_input_items` gives them.
+
+    Returns:
+        :func:`capsmed.config.config_hash` of every item's :func:`case_file_stamps`.
+    """
+    return config_hash([case_file_stamps(item) for item in items])
+
+
+def _cache_key(item: dict) -> bytes:
+    """``PersistentDataset``'s key of an item: the item and its files' stamps.
+
+    A case whose file was edited in place gets a new key, so the disk cache never hands out the
+    preprocessing of the file as it was.
+    """
+    from monai.data.utils import pickle_hashing
+
+    return pickle_hashing({**item, "files": case_file_stamps(item)})
 
 
 def output_names(cases_doc: dict) -> dict[str, str]:
@@ -95,6 +165,8 @@ def _as_cached(item: Any) -> Any:
 def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], cache: str,
                    cache_dir: Path, augment: bool):
     """MONAI datasets for training (deterministic part cached) and validation.
+
+    The disk cache keys an item by its paths and its files' size and mtime (:func:`_cache_key`).
 
     Returns:
         ``(train_ds, val_ds)``.
@@ -121,8 +193,9 @@ def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], c
         post = list(build_augment_transforms(plan).transforms) if augment else []
         sub = Path(cache_dir) / config_hash(plan)
         sub.mkdir(parents=True, exist_ok=True)
-        return (PersistentDataset(train_items, Compose(pre + post), cache_dir=sub),
-                PersistentDataset(val_items, Compose(pre), cache_dir=sub))
+        return (PersistentDataset(train_items, Compose(pre + post), cache_dir=sub,
+                                  hash_func=_cache_key),
+                PersistentDataset(val_items, Compose(pre), cache_dir=sub, hash_func=_cache_key))
     if cache == "memory":
         return (CacheDataset(train_items, train_tf, progress=False, num_workers=0),
                 CacheDataset(val_items, val_tf, progress=False, num_workers=0))
@@ -296,7 +369,7 @@ class TrainingRun:
         cache: ``preprocess.cache`` of the dataset.
         cache_dir: The dataset's preprocessing cache folder.
         base: The fields every checkpoint of this run starts with (format, model, plan, names,
-            config hash, seed, versions, metric name, dataset).
+            config hash, resume identity, seed, versions, metric name, dataset).
     """
 
     dataset: str
@@ -358,6 +431,7 @@ class TrainingState:
         best_epoch: The epoch that reached it.
         bad_epochs: Validations since the last improvement (early stopping).
         train_seconds: Training time so far, over every process that ran.
+        stop_reason: Why the run ended (one of :data:`STOP_REASONS`), None while it goes on.
     """
 
     epoch: int = 0
@@ -367,6 +441,7 @@ class TrainingState:
     best_epoch: int = 0
     bad_epochs: int = 0
     train_seconds: float = 0.0
+    stop_reason: str | None = None
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> TrainingState:
@@ -374,7 +449,8 @@ class TrainingState:
         return cls(epoch=int(ckpt["epoch"]), history=list(ckpt["history"]),
                    step=int(ckpt.get("step", 0)), best_metric=float(ckpt["best_metric"]),
                    best_epoch=int(ckpt["best_epoch"]), bad_epochs=int(ckpt["bad_epochs"]),
-                   train_seconds=float(ckpt["train_seconds"]))
+                   train_seconds=float(ckpt["train_seconds"]),
+                   stop_reason=ckpt.get("stop_reason"))
 
     def checkpoint_fields(self) -> dict[str, Any]:
         """The fields a checkpoint stores (besides weights and optimiser)."""
@@ -498,8 +574,10 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
         "metric_name": "dice" if task == "segmentation" else "auc",
         "dataset": dataset,
     }
+    icfg = inference_config(cfg, dataset)
+    base["resume_identity"] = resume_identity(base, tcfg, icfg, train_items, val_items)
     return TrainingRun(
-        dataset=dataset, model_name=model_name, tcfg=tcfg, icfg=inference_config(cfg, dataset),
+        dataset=dataset, model_name=model_name, tcfg=tcfg, icfg=icfg,
         plan=plan, patch=patch, seed=seed, fold=fold, device=device, n_threads=n_threads,
         model=model, loss_fn=loss_fn, opt=opt, ema=ema, train_items=train_items,
         val_items=val_items, model_dir=model_dir,
@@ -507,19 +585,56 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
         cache_dir=layout.cache(dataset), base=base)
 
 
+def resume_identity(base: dict, tcfg: dict, icfg: dict, train_items: list[dict],
+                    val_items: list[dict]) -> dict[str, str]:
+    """What a resumed run must share with the run that wrote ``last.pt``, part by part.
+
+    Each part is a :func:`capsmed.config.config_hash` (see :data:`RESUME_PARTS`): ``model``
+    (registered class, config entry, arguments, channels, output names, seed), ``train`` (the
+    merged training settings), ``plan`` (the preprocessing plan as trained: spacing, patch size,
+    normalisation, crop, ...), ``cases`` (the training and validation cases of the fold: ids,
+    paths, classes), ``data`` (:func:`data_digest` of their files) and ``validation`` (the
+    sliding-window ``overlap`` the validation metric uses). Left out, because they change memory
+    or speed only: threads, device, ``preprocess.cache``, ``inference.sw_batch_size``, and the
+    inference settings validation does not use.
+
+    Returns:
+        ``{part: hash}`` for every key of :data:`RESUME_PARTS`.
+    """
+    model = {"model": base["model"], "names": base["names"], "seed": base["seed"]}
+    return {
+        "model": config_hash(model),
+        "train": config_hash(tcfg),
+        "plan": config_hash(base["plan"]),
+        "cases": config_hash({"train": train_items, "val": val_items}),
+        "data": data_digest(train_items + val_items),
+        "validation": config_hash({"overlap": icfg["overlap"]}),
+    }
+
+
 def resume(run: TrainingRun) -> TrainingState:
-    """Restore weights, optimiser and EMA from ``last.pt`` when it was written for this config.
+    """Restore weights, optimiser and EMA from ``last.pt`` when it was written for this run.
+
+    "This run" means the same :func:`resume_identity`; another ``last.pt`` is trained over, with
+    a warning naming the parts that changed (data edited in place: "the cases' files").
 
     Returns:
         The state after the checkpoint's epoch, or a fresh state (no checkpoint, or one written
-        for another config, which is then trained over).
+        for other training inputs or by a capsmed that did not record them).
     """
     if not run.last_path.is_file():
         return TrainingState()
     ckpt = load_checkpoint(run.last_path)
-    if ckpt.get("config_hash") != run.base["config_hash"]:
-        logger.warning("%s: written for another config; training %s from scratch",
-                       run.last_path, run.label)
+    saved = ckpt.get("resume_identity")
+    if not isinstance(saved, dict):
+        logger.warning("%s: written without a resume identity (an older capsmed); training %s "
+                       "from scratch", run.last_path, run.label)
+        return TrainingState()
+    changed = [text for part, text in RESUME_PARTS.items()
+               if saved.get(part) != run.base["resume_identity"][part]]
+    if changed:
+        logger.warning("%s: %s changed since it was written; training %s from scratch",
+                       run.last_path, "; ".join(changed), run.label)
         return TrainingState()
     run.model.load_state_dict(ckpt.get("train_state_dict") or ckpt["state_dict"])
     run.opt.load_state_dict(ckpt["optimizer"])
@@ -552,10 +667,11 @@ def last_epoch(run: TrainingRun, state: TrainingState, max_epochs: int | None) -
 
     Returns:
         ``epochs``, or ``max_epochs`` when smaller; the state's epoch (none left to run) when the
-        run being resumed had already stopped early.
+        run being resumed had already stopped, whatever the reason (``state.stop_reason``: the
+        epochs done, the time budget spent, early stopping).
     """
     tcfg = run.tcfg
-    if tcfg["patience"] and state.bad_epochs >= tcfg["patience"]:
+    if state.stop_reason is not None:
         return state.epoch
     return tcfg["epochs"] if max_epochs is None else min(tcfg["epochs"], max_epochs)
 
@@ -620,16 +736,31 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
         run.opt.step()
         state.step += 1
         if run.ema is not None:
-            run.ema.update(run.model)
+            run.ema.update_parameters(run.model)
         total += float(loss.detach()) * image.shape[0]
         count += image.shape[0]
     return total / max(count, 1)
 
 
-def validate_if_due(run: TrainingRun, val_loader: Any, epoch: int) -> tuple[float, float]:
-    """:func:`validate_epoch` on every ``val_every``-th epoch and the last; else ``(nan, nan)``."""
-    if epoch % run.tcfg["val_every"] and epoch != run.tcfg["epochs"]:
-        return math.nan, math.nan
+def budget_spent(run: TrainingRun, seconds: float) -> bool:
+    """Whether ``seconds`` of training use up the time budget ``max_minutes`` (False without)."""
+    max_minutes = run.tcfg.get("max_minutes")
+    return bool(max_minutes) and seconds >= 60 * max_minutes
+
+
+def validation_due(run: TrainingRun, epoch: int, seconds: float) -> bool:
+    """Whether ``epoch`` is validated.
+
+    Every ``val_every``-th epoch is, the last, and the one whose training pass spends the time
+    budget (``seconds``: training seconds after that pass), so the epoch a run stops at always
+    has a validation metric.
+    """
+    return (epoch % run.tcfg["val_every"] == 0 or epoch >= run.tcfg["epochs"]
+            or budget_spent(run, seconds))
+
+
+def validate(run: TrainingRun, val_loader: Any) -> tuple[float, float]:
+    """:func:`validate_epoch` of the run's evaluated weights with its validation settings."""
     return validate_epoch(run.eval_model, run.loss_fn, val_loader, run.plan, run.patch, run.device,
                           run.icfg["sw_batch_size"], run.icfg["overlap"])
 
@@ -638,28 +769,53 @@ def save_checkpoints(run: TrainingRun, state: TrainingState, improved: bool) -> 
     """Write ``best.pt`` (when selected), ``last.pt`` and ``history.csv``, each atomically.
 
     ``best.pt`` is rewritten every epoch with ``select: last``, else when the metric improved (or
-    before the first validation, so that it always exists). ``last.pt`` adds the optimiser and,
-    with an EMA, the raw weights and the average's state.
+    before the first validation, so that it always exists). ``last.pt`` adds the optimiser,
+    ``stop_reason`` and, with an EMA, the raw weights and the average's state.
     """
     state_doc = {**run.base, "state_dict": run.eval_model.state_dict(),
                  **state.checkpoint_fields()}
     if run.tcfg["select"] == "last" or improved or not run.best_path.is_file():
         atomic_torch_save(run.best_path, state_doc)
-    extra = {"optimizer": run.opt.state_dict()}
+    extra = {"optimizer": run.opt.state_dict(), "stop_reason": state.stop_reason}
     if run.ema is not None:
         extra.update(train_state_dict=run.model.state_dict(), ema=run.ema.state_dict())
     atomic_torch_save(run.last_path, {**state_doc, **extra})
     atomic_write_text(run.model_dir / "history.csv", _history_csv(state.history))
 
 
-def stop_reason(run: TrainingRun, state: TrainingState) -> str | None:
-    """Why training ends before ``epochs``: the time budget or early stopping; None to go on."""
+def stop_reason(run: TrainingRun, state: TrainingState, validated: bool) -> str | None:
+    """Why training ends after the state's epoch (one of :data:`STOP_REASONS`); None to go on.
+
+    Args:
+        run: The run.
+        state: The state after the epoch.
+        validated: Whether the epoch was validated. A run stops only at a validated epoch;
+            ``epochs`` and the spent budget are validated by :func:`validation_due`, early
+            stopping counts validations only.
+
+    Returns:
+        ``"epochs"`` after the last epoch, ``"early_stop"`` after ``patience`` validations without
+        improvement, ``"time_budget"`` once the training seconds reach ``max_minutes``; the first
+        of these that holds. None otherwise.
+    """
     tcfg = run.tcfg
-    if tcfg.get("max_minutes") and state.train_seconds >= 60 * tcfg["max_minutes"]:
-        return f"time budget of {tcfg['max_minutes']} min used after {state.epoch} epochs"
+    if not validated:
+        return None
+    if state.epoch >= tcfg["epochs"]:
+        return "epochs"
     if tcfg["patience"] and state.bad_epochs >= tcfg["patience"]:
-        return f"early stop after {state.bad_epochs} epochs without improvement"
+        return "early_stop"
+    if budget_spent(run, state.train_seconds):
+        return "time_budget"
     return None
+
+
+def _stop_message(run: TrainingRun, state: TrainingState) -> str:
+    """The log line of a stop before ``epochs``."""
+    if state.stop_reason == "time_budget":
+        return (f"time budget of {run.tcfg['max_minutes']} min used after {state.epoch} epochs "
+                f"({state.train_seconds:.1f} s)")
+    return f"early stop after {state.bad_epochs} validations without improvement"
 
 
 def training_record(run: TrainingRun, state: TrainingState) -> dict[str, Any]:
@@ -682,6 +838,7 @@ def training_record(run: TrainingRun, state: TrainingState) -> dict[str, Any]:
         "versions": base["versions"], "config_hash": base["config_hash"], "checkpoint": "best.pt",
         "checkpoint_sha256": sha256_file(run.best_path), "device": str(run.device),
         "threads": run.n_threads, "patch_size": run.patch, "fold": run.fold,
+        "stop_reason": state.stop_reason, "data_digest": base["resume_identity"]["data"],
     }
 
 
@@ -716,27 +873,31 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
     steps_per_epoch = math.ceil(len(train_ds) / run.tcfg["batch_size"])
     total_steps = max(1, run.tcfg["epochs"] * steps_per_epoch)
     stop_after = last_epoch(run, state, max_epochs)
+    if state.stop_reason is not None:
+        logger.info("%s: stopped after epoch %d (%s); nothing left to train", run.label,
+                    state.epoch, state.stop_reason)
     for epoch in range(state.epoch + 1, stop_after + 1):
         t0 = time.perf_counter()
         train_loss = train_epoch(run, state, train_ds, epoch, total_steps, t0)
         lr = run.opt.param_groups[0]["lr"]
-        val_loss, val_metric = validate_if_due(run, val_loader, epoch)
+        due = validation_due(run, epoch, state.train_seconds + time.perf_counter() - t0)
+        val_loss, val_metric = validate(run, val_loader) if due else (math.nan, math.nan)
         improved = state.finish_epoch({
             "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
             "val_metric": val_metric, "lr": lr, "seconds": time.perf_counter() - t0})
+        state.stop_reason = stop_reason(run, state, validated=due)
         save_checkpoints(run, state, improved)
         logger.info("%s epoch %d: train loss %.4f, val %s %.4f (best %.4f @ %d), %.1fs",
                     run.label, epoch, train_loss, run.base["metric_name"], val_metric,
                     state.best_metric, state.best_epoch, state.history[-1]["seconds"])
         if _EPOCH_SLEEP:  # test hook: widen the window in which a test kills training
             time.sleep(_EPOCH_SLEEP)
-        reason = stop_reason(run, state)
-        if reason:
-            logger.info("%s: %s", run.label, reason)
+        if state.stop_reason is not None:
+            if state.stop_reason != "epochs":
+                logger.info("%s: %s", run.label, _stop_message(run, state))
             break
-    else:
-        if max_epochs is not None and stop_after < run.tcfg["epochs"]:
-            return {"partial": True, "epoch": state.epoch}
+    if state.stop_reason is None:
+        return {"partial": True, "epoch": state.epoch}
     record = training_record(run, state)
     # the inference settings beside best.pt, so capsmed predict finds them from the model alone
     record_settings(run.model_dir, config_settings(cfg, dataset))

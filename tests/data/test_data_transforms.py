@@ -256,3 +256,55 @@ def test_ultrasound_keeps_its_top_down_geometry():
     for _ in range(20):
         out = tf({"image": image.clone()})["image"]
         assert out[:, :6].mean() > out[:, -6:].mean()
+
+
+def test_the_reader_is_pinned_as_validate_reads(tmp_path, dicom_dir, monkeypatch):
+    """NIfTI through NibabelReader, DICOM folders through PydicomReader (capsmed validate's
+    readers), named by the transforms; a reader that would win LoadImage's own choice (ITKReader
+    once ITK is installed) is never asked."""
+    from monai.data import ImageReader, NibabelReader, PydicomReader
+    from monai.transforms.io import array as io_array
+
+    from capsmed.data.transforms import LoadPinnedImaged, PinnedImageReader
+
+    class ClaimsEverything(ImageReader):  # stands for ITKReader with ITK installed
+        def verify_suffix(self, filename):
+            return True
+
+        def read(self, data, **kwargs):
+            raise AssertionError("the pinned reader was bypassed")
+
+        def get_data(self, img):
+            raise AssertionError("the pinned reader was bypassed")
+
+    monkeypatch.setitem(io_array.SUPPORTED_READERS, "itkreader", ClaimsEverything)
+    series = dicom_dir / "studyC"
+    with pytest.raises(AssertionError, match="bypassed"):
+        LoadImage(image_only=True)(str(series))  # left to choose, LoadImage takes it
+
+    nifti, _, _ = _oblique_case(tmp_path)
+    plan = {"task": "classification", "spatial_dims": 3, "spacing": None,
+            "patch_size": [16, 16, 16], "image_size": 16, "normalization": "minmax"}
+    load = build_preprocess_transforms(plan).transforms[0]
+    assert isinstance(load, LoadPinnedImaged) and isinstance(load.pinned_reader, PinnedImageReader)
+    assert type(load.pinned_reader.reader_for(str(nifti))) is NibabelReader
+    assert type(load.pinned_reader.reader_for(str(series))) is PydicomReader
+    for path, reader in ((series, PydicomReader()), (nifti, NibabelReader())):
+        loaded = load({"image": str(path)})["image"]
+        array, meta = reader.get_data(reader.read(str(path)))
+        np.testing.assert_array_equal(loaded.numpy(), np.asarray(array, np.float32))
+        np.testing.assert_allclose(loaded.affine.numpy(), np.asarray(meta["affine"]))
+
+
+def test_the_pinned_reader_reads_nifti_files_and_dicom_folders_only(tmp_path, dicom_dir):
+    from capsmed.data.transforms import PinnedImageReader
+
+    reader = PinnedImageReader()
+    png = tmp_path / "slice.png"
+    png.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"slice.png: not a NIfTI file \(.nii/.nii.gz\) or a "
+                                         r"DICOM series folder"):
+        reader.reader_for(str(png))
+    with pytest.raises(ValueError, match="cannot read DICOM series folders and files together"):
+        reader.reader_for([str(dicom_dir / "studyC"), str(tmp_path / "a.nii.gz")])
+    assert not reader.verify_suffix(str(png)) and reader.verify_suffix(str(dicom_dir / "studyC"))

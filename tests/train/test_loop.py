@@ -326,7 +326,7 @@ def test_ema_select_last_and_resume(tmp_path):
     assert record["checkpoint_epoch"] == 3
     for key, value in best["state_dict"].items():
         assert torch.equal(value, last["state_dict"][key])  # the EMA weights, in both
-    assert last["ema"]["steps"] == 3 * 2
+    assert int(last["ema"]["n_averaged"]) == 3 * 2 + 1  # the initial copy and six steps
     raw = last["train_state_dict"]
     assert any(not torch.equal(raw[k], v) for k, v in best["state_dict"].items())
 
@@ -388,3 +388,168 @@ def test_early_stop_and_validation_interval_survive_resuming(tmp_path):
     best_ref, best_run = load_checkpoint(model_dir / "best.pt"), load_checkpoint(run_dir / "best.pt")
     for key, value in best_ref["state_dict"].items():
         assert torch.equal(value, best_run["state_dict"][key]), key
+
+
+def _ticking_clock(monkeypatch, tick: float) -> None:
+    """Replace the loop's clock by one that advances ``tick`` seconds per reading."""
+    import types
+
+    import capsmed.train.loop as loop
+
+    ticks = iter(tick * k for k in range(1_000_000))
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(
+        perf_counter=lambda: next(ticks), sleep=time.sleep))
+
+
+def _log_of(fn, *args, **kwargs):
+    """Run ``fn`` and return ``(its result, what capsmed.train.loop logged)``."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("capsmed.train.loop")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    return result, stream.getvalue()
+
+
+def test_a_binding_budget_stops_on_a_validated_epoch_and_a_restart_trains_no_more(
+        tmp_path, monkeypatch):
+    """A 6 s budget on a clock ticking 1 s per reading (5 readings per epoch: its start, one per
+    batch, after the training pass, at its end) is spent in the training pass of epoch 2, which
+    val_every 5 would not validate: it is validated, the run stops there with stop_reason
+    time_budget, and started again (whole, or resumed after epoch 1) it trains nothing more."""
+    _ticking_clock(monkeypatch, 1.0)
+    train = {"epochs": 8, "batch_size": 8, "val_every": 5, "max_minutes": 0.1,
+             "scheduler": "cosine"}
+    ref = tiny_config(tmp_path / "ref", train=train)
+    prepare_all(write_config(ref, tmp_path / "ref.yaml"))
+    record = train_model(ref, "ds", "seed_cnn")
+    model_dir = tmp_path / "ref" / "ds" / "models" / "seed_cnn"
+    rows = _history(model_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert math.isnan(float(rows[0]["val_metric"])) and not math.isnan(float(rows[1]["val_metric"]))
+    assert record["stop_reason"] == "time_budget" and record["epochs"] == 2
+    assert record["train_seconds"] == 8.0  # 4 s per epoch; epoch 2 starts at 4 s < 6 s
+    last, best = load_checkpoint(model_dir / "last.pt"), load_checkpoint(model_dir / "best.pt")
+    assert last["stop_reason"] == "time_budget" and last["epoch"] == 2
+    assert best["epoch"] == record["best_epoch"] == 2 == record["checkpoint_epoch"]
+    assert best["best_metric"] == float(rows[1]["val_metric"]) == record["best_metric"]
+
+    again, log = _log_of(train_model, ref, "ds", "seed_cnn")
+    assert "stopped after epoch 2 (time_budget); nothing left to train" in log
+    assert _history(model_dir) == rows
+    assert load_checkpoint(model_dir / "last.pt")["epoch"] == 2
+    drop = ("peak_memory_mb",)  # the process's resident set, not the run's
+    assert {k: v for k, v in again.items() if k not in drop} == \
+        {k: v for k, v in record.items() if k not in drop}
+
+    run = tiny_config(tmp_path / "run", train=train)
+    prepare_all(write_config(run, tmp_path / "run.yaml"))
+    assert train_model(run, "ds", "seed_cnn", max_epochs=1)["partial"]
+    resumed = train_model(run, "ds", "seed_cnn")
+    run_dir = tmp_path / "run" / "ds" / "models" / "seed_cnn"
+    assert _history(run_dir) == rows and resumed["stop_reason"] == "time_budget"
+    assert train_model(run, "ds", "seed_cnn", max_epochs=1)["epochs"] == 2  # stopped: a record
+    best_ref, best_run = load_checkpoint(model_dir / "best.pt"), load_checkpoint(run_dir / "best.pt")
+    for key, value in best_ref["state_dict"].items():
+        assert torch.equal(value, best_run["state_dict"][key]), key
+
+
+def test_stop_reasons_of_epochs_and_early_stopping_are_recorded(tmp_path):
+    cfg = tiny_config(tmp_path / "a", train={"epochs": 2, "batch_size": 8})
+    prepare_all(write_config(cfg, tmp_path / "a.yaml"))
+    assert train_model(cfg, "ds", "seed_cnn")["stop_reason"] == "epochs"
+    assert load_checkpoint(tmp_path / "a/ds/models/seed_cnn/last.pt")["stop_reason"] == "epochs"
+    early = tiny_config(tmp_path / "b", train={"epochs": 8, "batch_size": 8, "patience": 1})
+    prepare_all(write_config(early, tmp_path / "b.yaml"))
+    record = train_model(early, "ds", "seed_cnn")
+    assert record["stop_reason"] == "early_stop" and record["epochs"] < 8
+
+
+def _partial_run(tmp_path, **train):
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 2, "batch_size": 8, **train},
+                      preprocess={"cache": "disk"})
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    assert train_model(cfg, "ds", "seed_cnn", max_epochs=1)["partial"]
+    return cfg
+
+
+def test_memory_settings_do_not_restart_training(tmp_path):
+    """threads, preprocess.cache and inference.sw_batch_size change memory or speed only."""
+    from capsmed.config import validate_config
+
+    cfg = _partial_run(tmp_path)
+    ds = cfg["datasets"]["ds"]
+    changed = validate_config({**cfg, "threads": 2, "datasets": {"ds": {
+        **ds, "preprocess": {**ds["preprocess"], "cache": "memory"},
+        "inference": {"sw_batch_size": 7}}}})
+    record, log = _log_of(train_model, changed, "ds", "seed_cnn", threads=1)
+    assert "resuming after epoch 1" in log and "from scratch" not in log
+    assert record["epochs"] == 2
+
+
+def test_data_edited_in_place_retrains_from_scratch(tmp_path):
+    """A training case's file rewritten (same size, new modification time) is another run."""
+    import json
+
+    cfg = _partial_run(tmp_path)
+    results = tmp_path / "results" / "ds"
+    splits = json.loads((results / "splits.json").read_text())
+    cases = {c["case_id"]: c for c in json.loads((results / "data/cases.json").read_text())["cases"]}
+    image = __import__("pathlib").Path(cases[splits["folds"][0]["train"][0]]["image"])
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    record, log = _log_of(train_model, cfg, "ds", "seed_cnn")
+    assert ("the cases' files (size or modification time) changed since it was written; "
+            "training ds/seed_cnn from scratch") in log
+    assert "resuming" not in log and record["epochs"] == 2
+
+
+def test_a_changed_plan_retrains_from_scratch(tmp_path):
+    import json
+
+    cfg = _partial_run(tmp_path)
+    plan_path = tmp_path / "results/ds/preprocessed/plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan["normalization"] = "percentile"
+    plan_path.write_text(json.dumps(plan))
+    _, log = _log_of(train_model, cfg, "ds", "seed_cnn")
+    assert "the preprocessing plan (spacing, patch size, normalisation) changed" in log
+    assert "resuming" not in log
+
+
+def test_a_checkpoint_without_resume_identity_is_trained_over(tmp_path):
+    from capsmed.train.runtime import atomic_torch_save
+
+    cfg = _partial_run(tmp_path)
+    last = tmp_path / "results/ds/models/seed_cnn/last.pt"
+    ckpt = load_checkpoint(last)
+    del ckpt["resume_identity"]
+    atomic_torch_save(last, ckpt)
+    _, log = _log_of(train_model, cfg, "ds", "seed_cnn")
+    assert "written without a resume identity (an older capsmed); training ds/seed_cnn" in log
+
+
+def test_the_disk_cache_key_follows_the_files(tmp_path):
+    """An edited file is preprocessed again, not read back from the cache as it was."""
+    from capsmed.train.loop import _cache_key, data_digest
+
+    image = tmp_path / "a.nii.gz"
+    image.write_bytes(b"x" * 10)
+    item = {"image": str(image), "case_id": "a", "class": 0}
+    key, digest = _cache_key(item), data_digest([item])
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    touched = data_digest([item])
+    assert _cache_key(item) != key and touched != digest
+    image.write_bytes(b"y" * 11)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the same time, another size
+    assert data_digest([item]) != touched

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from capsmed.train.recipe import (
     CLOCK_SLACK,
@@ -60,24 +61,48 @@ def test_ema_warm_up_and_average():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = ModelEMA(model, decay=0.99)
+    assert isinstance(ema, AveragedModel) and ema.steps == 0
     start = model[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)
         model[1].running_mean.fill_(5.0)
     d1 = ema.current_decay()
     assert d1 == pytest.approx(2 / 11)  # min(0.99, (1 + 1) / (10 + 1))
-    ema.update(model)
+    ema.update_parameters(model)
     torch.testing.assert_close(ema.module[0].weight, d1 * start + (1 - d1) * (start + 1.0))
     torch.testing.assert_close(ema.module[1].running_mean, torch.full((2,), 5.0))  # copied
-    ema.steps = 10_000
+    assert ema.steps == 1 and ema.current_decay() == pytest.approx(3 / 12)
+    ema.n_averaged.fill_(10_001)
     assert ema.current_decay() == 0.99
     copy = ModelEMA(model, decay=0.99)
     copy.load_state_dict(ema.state_dict())
-    assert copy.steps == 10_000
+    assert copy.steps == 10_000 and "n_averaged" in ema.state_dict()
     torch.testing.assert_close(copy.module[0].weight, ema.module[0].weight)
     assert not any(p.requires_grad for p in ema.module.parameters())
     with pytest.raises(ValueError, match=r"EMA decay must lie in \(0, 1\)"):
         ModelEMA(model, 1.0)
+
+
+def test_ema_equals_the_warmed_up_lerp_bit_for_bit():
+    """The AveragedModel average is the earlier hand-written one: the same lerp at the same decay
+    per step, starting from the initial weights, so trained runs keep their exact numbers."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3))
+    ema = ModelEMA(model, decay=0.9)
+    reference = [p.detach().clone() for p in model.parameters()]
+    for t in range(1, 30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 1, 5, 5))  # training mode: batch-norm statistics move
+        ema.update_parameters(model)
+        d = min(0.9, (1 + t) / (10 + t))
+        for avg, new in zip(reference, model.parameters(), strict=True):
+            avg.lerp_(new.detach(), 1.0 - d)
+    for avg, ref in zip(ema.module.parameters(), reference, strict=True):
+        assert torch.equal(avg, ref)
+    for avg, new in zip(ema.module.buffers(), model.buffers(), strict=True):
+        assert torch.equal(avg, new)  # statistics copied, not averaged
 
 
 def test_balanced_class_weights():
