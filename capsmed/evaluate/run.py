@@ -152,9 +152,10 @@ def _miss_regions(case: dict, shape: tuple[int, ...], boxes: list
     region = expected_region(boxes, shape)
     if region is not None:
         return region, None
-    from monai.transforms import LoadImage
+    from capsmed.data.transforms import LoadPinnedImaged
 
-    image = np.asarray(LoadImage(image_only=True)(case["image"]))
+    image = np.asarray(LoadPinnedImaged(keys="image", image_only=True)(
+        {"image": case["image"]})["image"])
     if image.shape[: len(shape)] != tuple(shape):
         return None, None
     image = image.reshape(*shape, -1)

@@ -527,7 +527,7 @@ def test_a_changed_plan_retrains_from_scratch(tmp_path):
 
 
 def test_a_checkpoint_without_resume_identity_is_trained_over(tmp_path):
-    from capsmed.train.runtime import atomic_torch_save
+    from capsmed.infer.runtime import atomic_torch_save
 
     cfg = _partial_run(tmp_path)
     last = tmp_path / "results/ds/models/seed_cnn/last.pt"
