@@ -24,6 +24,8 @@ if ! command -v apt-get >/dev/null 2>&1; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
+# shellcheck source=apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+ci_apt_update $SUDO
 $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver
 echo "installed: $(chromium --version 2>/dev/null || echo chromium)"

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.require import real_data
+
+# pytester: tests/test_require.py runs small pytest sessions to check the skip-or-fail rule.
+pytest_plugins = ["pytester"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO_ROOT / ".." / "shared" / "data").resolve()
 
@@ -18,8 +23,8 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real data folder ``../shared/data``; skips the test when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (only the project's CI and dev "
-                    "machines have it)")
-    return SHARED_DATA
+    """The real data folder ``../shared/data``.
+
+    Skips the test when it is absent, or fails it under ``CAPSMED_REQUIRE_DATA=1`` (CI).
+    """
+    return real_data(SHARED_DATA)

@@ -42,6 +42,8 @@ fi
 cleanup() { if [[ $created_policy -eq 1 ]]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-apt-get update -qq
+# shellcheck source=../apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../apt.sh"
+ci_apt_update
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 echo "slurm/install: done ($(slurmctld -V))"

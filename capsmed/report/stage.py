@@ -179,13 +179,14 @@ def _classification_sections(metrics_doc: Mapping[str, Any], cases: pd.DataFrame
         prec = np.asarray(pr["precision"], dtype=float)
         order = np.argsort(rec, kind="mergesort")
         prevalence = float(np.mean(truth[ok] == 1)) if ok.any() else float("nan")
-        pr_curves.append((names.get(1, "positive"), rec[order], prec[order],
-                          stats.average_precision(rec[order], prec[order]), prevalence))
+        ap = stats.average_precision(truth[ok] == 1, probs[1][ok]) if ok.any() and 1 in probs \
+            else float("nan")
+        pr_curves.append((names.get(1, "positive"), rec[order], prec[order], ap, prevalence))
     elif truth.size:
         for k in targets:
             y = truth[ok] == k
             rec, prec = stats.pr_curve(y, probs[k][ok])
-            pr_curves.append((names[k], rec, prec, stats.average_precision(rec, prec),
+            pr_curves.append((names[k], rec, prec, stats.average_precision(y, probs[k][ok]),
                               float(y.mean()) if y.size else float("nan")))
     figs.append(b.figure(fig.roc_figure(roc_curves), "ROC curves",
                          "ROC curve" + (" per class (one against the rest)" if n > 2 else "")))

@@ -1,4 +1,4 @@
-"""Small numpy summaries that reports draw when metrics.json lacks them (no scikit-learn, no torch).
+"""Summaries that reports draw when metrics.json lacks them (no torch; scikit-learn imported lazily).
 
 The numbers in a report's headline table always come from ``metrics.json`` (written by
 :mod:`capsmed.evaluate`); these functions only fill in plots, e.g. one-vs-rest ROC curves for
@@ -7,6 +7,7 @@ multiclass tasks, which ``metrics.json`` stores for binary tasks only.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -14,53 +15,64 @@ import numpy as np
 from capsmed.measures import ece_from_table, reliability_table
 
 
+def _finite_pairs(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, s)`` as ``(N,)`` int 0/1 and float arrays, pairs with a non-finite score left out."""
+    y = np.asarray(y_true).astype(bool).ravel()
+    s = np.asarray(score, dtype=float).ravel()
+    ok = np.isfinite(s)
+    return y[ok].astype(int), s[ok]
+
+
 def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Receiver operating characteristic of a binary problem.
+    """Receiver operating characteristic of a binary problem (scikit-learn's ``roc_curve``).
+
+    Every threshold is kept (``drop_intermediate=False``), as in the ``roc`` of ``metrics.json``.
 
     Args:
         y_true: ``(N,)`` 0/1 (or boolean) ground truth.
-        score: ``(N,)`` scores, higher meaning more likely positive.
+        score: ``(N,)`` scores, higher meaning more likely positive; non-finite ones are left out.
 
     Returns:
         ``(fpr, tpr)``, each ``(T + 1,)`` for ``T`` distinct thresholds, starting at ``(0, 0)`` and
-        ending at ``(1, 1)``. With no positives (or no negatives) the rates on that axis are 0.
+        ending at ``(1, 1)``. With no positives (or no negatives) the rates on that axis are 0
+        (scikit-learn says NaN).
     """
-    y = np.asarray(y_true).astype(bool).ravel()
-    s = np.asarray(score, dtype=float).ravel()
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order], s[order]
-    distinct = np.r_[np.nonzero(np.diff(s))[0], y.size - 1] if y.size else np.array([], int)
-    tps = np.cumsum(y)[distinct] if y.size else np.array([])
-    fps = (distinct + 1) - tps
-    pos, neg = max(int(y.sum()), 0), max(int((~y).sum()), 0)
-    tpr = np.r_[0.0, tps / pos] if pos else np.zeros(tps.size + 1)
-    fpr = np.r_[0.0, fps / neg] if neg else np.zeros(fps.size + 1)
-    return fpr, tpr
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    y, s = _finite_pairs(y_true, score)
+    if not y.size:
+        return np.zeros(1), np.zeros(1)
+    with warnings.catch_warnings():  # no positives / negatives: handled below
+        warnings.simplefilter("ignore")
+        fpr, tpr, _ = sk_roc_curve(y, s, pos_label=1, drop_intermediate=False)
+    return np.nan_to_num(fpr, nan=0.0), np.nan_to_num(tpr, nan=0.0)
 
 
 def pr_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision-recall curve of a binary problem.
+    """Precision-recall curve of a binary problem (scikit-learn's ``precision_recall_curve``).
+
+    Every threshold is kept (``drop_intermediate=False``), in order of increasing recall.
 
     Args:
         y_true: ``(N,)`` 0/1 ground truth.
-        score: ``(N,)`` scores, higher meaning more likely positive.
+        score: ``(N,)`` scores, higher meaning more likely positive; non-finite ones are left out.
 
     Returns:
-        ``(recall, precision)``, starting at recall 0 with precision 1.
+        ``(recall, precision)``, each ``(T + 1,)`` for ``T`` distinct thresholds, starting at
+        recall 0 with precision 1. With no positives the recall is 0 throughout (scikit-learn
+        says 1).
     """
-    y = np.asarray(y_true).astype(bool).ravel()
-    s = np.asarray(score, dtype=float).ravel()
+    from sklearn.metrics import precision_recall_curve
+
+    y, s = _finite_pairs(y_true, score)
     if not y.size:
         return np.array([0.0]), np.array([1.0])
-    order = np.argsort(-s, kind="mergesort")
-    y, s = y[order], s[order]
-    distinct = np.r_[np.nonzero(np.diff(s))[0], y.size - 1]
-    tps = np.cumsum(y)[distinct].astype(float)
-    predicted = (distinct + 1).astype(float)
-    pos = float(y.sum())
-    recall = tps / pos if pos else np.zeros_like(tps)
-    precision = tps / predicted
-    return np.r_[0.0, recall], np.r_[1.0, precision]
+    with warnings.catch_warnings():  # no positives: handled below
+        warnings.simplefilter("ignore")
+        precision, recall, _ = precision_recall_curve(y, s, pos_label=1, drop_intermediate=False)
+    if not y.any():
+        recall = np.zeros_like(recall)
+    return recall[::-1].copy(), precision[::-1].copy()
 
 
 def area(x: np.ndarray, y: np.ndarray) -> float:
@@ -72,28 +84,44 @@ def area(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
-    """Step-wise average precision: sum over thresholds of (R_n - R_{n-1}) P_n."""
-    recall = np.asarray(recall, dtype=float)
-    precision = np.asarray(precision, dtype=float)
-    if recall.size < 2:
+def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Average precision, scikit-learn's ``average_precision_score``: sum_n (R_n - R_{n-1}) P_n.
+
+    The step-wise area under :func:`pr_curve` (no interpolation).
+
+    Args:
+        y_true: ``(N,)`` 0/1 ground truth.
+        score: ``(N,)`` scores, higher meaning more likely positive; non-finite ones are left out.
+
+    Returns:
+        The average precision; 0 with no positives, NaN with no (finite) cases.
+    """
+    from sklearn.metrics import average_precision_score
+
+    y, s = _finite_pairs(y_true, score)
+    if not y.size:
         return float("nan")
-    return float(np.sum(np.diff(recall) * precision[1:]))
+    if not y.any():
+        return 0.0
+    return float(average_precision_score(y, s, pos_label=1))
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """``(n_classes, n_classes)`` counts, rows = true class, columns = predicted class.
 
-    Entries outside ``[0, n_classes)`` are ignored.
+    scikit-learn's ``confusion_matrix`` with labels ``range(n_classes)``. Entries are truncated to
+    integers; pairs with a non-finite entry or one outside ``[0, n_classes)`` are ignored.
     """
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
     t = np.asarray(y_true, dtype=float).ravel()
     p = np.asarray(y_pred, dtype=float).ravel()
     ok = np.isfinite(t) & np.isfinite(p)
     t, p = t[ok].astype(int), p[ok].astype(int)
     ok = (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes)
-    cm = np.zeros((n_classes, n_classes), dtype=int)
-    np.add.at(cm, (t[ok], p[ok]), 1)
-    return cm
+    if not ok.any():
+        return np.zeros((n_classes, n_classes), dtype=int)
+    return sk_confusion_matrix(t[ok], p[ok], labels=list(range(n_classes))).astype(int)
 
 
 def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from data_helpers import make_dicom_dir, make_msd
 
+from tests.require import real_data
+
 
 @pytest.fixture
 def msd_factory(tmp_path: Path) -> Callable[..., Path]:
@@ -21,23 +23,14 @@ def dicom_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def hippocampus(shared_data: Path) -> Path:
-    path = shared_data / "msd_hippocampus_subset"
-    if not (path / "dataset.json").is_file():
-        pytest.skip(f"{path} is absent")
-    return path
+    return real_data(shared_data / "msd_hippocampus_subset" / "dataset.json").parent
 
 
 @pytest.fixture(scope="session")
 def breastmnist(shared_data: Path) -> Path:
-    path = shared_data / "medmnist" / "breastmnist.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path
+    return real_data(shared_data / "medmnist" / "breastmnist.npz")
 
 
 @pytest.fixture(scope="session")
 def adrenalmnist(shared_data: Path) -> Path:
-    path = shared_data / "medmnist" / "adrenalmnist3d.npz"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path
+    return real_data(shared_data / "medmnist" / "adrenalmnist3d.npz")

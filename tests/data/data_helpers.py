@@ -10,7 +10,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
+
+from tests.require import skip_or_fail
 
 
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
@@ -92,7 +93,7 @@ def make_dicom_dir(root: Path, manifest: str | None = "case_id,class\nstudyA,0\n
 
     series = pydicom_series()
     if not all(series.values()):
-        pytest.skip("pydicom test series are not installed")
+        skip_or_fail("DATA", "pydicom's test series are not installed")
     for name, files in series.items():
         (root / name).mkdir(parents=True, exist_ok=True)
         files = sorted(files)

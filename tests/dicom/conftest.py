@@ -15,6 +15,7 @@ from tests.dicom.dicom_helpers import (
     train_tiny_segmenter,
     write_mr_series,
 )
+from tests.require import real_data
 
 
 @pytest.fixture(scope="session")
@@ -41,9 +42,7 @@ def oblique_series(tmp_path) -> Path:
 @pytest.fixture
 def hippocampus_series(shared_data, tmp_path) -> Path:
     """The first MSD hippocampus case of ../shared/data as a DICOM MR series."""
-    path = shared_data / "msd_hippocampus_subset" / "imagesTr" / "hippocampus_001.nii.gz"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+    path = real_data(shared_data / "msd_hippocampus_subset" / "imagesTr" / "hippocampus_001.nii.gz")
     img = nib.load(str(path))
     return write_mr_series(np.asarray(img.dataobj, dtype=np.float32), img.affine,
                            tmp_path / "hippocampus_001", seed="hippocampus_001")

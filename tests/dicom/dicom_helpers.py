@@ -26,6 +26,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from tests.pipeline_helpers import prepare_all, tiny_config, write_config
+from tests.require import skip_or_fail
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -109,7 +110,7 @@ def oblique_mr_affine(shape: tuple[int, int, int]) -> np.ndarray:
         warnings.simplefilter("ignore")
         path = get_testdata_file("dicomdirtests/98892003/MR700/4648")
     if path is None:
-        pytest.skip("pydicom's test files are not installed")
+        skip_or_fail("DATA", "pydicom's test files are not installed")
     ds = pydicom.dcmread(path)
     iop = np.asarray(ds.ImageOrientationPatient, float)
     row_dir, col_dir = iop[:3], iop[3:]
@@ -294,10 +295,7 @@ def pacs_tools() -> tuple[str, str]:
     missing = [n for n, p in (("Orthanc", orthanc), ("dciodvfy", dciodvfy),
                               (str(PLUGIN), PLUGIN.is_file() or None)) if not p]
     if missing:
-        msg = f"needs {', '.join(missing)}; install with: {INSTALL}"
-        if os.environ.get("CAPSMED_REQUIRE_PACS") == "1":
-            pytest.fail(f"CAPSMED_REQUIRE_PACS=1 but {msg}")
-        pytest.skip(msg)
+        skip_or_fail("PACS", f"needs {', '.join(missing)}; install with: {INSTALL}")
     return orthanc, dciodvfy
 
 

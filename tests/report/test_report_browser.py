@@ -1,14 +1,14 @@
 """Reports open in headless Chromium from file://, draw something, and request nothing external.
 
 Needs the Debian packages ``chromium`` (and ``chromium-driver`` for other tools); install them with
-``.ci/install_browser.sh``. Skipped when no Chromium is on PATH. The viewer tests drive Chromium over
-the DevTools protocol (``cdp.py``) with WebGL2 in software (SwiftShader), so they need no GPU.
+``.ci/install_browser.sh``. Skipped when no Chromium is on PATH, failed instead under
+``CAPSMED_REQUIRE_BROWSER=1`` (CI). The viewer tests drive Chromium over the DevTools protocol
+(``cdp.py``) with WebGL2 in software (SwiftShader), so they need no GPU.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,14 +19,23 @@ import pytest
 from cdp import Browser
 from matplotlib.image import imread
 
+from tests.require import skip_or_fail
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
-if CHROMIUM is None and os.environ.get("CAPSMED_REQUIRE_BROWSER") == "1":  # CI: never skip
-    raise RuntimeError("CAPSMED_REQUIRE_BROWSER=1 but Chromium is not installed")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium is not installed (run .ci/install_browser.sh)")
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The Chromium executable; skips (or fails under CAPSMED_REQUIRE_BROWSER=1) without one."""
+    if CHROMIUM is None:
+        skip_or_fail("BROWSER", "headless Chromium is not installed (run .ci/install_browser.sh)")
+    return CHROMIUM
+
+
+needs_chromium = pytest.mark.usefixtures("chromium")
 
 
 def _screenshot(page: Path, tmp: Path, name: str) -> tuple[np.ndarray, list[dict]]:

@@ -1,4 +1,4 @@
-"""Small pieces: numpy curves, formatting, tolerant readers, image loading."""
+"""Small pieces: curves, formatting, tolerant readers, image loading."""
 
 from __future__ import annotations
 
@@ -50,7 +50,73 @@ def test_pr_curve_and_average_precision():
     rec, prec = stats.pr_curve([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     np.testing.assert_allclose(rec, [0, 0.5, 0.5, 1, 1])
     np.testing.assert_allclose(prec, [1, 1, 0.5, 2 / 3, 0.5])
-    assert stats.average_precision(rec, prec) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    ap = stats.average_precision([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert ap == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+
+
+# The numpy versions the page used before scikit-learn, kept as the reference the page expects.
+def _numpy_roc(y, s):
+    y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=float)
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], y.size - 1]
+    tps = np.cumsum(y)[distinct]
+    fps = (distinct + 1) - tps
+    pos, neg = int(y.sum()), int((~y).sum())
+    return (np.r_[0.0, fps / neg] if neg else np.zeros(fps.size + 1),
+            np.r_[0.0, tps / pos] if pos else np.zeros(tps.size + 1))
+
+
+def _numpy_pr(y, s):
+    y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=float)
+    order = np.argsort(-s, kind="mergesort")
+    y, s = y[order], s[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], y.size - 1]
+    tps = np.cumsum(y)[distinct].astype(float)
+    pos = float(y.sum())
+    recall = tps / pos if pos else np.zeros_like(tps)
+    return np.r_[0.0, recall], np.r_[1.0, tps / (distinct + 1)]
+
+
+def _numpy_confusion(t, p, n):
+    t, p = np.asarray(t, dtype=float), np.asarray(p, dtype=float)
+    ok = np.isfinite(t) & np.isfinite(p)
+    t, p = t[ok].astype(int), p[ok].astype(int)
+    ok = (t >= 0) & (t < n) & (p >= 0) & (p < n)
+    cm = np.zeros((n, n), dtype=int)
+    np.add.at(cm, (t[ok], p[ok]), 1)
+    return cm
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_scikit_learn_curves_equal_the_numpy_ones_the_page_drew(seed):
+    """ROC and PR points equal exactly (every threshold kept); AP equal up to summation order."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    y = rng.random(n) < rng.choice([0.0, 0.3, 0.5, 1.0])  # includes no positives / no negatives
+    s = np.round(rng.random(n), int(rng.integers(1, 4)))  # ties
+    for new, old in ((stats.roc_curve(y, s), _numpy_roc(y, s)),
+                     (stats.pr_curve(y, s), _numpy_pr(y, s))):
+        for a, b in zip(new, old, strict=True):
+            np.testing.assert_array_equal(a, b)
+    rec, prec = _numpy_pr(y, s)
+    step_ap = float(np.sum(np.diff(rec) * prec[1:]))
+    assert stats.average_precision(y, s) == pytest.approx(step_ap, rel=1e-12, abs=1e-15)
+    t, p = rng.integers(-1, 5, n).astype(float), rng.integers(0, 5, n).astype(float)
+    t[rng.random(n) < 0.1] = np.nan
+    np.testing.assert_array_equal(stats.confusion_matrix(t, p, 4), _numpy_confusion(t, p, 4))
+
+
+def test_curves_of_no_cases_and_non_finite_scores():
+    np.testing.assert_array_equal(stats.roc_curve([], []), ([0.0], [0.0]))
+    np.testing.assert_array_equal(stats.pr_curve([], []), ([0.0], [1.0]))
+    assert math.isnan(stats.average_precision([], []))
+    assert stats.average_precision([0, 0], [0.2, 0.7]) == 0.0
+    np.testing.assert_array_equal(stats.confusion_matrix([7, np.nan], [0, 1], 2), np.zeros((2, 2)))
+    # scikit-learn rejects NaN scores; the page leaves those cases out
+    y, s = [0, 1, 1, 0], [0.1, np.nan, 0.8, 0.3]
+    np.testing.assert_array_equal(stats.roc_curve(y, s), _numpy_roc([0, 1, 0], [0.1, 0.8, 0.3]))
+    assert stats.average_precision(y, s) == 1.0
 
 
 def test_confusion_reliability_and_ece():

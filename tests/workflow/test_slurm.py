@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.require import skip_or_fail
+
 REPO = Path(__file__).resolve().parents[2]
 SLURM_SCRIPTS = REPO / ".ci" / "slurm"
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
@@ -81,12 +83,6 @@ class SlurmCluster:
                                 check=False)
         assert result.returncode == 0, f"{' '.join(args)} failed: {result.stderr}"
         return result.stdout
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CAPSMED_REQUIRE_SLURM") == "1":
-        pytest.fail(f"CAPSMED_REQUIRE_SLURM=1 but {reason}")
-    pytest.skip(reason)
 
 
 def _free_ports(count: int) -> list[int]:
@@ -145,14 +141,14 @@ def _machine_lock(timeout: float) -> Iterator[None]:
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """Start a one-node SLURM cluster for this module; stop exactly its daemons afterwards."""
     if os.geteuid() != 0:
-        _skip_or_fail("the SLURM test cluster needs root (slurmd and slurmctld run as root)")
+        skip_or_fail("SLURM", "the SLURM test cluster needs root (slurmd and slurmctld run as root)")
     sbin_path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
     if not all(shutil.which(daemon, path=sbin_path) for daemon in ("slurmctld", "slurmd")):
-        _skip_or_fail("Slurm is not installed (slurmctld/slurmd missing); run "
-                      ".ci/slurm/install.sh")
+        skip_or_fail("SLURM", "Slurm is not installed (slurmctld/slurmd missing); run "
+                              ".ci/slurm/install.sh")
     if Path("/etc/slurm/slurm.conf").exists():
-        _skip_or_fail("/etc/slurm/slurm.conf exists: this machine has its own Slurm, whose "
-                      "configuration the srun inside snakemake's jobs would read")
+        skip_or_fail("SLURM", "/etc/slurm/slurm.conf exists: this machine has its own Slurm, "
+                              "whose configuration the srun inside snakemake's jobs would read")
 
     with _machine_lock(timeout=2 * RUN_TIMEOUT):
         state_dir = Path(tempfile.mkdtemp(prefix="capsmed-slurm-"))
@@ -367,10 +363,9 @@ def test_toy_workflow_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path: 
     _compare_results(slurm_results, local_results)
 
 
-@pytest.mark.skipif(not (SNAKEFILE.is_file() and TINY_CONFIG.is_file()),
-                    reason=f"the workflow ({SNAKEFILE.name}) or {TINY_CONFIG.name} is missing")
 def test_demo_pipeline_through_slurm_matches_local(slurm_cluster: SlurmCluster,
                                                    tmp_path: Path) -> None:
+    assert SNAKEFILE.is_file() and TINY_CONFIG.is_file(), f"{SNAKEFILE} or {TINY_CONFIG} is missing"
     args = ["--configfile", str(TINY_CONFIG)]
     slurm_results, slurm_output = _run("slurm", SNAKEFILE, args, tmp_path, slurm_cluster)
     _check_jobs_went_through_slurm(slurm_cluster, slurm_output)
