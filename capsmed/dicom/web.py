@@ -102,7 +102,6 @@ class DicomWeb(DicomWebSource):
         try:
             response = self.session.post(target, data=body, timeout=self.timeout, headers={
                 "Content-Type": content_type, "Accept": "application/dicom+json"})
-            response.raise_for_status()
         except Exception as exc:  # noqa: BLE001 - requests raises many types
             raise CapsmedError(f"{self.url}: storing {uids} failed: {http_problem(exc)}") from None
         answer = Dataset()
@@ -112,9 +111,16 @@ class DicomWeb(DicomWebSource):
             except Exception:  # noqa: BLE001 - a non-JSON answer: nothing to read failures from
                 answer = Dataset()
         failed = failed_instances(answer)
-        if failed or response.status_code == 202:
-            raise CapsmedError(f"{self.url}: storing to study {study} failed in part (HTTP "
-                               f"{response.status_code}): "
-                               f"{'; '.join(failed) or 'the server names no failed instance'}")
+        if failed:  # 202 (some stored), 409 (none): the server names each failure
+            raise CapsmedError(f"{self.url}: storing to study {study} failed for "
+                               f"{len(failed)} of {len(datasets)} instance(s) (HTTP "
+                               f"{response.status_code}): {'; '.join(failed)}")
+        try:
+            response.raise_for_status()
+        except Exception as exc:  # noqa: BLE001
+            raise CapsmedError(f"{self.url}: storing {uids} failed: {http_problem(exc)}") from None
+        if response.status_code == 202:
+            raise CapsmedError(f"{self.url}: storing to study {study} failed in part (HTTP 202) "
+                               f"for {uids}; the server names no failed instance")
         logger.info("%s: stored %s", self.url, uids)
         return self.url
