@@ -108,11 +108,17 @@ def segment_concepts(index: int, name: str,
 def declare_private_scheme(ds) -> None:
     """Name the private coding scheme in the Coding Scheme Identification Sequence (SOP Common).
 
+    Only where the dataset uses a code of the scheme.
+
     Args:
         ds: A dataset that uses codes of :data:`PRIVATE_SCHEME` (changed in place).
     """
     from pydicom.dataset import Dataset
 
+    used = any(elem.keyword == "CodingSchemeDesignator" and elem.value == PRIVATE_SCHEME
+               for elem in ds.iterall())
+    if not used:  # every concept is coded in a standard scheme: nothing to declare
+        return
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
     item.CodingSchemeName = "capsmed label and class names"
