@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Install the PACS test's packages (Debian 12): Orthanc 1.10, its DICOMweb plugin 1.7 and
-# dicom3tools (dciodvfy). Idempotent: does nothing when they are present. Needs root (CI runs as
+# Install the PACS test's packages (Debian 12): Orthanc 1.10, its DICOMweb plugin 1.7,
+# dicom3tools (dciodvfy) and dcmtk (dcmcjpeg, dcmcjpls, dcmcrle: the compressed-series tests). Idempotent: does nothing when they are present. Needs root (CI runs as
 # root). The packages' init scripts are kept from starting a system Orthanc: the test starts its
 # own on free ports. Usage: .ci/pacs/install.sh
 set -euo pipefail
 export PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 
-packages=(orthanc orthanc-dicomweb dicom3tools)
+packages=(orthanc orthanc-dicomweb dicom3tools dcmtk)
 plugin=/usr/share/orthanc/plugins/libOrthancDicomWeb.so
 
 if command -v Orthanc >/dev/null 2>&1 && command -v dciodvfy >/dev/null 2>&1 \
-        && [[ -e $plugin ]]; then
+        && command -v dcmcjpeg >/dev/null 2>&1 && [[ -e $plugin ]]; then
     echo "pacs/install: already installed ($(Orthanc --version | head -n 1))"
     exit 0
 fi

@@ -15,6 +15,16 @@ from typing import Any
 
 import numpy as np
 
+# DICOM files and the series geometry rules live in capsmed.data.dicomio (shared with capsmed.dicom).
+from capsmed.data.dicomio import dicom_files as dicom_files
+from capsmed.data.dicomio import (
+    drop_pixels,
+    is_multiframe,
+    multiframe_problem,
+    slice_geometry_problems,
+)
+from capsmed.data.dicomio import find_dicom_series as find_dicom_series
+
 # The writers and the hash live in capsmed.fileio; the data modules import them from here too.
 from capsmed.fileio import json_dumps as json_dumps
 from capsmed.fileio import save_nifti as save_nifti
@@ -140,82 +150,6 @@ def read_nifti(path: Path, load: bool) -> ImageInfo:
                   dtype=img.get_data_dtype(), data=data)
 
 
-def dicom_files(folder: Path) -> list[Path]:
-    """The DICOM files directly inside ``folder`` (by the ``DICM`` preamble; no recursion)."""
-    from pydicom.misc import is_dicom
-
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != "DICOMDIR":
-            try:
-                if is_dicom(p):
-                    out.append(p)
-            except OSError:
-                continue
-    return out
-
-
-def find_dicom_series(root: Path) -> list[Path]:
-    """Folders under ``root`` (itself included) that directly hold DICOM files, sorted.
-
-    Args:
-        root: the dataset folder.
-
-    Returns:
-        Absolute folder paths, one per DICOM series folder.
-    """
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames.sort()
-        d = Path(dirpath)
-        if dicom_files(d):
-            found.append(d.resolve())
-    return sorted(found)
-
-
-def _slice_geometry_problems(folder: Path, slices: list[tuple[Path, Any, Any]]) -> list[str]:
-    """Problems with how the slices of a series stack into one volume.
-
-    Every slice must share one ``ImageOrientationPatient``, and the positions along the slice
-    normal must be evenly spaced (1% tolerance): an uneven gap is a missing slice, a zero gap a
-    duplicate.
-
-    Args:
-        folder: the series folder (named in the messages).
-        slices: ``(file, ImageOrientationPatient, ImagePositionPatient)`` per slice.
-
-    Returns:
-        One line per problem, naming the folder and the files; empty when the stack is regular.
-    """
-    if any(o is None or len(o) != 6 for _, o, _ in slices):
-        bad = next(f for f, o, _ in slices if o is None or len(o) != 6)
-        return [f"{bad}: slice lacks ImageOrientationPatient, so the series geometry cannot be "
-                "assembled"]
-    orient = np.array([[float(v) for v in o] for _, o, _ in slices])
-    if not np.allclose(orient, orient[0], atol=1e-4):
-        return [f"{folder}: slices have different orientations (ImageOrientationPatient), so "
-                "they are not one volume"]
-    normal = np.cross(orient[0, :3], orient[0, 3:])
-    dist = np.array([float(np.dot(normal, [float(v) for v in p])) for _, _, p in slices])
-    order = np.argsort(dist)
-    gaps = np.diff(dist[order])
-    names = [slices[i][0].name for i in order]
-    step = float(np.median(gaps))
-    if step <= 1e-6 or np.any(gaps <= 1e-3 * max(step, 1e-3)):
-        k = int(np.argmin(gaps))
-        return [f"{folder}: slices {names[k]} and {names[k + 1]} lie at the same position "
-                "(duplicate slice)"]
-    uneven = np.abs(gaps - step) > 0.01 * step + 1e-3
-    if np.any(uneven):
-        k = int(np.argmax(np.abs(gaps - step)))
-        missing = round(gaps[k] / step) - 1
-        what = (f"about {missing} slice(s) missing" if missing >= 1
-                else "uneven slice spacing")
-        return [f"{folder}: {what} between {names[k]} and {names[k + 1]} (gap {gaps[k]:.3g} mm, "
-                f"the other slices {step:.3g} mm apart)"]
-    return []
-
-
 def read_dicom_series(folder: Path, load: bool) -> tuple[ImageInfo | None, list[str]]:
     """Check a DICOM series folder file by file, then read it as MONAI's ``PydicomReader`` does.
 
@@ -234,32 +168,32 @@ def read_dicom_series(folder: Path, load: bool) -> tuple[ImageInfo | None, list[
     if not files:
         return None, [f"{folder}: holds no DICOM files"]
     series, shapes, modality, patient = set(), set(), None, None
-    geometry: list[tuple[Path, Any, Any]] = []
+    geometry: list[tuple[str, Any]] = []
     for f in files:
         try:
             ds = pydicom.dcmread(f)
             if "PixelData" not in ds:
                 problems.append(f"{f}: has no pixel data (not an image slice)")
                 continue
-            arr = ds.pixel_array
+            if is_multiframe(ds):
+                problems.append(multiframe_problem(str(f), ds))
+                continue
+            shape = tuple(ds.pixel_array.shape)  # decodes: finds truncated or undecodable data
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
             problems.append(f"{f}: unreadable or truncated DICOM ({type(exc).__name__}: {exc})")
             continue
+        drop_pixels(ds)  # the header is what the checks need
         series.add(str(ds.get("SeriesInstanceUID", "")))
-        shapes.add(tuple(arr.shape))
+        shapes.add(shape)
         modality = modality or ds.get("Modality")
         patient = patient or (str(ds.get("PatientID")) if ds.get("PatientID") else None)
-        if len(files) > 1 and ("ImagePositionPatient" not in ds or "InstanceNumber" not in ds):
-            problems.append(f"{f}: slice lacks ImagePositionPatient or InstanceNumber, so the "
-                            "series geometry cannot be assembled")
-        else:
-            geometry.append((f, ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")))
+        geometry.append((f.name, ds))
     if len(series) > 1:
         problems.append(f"{folder}: holds {len(series)} DICOM series; put one series per folder")
     if len(shapes) > 1:
         problems.append(f"{folder}: slices have different sizes {sorted(shapes)}")
     if not problems and len(geometry) > 1:
-        problems += _slice_geometry_problems(folder, geometry)
+        problems += slice_geometry_problems(str(folder), geometry)[1]
     if problems:
         return None, problems
     import warnings

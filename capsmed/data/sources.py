@@ -9,6 +9,7 @@ a ``dicom`` source. It writes ``out_dir/cases.json``::
     {"task": "segmentation" | "classification",
      "spatial_dims": 2 | 3,
      "labels": {"0": "background", "1": ...}        # segmentation
+     "label_codes": {"1": {"category", "type", "modifier"?}}  # when the config gives SNOMED codes
      "classes": {"0": "...", "1": "..."}            # classification
      "modality": "MRI" | "CT" | "US" | "other",
      "cases": [{"case_id", "image", "label" | "class", "patient_id", "split"?}, ...]}
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from capsmed.data._io import json_dumps, save_nifti, stable_hash, write_text_if_changed
+from capsmed.data.labels import label_codes
 from capsmed.data.validate import Scan, normalise_config, scan_config
 from capsmed.errors import CapsmedError
 
@@ -128,10 +130,10 @@ def _npz_cases(scan: Scan, out_dir: Path) -> list[dict]:
 def _cache_dicomweb(ds_cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Source ``dicomweb``: retrieve the listed series once, then read them as a ``dicom`` source.
 
-    The series go to ``out_dir/dicomweb`` (see :func:`capsmed.dicom.web.cache_dicomweb_dataset`).
+    The series go to ``out_dir/dicomweb`` (see :func:`capsmed.data.dicomweb.cache_dicomweb_dataset`).
     """
     from capsmed.data._io import resolve
-    from capsmed.dicom.web import cache_dicomweb_dataset
+    from capsmed.data.dicomweb import cache_dicomweb_dataset
 
     if not ds_cfg.get("path") or not ds_cfg.get("dicomweb_url"):
         raise CapsmedError("dataset config: source dicomweb needs 'path' (a CSV of study/series "
@@ -180,6 +182,9 @@ def prepare_dataset(ds_cfg: Mapping[str, Any], out_dir: str | os.PathLike, seed:
     doc: dict[str, Any] = {"task": task, "spatial_dims": scan.spatial_dims}
     if task == "segmentation":
         doc["labels"] = scan.labels
+        codes = label_codes(ds_cfg.get("labels") if isinstance(ds_cfg, Mapping) else None)
+        if codes:  # the SEG's coded concepts (capsmed.data.labels); the names stay plain
+            doc["label_codes"] = {str(k): v for k, v in codes.items()}
     else:
         doc["classes"] = scan.classes
     doc["modality"] = scan.modality

@@ -46,6 +46,7 @@ from capsmed.data._io import (
     resolve,
     strip_nifti_suffix,
 )
+from capsmed.data.labels import code_problems, label_name
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,9 @@ def _int_keyed_mapping(value: Any, where: str, what: str,
                        problems: list[str]) -> dict[str, str] | None:
     """Normalise ``{0: "background", "1": "liver"}`` to ``{"0": "background", "1": "liver"}``.
 
+    A ``labels`` entry may be ``{name, snomed}`` (:mod:`capsmed.data.labels`): its name is kept, its
+    codes are checked.
+
     Problems (non-mapping, non-integer keys, negative keys) are appended naming ``where``.
     """
     if value is None:
@@ -107,7 +111,9 @@ def _int_keyed_mapping(value: Any, where: str, what: str,
         if isinstance(k, bool) or not _INT_RE.match(str(k)) or int(float(str(k))) < 0:
             problems.append(f"{where}: '{what}' key {k!r} is not a non-negative integer")
             continue
-        out[str(int(float(str(k))))] = str(v)
+        if what == "labels" and isinstance(v, Mapping):  # {name, snomed} (capsmed.data.labels)
+            problems += code_problems(v, f"{where}: '{what}' {k!r}")
+        out[str(int(float(str(k))))] = label_name(v) if what == "labels" else str(v)
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 

@@ -1,6 +1,8 @@
 """DICOM Segmentation of a predicted label map, in the source series' geometry (highdicom).
 
-One segment per foreground label, with its name and a coded segmented property; every frame
+One segment per foreground label, with its name and a coded segmented property (the config's SNOMED
+CT category, type and laterality modifier where it gives them, else the private scheme
+:data:`PRIVATE_SCHEME`, which dciodvfy notes as an unrecognised coding scheme); every frame
 references the source slice it lies on. The segmentation type is BINARY, which every viewer and
 dicom3tools' ``dciodvfy`` know (the newer Label Map Segmentation SOP class is not yet widely read).
 Patient and study identity come from the source slices (highdicom copies them); UIDs and dates are
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +38,8 @@ class Algorithm:
         model: Model name (e.g. ``ucaps``).
         checkpoint_sha256: SHA-256 of the checkpoint file.
         capsmed_version: capsmed's version.
-        options: Inference options that change the output (e.g. ``tta=0``), part of every UID.
+        options: Inference options that change the output, as canonical JSON
+            (:func:`capsmed.dicom.outputs.canonical_options`), part of every UID.
     """
 
     model: str
@@ -69,14 +73,52 @@ def label_code(index: int, name: str):
     return Code(f"L{index}", PRIVATE_SCHEME, name[:64] or f"label {index}")
 
 
+def _code(entry: Mapping[str, str]):
+    from pydicom.sr.coding import Code
+
+    return Code(str(entry["value"]), str(entry.get("scheme") or "SCT"), str(entry["meaning"])[:64])
+
+
+def segment_concepts(index: int, name: str,
+                     codes: Mapping[str, Mapping[str, str]] | None = None) -> tuple[Any, Any, Any]:
+    """Category, type and modifier codes of one segment.
+
+    Args:
+        index: Label value.
+        name: Label name.
+        codes: ``{category, type, modifier?}``, each ``{value, meaning, scheme?}`` (scheme
+            default ``SCT``), as :func:`capsmed.data.labels.label_codes` gives them; None for the
+            private scheme.
+
+    Returns:
+        ``(category, type, modifier or None)`` as ``pydicom.sr.coding.Code``. Without codes the
+        category is SNOMED CT "Anatomical Structure" and the type :func:`label_code` (private
+        scheme :data:`PRIVATE_SCHEME`).
+    """
+    from pydicom.sr.codedict import codes as dcm_codes
+
+    if not codes or "type" not in codes:
+        return dcm_codes.SCT.AnatomicalStructure, label_code(index, name), None
+    category = _code(codes["category"]) if codes.get("category") else \
+        dcm_codes.SCT.AnatomicalStructure
+    modifier = _code(codes["modifier"]) if codes.get("modifier") else None
+    return category, _code(codes["type"]), modifier
+
+
 def declare_private_scheme(ds) -> None:
     """Name the private coding scheme in the Coding Scheme Identification Sequence (SOP Common).
+
+    Only where the dataset uses a code of the scheme.
 
     Args:
         ds: A dataset that uses codes of :data:`PRIVATE_SCHEME` (changed in place).
     """
     from pydicom.dataset import Dataset
 
+    used = any(elem.keyword == "CodingSchemeDesignator" and elem.value == PRIVATE_SCHEME
+               for elem in ds.iterall())
+    if not used:  # every concept is coded in a standard scheme: nothing to declare
+        return
     item = Dataset()
     item.CodingSchemeDesignator = PRIVATE_SCHEME
     item.CodingSchemeName = "capsmed label and class names"
@@ -115,7 +157,8 @@ def fix_dates(ds, series: SourceSeries, algorithm: Algorithm) -> None:
 
 
 def build_seg(pred: np.ndarray, affine: np.ndarray, series: SourceSeries,
-              labels: Mapping[int, str], algorithm: Algorithm):
+              labels: Mapping[int, str], algorithm: Algorithm,
+              codes: Mapping[int, Mapping[str, Mapping[str, str]]] | None = None):
     """The DICOM SEG of a label map that lies in the source series' geometry.
 
     Args:
@@ -124,6 +167,8 @@ def build_seg(pred: np.ndarray, affine: np.ndarray, series: SourceSeries,
         series: The checked source series.
         labels: Label index -> name, background (0) included or not.
         algorithm: The model that made it.
+        codes: Label index -> ``{category, type, modifier?}`` codes
+            (:func:`capsmed.data.labels.label_codes`); labels without them use the private scheme.
 
     Returns:
         ``highdicom.seg.Segmentation`` (BINARY, one segment per foreground label, every source slice
@@ -133,25 +178,31 @@ def build_seg(pred: np.ndarray, affine: np.ndarray, series: SourceSeries,
         CapsmedError: The prediction does not lie on the source slices.
     """
     import highdicom as hd
-    from pydicom.sr.codedict import codes
+    from pydicom.sr.codedict import codes as dcm_codes
 
     frames = frames_from_prediction(pred, affine, series).astype(np.uint8)
     fg = sorted(int(k) for k in labels if int(k) > 0)
     top = max(fg + [int(frames.max())])
     algo = hd.AlgorithmIdentificationSequence(
-        name=algorithm.model, family=codes.cid7162.ArtificialIntelligence,
+        name=algorithm.model, family=dcm_codes.cid7162.ArtificialIntelligence,
         version=algorithm.version, source=MANUFACTURER,
         parameters={"checkpoint_sha256": algorithm.checkpoint_sha256})
     names = {int(k): str(v) for k, v in labels.items()}
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=k, segment_label=names.get(k, f"label {k}")[:64],
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=label_code(k, names.get(k, f"label {k}")),
+    coded = {int(k): v for k, v in (codes or {}).items()}
+    descriptions = []
+    for k in range(1, top + 1):
+        name = names.get(k, f"label {k}")
+        category, kind, modifier = segment_concepts(k, name, coded.get(k))
+        desc = hd.seg.SegmentDescription(
+            segment_number=k, segment_label=name[:64], segmented_property_category=category,
+            segmented_property_type=kind,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algo, tracking_id=names.get(k, f"label {k}")[:64],
+            algorithm_identification=algo, tracking_id=name[:64],
             tracking_uid=algorithm.uid(f"seg-track-{k}", series))
-        for k in range(1, top + 1)]
+        if modifier is not None:  # e.g. laterality, inside the property type's item
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = \
+                [hd.sr.CodedConcept(modifier.value, modifier.scheme_designator, modifier.meaning)]
+        descriptions.append(desc)
     src = series.datasets[0]
     seg = hd.seg.Segmentation(
         source_images=series.datasets, pixel_array=frames,

@@ -1,7 +1,9 @@
 """One DICOM source series: read and check it, map a prediction onto its slices, derive UIDs.
 
 A SEG must overlay the source slices exactly, so the series must be a proper volume: one series,
-image slices of one size, one orientation, evenly spaced along the slice normal (no missing slice).
+single-frame image slices of one size, one orientation, one frame of reference, evenly spaced along
+the slice normal (no missing slice); the rules and tolerances are :mod:`capsmed.data.dicomio`'s, the
+same ``capsmed validate`` applies. Enhanced (multi-frame) CT / MR objects are rejected with one line.
 :func:`load_series` checks that before anything is predicted, naming the series and the problem.
 :func:`frames_from_prediction` then samples the label map that ``capsmed predict`` wrote (in the
 geometry MONAI read from the series, RAS affine) at the centre of every pixel of every source slice,
@@ -17,14 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
+from capsmed.data.dicomio import (
+    dicom_files,
+    is_multiframe,
+    multiframe_problem,
+    read_header,
+    slice_geometry_problems,
+)
 from capsmed.errors import CapsmedError
 
 logger = logging.getLogger(__name__)
 
 #: UID root used for every UID capsmed derives (pydicom's registered root for generated UIDs).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
-#: Largest allowed mismatch, in mm, between slice geometry values that must agree.
-GEOMETRY_TOL_MM = 1e-2
 #: LPS (DICOM patient coordinates) <-> RAS (NIfTI, MONAI): negate x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -35,7 +42,8 @@ class SourceSeries:
 
     Attributes:
         folder: Folder the slices were read from.
-        datasets: One pydicom dataset per slice, sorted by position along the normal.
+        datasets: One pydicom dataset per slice (headers: no pixel data), sorted by position
+            along the normal.
         series_uid: SeriesInstanceUID.
         study_uid: StudyInstanceUID.
         modality: Modality tag.
@@ -53,13 +61,13 @@ class SourceSeries:
         return [str(ds.SOPInstanceUID) for ds in self.datasets]
 
 
-def _normal(ds) -> np.ndarray:
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-    return np.cross(iop[:3], iop[3:])
-
-
 def load_series(folder: Path) -> SourceSeries:
     """Read a DICOM series folder and check that it forms one evenly spaced volume.
+
+    Each file is read whole once (so that a broken one is found here), then kept as its header
+    only: its pixel data is dropped (:func:`capsmed.data.dicomio.read_header`), so the series (and a
+    study of several) holds no pixel arrays. The geometry rules and their tolerances are those of
+    ``capsmed validate`` (:func:`capsmed.data.dicomio.slice_geometry_problems`).
 
     Args:
         folder: Folder directly holding the series' files.
@@ -68,14 +76,11 @@ def load_series(folder: Path) -> SourceSeries:
         The :class:`SourceSeries`.
 
     Raises:
-        CapsmedError: No DICOM files, more than one series, a non-image or multi-frame object, slices
-            of different sizes or orientations, a duplicate or missing slice; one line naming the
-            series (its UID when known) and the problem.
+        CapsmedError: No DICOM files, more than one series, a non-image or enhanced (multi-frame)
+            object, slices without geometry, of different sizes, orientations, pixel spacings or
+            frames of reference, a duplicate or missing slice; one line naming the series (its UID
+            when known) and the problem.
     """
-    import pydicom
-
-    from capsmed.data._io import dicom_files
-
     folder = Path(folder)
     files = dicom_files(folder) if folder.is_dir() else []
     if not files:
@@ -83,7 +88,7 @@ def load_series(folder: Path) -> SourceSeries:
     datasets = []
     for f in files:
         try:
-            datasets.append(pydicom.dcmread(f, stop_before_pixels=False))
+            datasets.append(read_header(f))
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for broken files
             raise CapsmedError(f"{f}: not a readable DICOM file ({type(exc).__name__})") from None
     uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
@@ -92,45 +97,20 @@ def load_series(folder: Path) -> SourceSeries:
         raise CapsmedError(f"{folder}: holds {len(uids)} series ({', '.join(uids)}); "
                            "put one series per folder")
     for ds in datasets:
-        if "PixelData" not in ds:
+        if not ds.has_pixels:
             raise CapsmedError(f"{where}: {ds.get('Modality', '?')} object "
                                f"{ds.get('SOPInstanceUID', '?')} is not an image (no pixel data)")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise CapsmedError(f"{where}: multi-frame image {ds.SOPInstanceUID} is not supported; "
-                               "a series of single-frame slices is needed")
+        if is_multiframe(ds):
+            raise CapsmedError(multiframe_problem(where, ds))
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds:
                 raise CapsmedError(f"{where}: slice {ds.SOPInstanceUID} lacks {tag}, so its "
                                    "geometry is unknown")
-    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
-    if len(sizes) > 1:
-        raise CapsmedError(f"{where}: slices have different sizes {sorted(sizes)}")
-    iops = np.array([np.asarray(ds.ImageOrientationPatient, float) for ds in datasets])
-    if np.abs(iops - iops[0]).max() > 1e-4:
-        raise CapsmedError(f"{where}: slices have mixed orientations "
-                           f"({len(np.unique(np.round(iops, 4), axis=0))} different "
-                           "ImageOrientationPatient values); one orientation per series is needed")
-    spacings = np.array([np.asarray(ds.PixelSpacing, float) for ds in datasets])
-    if np.abs(spacings - spacings[0]).max() > 1e-4:
-        raise CapsmedError(f"{where}: slices have different PixelSpacing values")
-    normal = _normal(datasets[0])
-    pos = np.array([float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float)))
-                    for ds in datasets])
-    order = np.argsort(pos, kind="stable")
+    named = [(f.name, ds) for f, ds in zip(files, datasets, strict=True)]
+    order, problems = slice_geometry_problems(where, named)
+    if problems:
+        raise CapsmedError(problems[0])
     datasets = [datasets[i] for i in order]
-    pos = pos[order]
-    if len(datasets) > 1:
-        gaps = np.diff(pos)
-        if gaps.min() < GEOMETRY_TOL_MM:
-            dup = datasets[int(np.argmin(gaps)) + 1]
-            raise CapsmedError(f"{where}: two slices at the same position (slice "
-                               f"{dup.SOPInstanceUID}); a series with a duplicate slice")
-        step = float(np.median(gaps))
-        if np.abs(gaps - step).max() > max(GEOMETRY_TOL_MM, 0.01 * step):
-            k = int(np.argmax(np.abs(gaps - step)))
-            raise CapsmedError(f"{where}: uneven slice spacing ({gaps[k]:.3g} mm after slice "
-                               f"{datasets[k].SOPInstanceUID} where the series steps {step:.3g} "
-                               "mm); a slice is missing")
     return SourceSeries(folder=folder, datasets=datasets, series_uid=uids[0],
                         study_uid=str(datasets[0].get("StudyInstanceUID", "")),
                         modality=str(datasets[0].get("Modality", "")))

@@ -11,7 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
-from capsmed.dicom.seg import MANUFACTURER, SR_SERIES_OFFSET, Algorithm, fix_dates, label_code
+from capsmed.dicom.seg import (
+    MANUFACTURER,
+    SR_SERIES_OFFSET,
+    Algorithm,
+    fix_dates,
+    label_code,
+    segment_concepts,
+)
 from capsmed.dicom.series import SourceSeries
 
 logger = logging.getLogger(__name__)
@@ -51,27 +58,37 @@ def _algorithm_id(algorithm: Algorithm):
 
 
 def build_segmentation_sr(seg, series: SourceSeries, volumes_ml: Mapping[str, float],
-                          labels: Mapping[int, str], algorithm: Algorithm):
+                          labels: Mapping[int, str], algorithm: Algorithm,
+                          codes: Mapping[int, Mapping[str, Mapping[str, str]]] | None = None):
     """The measurement report of a segmentation: per structure its volume, referencing the SEG.
 
     Args:
         seg: The ``highdicom.seg.Segmentation`` from :func:`capsmed.dicom.seg.build_seg`.
         series: Its source series.
-        volumes_ml: Structure name -> predicted volume in mL.
+        volumes_ml: Segment name -> predicted volume in mL, for every segment of the SEG (a label
+            value without a name is ``label k``).
         labels: Label index -> name.
         algorithm: The model that made it.
+        codes: Label index -> ``{category, type, modifier?}`` (the finding type is its type).
 
     Returns:
         ``highdicom.sr.Comprehensive3DSR``.
+
+    Raises:
+        ValueError: A segment has no volume entry.
     """
     import highdicom as hd
 
     c = _codes()
     names = {int(k): str(v) for k, v in labels.items()}
+    coded = {int(k): v for k, v in (codes or {}).items()}
     groups = []
     for desc in seg.SegmentSequence:
         k = int(desc.SegmentNumber)
         name = names.get(k, f"label {k}")
+        if name not in volumes_ml:
+            raise ValueError(f"segment {k} ({name!r}) has no volume: volumes_ml needs an entry "
+                             "for every segment of the SEG")
         tracking = hd.sr.TrackingIdentifier(uid=algorithm.uid(f"sr-track-{k}", series),
                                             identifier=name[:64])
         volume = hd.sr.Measurement(name=c["volume"], value=float(volumes_ml[name]), unit=c["ml"],
@@ -79,7 +96,8 @@ def build_segmentation_sr(seg, series: SourceSeries, volumes_ml: Mapping[str, fl
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
             referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, k),
-            finding_type=label_code(k, name), algorithm_id=_algorithm_id(algorithm),
+            finding_type=segment_concepts(k, name, coded.get(k))[1],
+            algorithm_id=_algorithm_id(algorithm),
             measurements=[volume]))
     report = hd.sr.MeasurementReport(observation_context=_context(algorithm, series),
                                      procedure_reported=c["procedure"], imaging_measurements=groups)

@@ -23,6 +23,7 @@ import pandas as pd
 from nibabel.affines import voxel_sizes
 
 from capsmed import fileio
+from capsmed.data.labels import name_map as name_map  # one home of label names, re-exported
 from capsmed.errors import CapsmedError
 from capsmed.paths import STAGES as STAGES  # re-exported for the pages
 
@@ -98,21 +99,6 @@ def file_date(path: Path) -> str:
     except OSError:
         return ""
     return _dt.datetime.fromtimestamp(stamp).astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
-
-
-def name_map(doc: Mapping[str, Any], key: str) -> dict[int, str]:
-    """``{"0": "background", ...}`` (or a list of names) under ``key`` as ``{0: "background"}``."""
-    raw = doc.get(key)
-    out: dict[int, str] = {}
-    if isinstance(raw, Mapping):
-        for k, v in raw.items():
-            try:
-                out[int(k)] = str(v)
-            except (TypeError, ValueError):
-                continue
-    elif isinstance(raw, list):
-        out = {i: str(v) for i, v in enumerate(raw)}
-    return dict(sorted(out.items()))
 
 
 def task_of(*docs: Mapping[str, Any], columns: Collection[str] = (),

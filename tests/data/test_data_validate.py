@@ -676,8 +676,9 @@ def test_dicom_more_problems(tmp_path):
     ds = pydicom.dcmread(f)
     del ds.ImagePositionPatient
     ds.save_as(f)
-    assert validate_path(root) == [f"{f}: slice lacks ImagePositionPatient or InstanceNumber, so "
-                                   "the series geometry cannot be assembled"]
+    assert validate_path(root) == [f"{f.parent}: slice {f.name} lacks ImagePositionPatient or "
+                                   "ImageOrientationPatient, so the series geometry cannot be "
+                                   "assembled"]
     ds = pydicom.dcmread(sorted((root / "studyC").iterdir())[0])
     del ds.PixelData
     ds.save_as(root / "studyC" / "nopixels")

@@ -279,7 +279,8 @@ def check_dicom_outputs(out: Path, stem: str, series: Path) -> dict:
 
 # ------------------------------------------------------------------ a throw-away Orthanc
 
-INSTALL = "sudo bash .ci/pacs/install.sh   (apt-get install orthanc orthanc-dicomweb dicom3tools)"
+INSTALL = ("sudo bash .ci/pacs/install.sh   (apt-get install orthanc orthanc-dicomweb dicom3tools "
+           "dcmtk)")
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
@@ -297,6 +298,49 @@ def pacs_tools() -> tuple[str, str]:
     if missing:
         skip_or_fail("PACS", f"needs {', '.join(missing)}; install with: {INSTALL}")
     return orthanc, dciodvfy
+
+
+def dcmtk_tool(name: str) -> str:
+    """Path of a dcmtk program (``dcmcjpeg``...); skips (or fails under CAPSMED_REQUIRE_PACS=1)."""
+    path = which(name)
+    if path is None:
+        msg = f"needs dcmtk's {name}; install with: {INSTALL}"
+        if os.environ.get("CAPSMED_REQUIRE_PACS") == "1":
+            pytest.fail(f"CAPSMED_REQUIRE_PACS=1 but {msg}")
+        pytest.skip(msg)
+    return path
+
+
+def write_scout(source: Path, folder: Path, slices: int = 3) -> Path:
+    """A localiser made from a real series: a few of its slices, turned to another orientation.
+
+    The slices keep their pixels, patient and study; they get a new series, ImageType
+    ``ORIGINAL\\PRIMARY\\LOCALIZER`` and orientations that turn by 90 degrees from one to the next
+    (a tri-plane scout), so the series is a localiser by each of its signs.
+
+    Args:
+        source: Folder of a series written by :func:`write_mr_series`.
+        folder: Output folder.
+        slices: How many slices the scout has.
+
+    Returns:
+        ``folder``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    files = sorted(source.glob("*.dcm"))[:slices]
+    series_uid = generate_uid(entropy_srcs=[str(source), "scout"])
+    orientations = ([1, 0, 0, 0, 0, -1], [0, 1, 0, 0, 0, -1], [1, 0, 0, 0, 1, 0])
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SeriesNumber = series_uid, 1
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(f), "scout"])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.SeriesDescription = "scout"
+        ds.ImageOrientationPatient = [str(v) for v in orientations[i % 3]]
+        ds.InstanceNumber = i + 1
+        ds.save_as(folder / f"scout_{i}.dcm", enforce_file_format=True)
+    return folder
 
 
 def free_port() -> int:

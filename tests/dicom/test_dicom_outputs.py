@@ -105,8 +105,8 @@ def _non_image(series: Path) -> Path:
 
 
 @pytest.mark.parametrize("spoil, message", [
-    (_missing_slice, "a slice is missing"),
-    (_mixed_orientations, "mixed orientations"),
+    (_missing_slice, "slice(s) missing between"),
+    (_mixed_orientations, "slices have different orientations"),
     (_non_image, "is not an image (no pixel data)"),
 ])
 def test_bad_series_is_one_line_naming_the_series_and_writes_nothing(

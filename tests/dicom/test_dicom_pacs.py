@@ -7,6 +7,7 @@ the install command; with CAPSMED_REQUIRE_PACS=1 (CI) they fail instead.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -92,9 +93,9 @@ def test_bad_requests_are_one_line_and_leave_the_server_unchanged(orthanc, seg_c
                           seed="gap")
     sorted(gap.glob("*.dcm"))[5].unlink()
     cases = [(upload(rest, radial), str(pydicom.dcmread(next(radial.iterdir())).SeriesInstanceUID),
-              "mixed orientations"),
+              "slices have different orientations"),
              (upload(rest, gap), str(pydicom.dcmread(next(gap.glob("*.dcm"))).SeriesInstanceUID),
-              "a slice is missing")]
+              "slice(s) missing")]
     study = cases[1][0]
     cases += [("1.2.3.4.5.6.7", None, "study 1.2.3.4.5.6.7 not found"),
               (study, "1.2.3.999", "series 1.2.3.999 not found")]
@@ -210,3 +211,121 @@ def test_credentials_from_netrc_or_environment_against_an_orthanc_that_needs_the
         assert "s3cret-pw" not in log.read_text()
         stats = requests.get(f"{rest}/statistics", auth=("alice", "s3cret-pw"), timeout=10).json()
         assert stats["CountInstances"] == len(files) + 2  # the SEG and the SR
+
+
+def _small_series(tmp_path, name: str):
+    from tests.dicom.dicom_helpers import blob_volume, oblique_mr_affine, write_mr_series
+
+    image, _ = blob_volume((16, 18, 8), seed=11)
+    return write_mr_series(image * 400 + 400, oblique_mr_affine((16, 18, 8)), tmp_path / name,
+                           seed=name, patient_id=f"P-{name}")
+
+
+def test_a_store_orthanc_refuses_in_part_names_the_failed_instance(orthanc, tmp_path):
+    from capsmed.dicom.web import DicomWeb
+    from capsmed.errors import CapsmedError
+
+    url, rest = orthanc
+    files = sorted(_small_series(tmp_path, "partial").glob("*.dcm"))
+    good, bad = pydicom.dcmread(files[0]), pydicom.dcmread(files[1])
+    bad.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["another study"])
+    before = instance_count(rest)
+    with pytest.raises(CapsmedError) as info:
+        DicomWeb(url).store([good, bad], study=str(good.StudyInstanceUID))
+    message = str(info.value)
+    assert f"storing to study {good.StudyInstanceUID} failed for 1 of 2 instance(s)" in message
+    assert str(bad.SOPInstanceUID) in message and str(good.SOPInstanceUID) not in message
+    assert "\n" not in message
+    assert instance_count(rest) == before + 1  # Orthanc kept the instance that matched
+
+
+@contextlib.contextmanager
+def flaky_proxy(target: str, failures: list[str]):
+    """An HTTP proxy on 127.0.0.1 in front of ``target`` that fails the first requests.
+
+    Args:
+        target: The server's base URL (``http://127.0.0.1:port``).
+        failures: What the first requests get, in order: ``"drop"`` (the connection is closed
+            without an answer) or an HTTP status (``"503"``); later requests are forwarded.
+
+    Yields:
+        ``(proxy base URL, list of the request lines it received)``.
+    """
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    plan, seen = list(failures), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _any(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            seen.append(f"{self.command} {self.path}")
+            action = plan.pop(0) if plan else None
+            if action == "drop":
+                self.close_connection = True
+                return
+            if action is not None:
+                self.send_response(int(action))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("host", "content-length", "connection")}
+            answer = requests.request(self.command, target + self.path, data=body,
+                                      headers=headers, timeout=30)
+            self.send_response(answer.status_code)
+            for key in ("Content-Type",):
+                if key in answer.headers:
+                    self.send_header(key, answer.headers[key])
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        do_GET = do_POST = _any
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_store_is_retried_after_a_dropped_connection_and_a_503(orthanc, tmp_path):
+    from capsmed.dicom.web import DicomWeb
+
+    url, rest = orthanc
+    files = sorted(_small_series(tmp_path, "retried").glob("*.dcm"))
+    datasets = [pydicom.dcmread(f) for f in files[:2]]
+    before = instance_count(rest)
+    with flaky_proxy(rest, ["drop", "503"]) as (proxy, seen):
+        assert DicomWeb(f"{proxy}/dicom-web").store(datasets) == f"{proxy}/dicom-web"
+    study = datasets[0].StudyInstanceUID
+    assert seen == [f"POST /dicom-web/studies/{study}"] * 3
+    assert instance_count(rest) == before + 2
+
+
+def test_a_study_with_a_scout_predicts_its_image_series(orthanc, seg_checkpoint, oblique_series,
+                                                        tmp_path):
+    from tests.dicom.dicom_helpers import write_scout
+
+    url, rest = orthanc
+    scout = write_scout(oblique_series, tmp_path / "scout")
+    study = upload(rest, oblique_series)
+    assert upload(rest, scout) == study
+    image_uid = str(pydicom.dcmread(next(oblique_series.glob("*.dcm"))).SeriesInstanceUID)
+    scout_uid = str(pydicom.dcmread(next(scout.glob("*.dcm"))).SeriesInstanceUID)
+    out, log = tmp_path / "pred", tmp_path / "predict.log"
+    assert run_cli("--log", log, "predict", "--model", seg_checkpoint, "--dicomweb", url,
+                   "--study", study, "--out", out) == 0
+    assert (out / f"{image_uid}_dicom.json").is_file()
+    assert not list(out.glob(f"{scout_uid}*"))
+    text = log.read_text()
+    assert f"skipping series {scout_uid} (scout): a localizer (ImageType LOCALIZER)" in text

@@ -83,3 +83,50 @@ def test_pacs_tests_skip_with_the_install_command_or_fail_when_ci_requires_them(
     monkeypatch.setenv("CAPSMED_REQUIRE_PACS", "1")
     with pytest.raises(pytest.fail.Exception, match="CAPSMED_REQUIRE_PACS=1 but needs Orthanc"):
         dicom_helpers.pacs_tools()
+
+
+def test_http_202_with_failed_sop_sequence_names_the_failed_instances(tmp_path):
+    """A server that accepts one instance of two (HTTP 202, PS3.18 10.5.3): one line naming it."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import pydicom
+
+    from tests.dicom.dicom_helpers import blob_volume, oblique_mr_affine, write_mr_series
+
+    image, _ = blob_volume((8, 8, 2), seed=1)
+    folder = write_mr_series(image * 100 + 100, oblique_mr_affine((8, 8, 2)), tmp_path / "s",
+                             seed="202")
+    good, bad = (pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm")))
+    answer = {"00081198": {"vr": "SQ", "Value": [{
+        "00081150": {"vr": "UI", "Value": [str(bad.SOPClassUID)]},
+        "00081155": {"vr": "UI", "Value": [str(bad.SOPInstanceUID)]},
+        "00081197": {"vr": "US", "Value": [0xA900]}}]}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps(answer).encode()
+            self.send_response(202)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(CapsmedError) as info:
+            DicomWeb(f"http://127.0.0.1:{server.server_address[1]}/dicom-web").store([good, bad])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert str(info.value).endswith(
+        f"failed for 1 of 2 instance(s) (HTTP 202): {bad.SOPInstanceUID} (data set does not "
+        "match SOP class)")
