@@ -133,7 +133,7 @@ def predict_studies(checkpoint: Path, studies: list[Path], out_dir: Path, *, dev
                          **{f"prob_{k}": p for k, p in enumerate(probs)}})
         if dicom_out:
             record = _write_dicom(out_dir, stem, cid, study, sources.get(study), task, names, out,
-                                  report_info, provenance, sink)
+                                  report_info, provenance, sink, predictor.label_codes)
             if record is not None:
                 report_info["dicom"] = str(record)
                 result["dicom"] = str(record)
@@ -218,7 +218,7 @@ def _dicom_sources(studies: list[Path]) -> dict[Path, Any]:
 
 def _write_dicom(out_dir: Path, stem: str, cid: str, study: Path, series: Any, task: str,
                  names: Any, out: dict, report_info: dict, provenance: dict,
-                 sink: Callable[[Sequence[Any]], str] | None) -> Path | None:
+                 sink: Callable[[Sequence[Any]], str] | None, codes: Any = None) -> Path | None:
     """Write (and maybe store) one study's SEG and SR; None, with one log line, for NIfTI inputs."""
     from capsmed.dicom.outputs import write_case_dicom
 
@@ -229,6 +229,6 @@ def _write_dicom(out_dir: Path, stem: str, cid: str, study: Path, series: Any, t
     return write_case_dicom(out_dir, stem, cid, series, task, names, out,
                             model=str(provenance["model"]),
                             checkpoint_sha256=str(provenance["checkpoint_sha256"]),
-                            tta=bool(provenance["inference"]["tta"]),
+                            options=provenance["inference"], codes=codes,
                             volumes=report_info.get("volumes_ml"),
                             probabilities=report_info.get("probabilities"), sink=sink)

@@ -136,3 +136,24 @@ def test_label_maps_and_probabilities_agree(seg_run):
     for row in rows:
         label = np.asarray(nib.load(results / row["prediction"]).dataobj)
         assert label.shape == nib.load(_image(results, row)).shape
+
+
+def test_the_labels_snomed_codes_travel_with_the_checkpoint(tmp_path):
+    """The config's codes reach predict's DICOM SEG through best.pt, as names do."""
+    from capsmed.infer.checkpoint import load_checkpoint
+    from capsmed.infer.predictor import Predictor
+
+    hippo = {"value": "5366008", "meaning": "Hippocampal structure"}
+    category = {"value": "91723000", "meaning": "Anatomical Structure"}
+    labels = {"0": "background", "1": {"name": "a", "snomed": {"category": category,
+                                                                "type": hippo}}, "2": "b"}
+    cfg = tiny_config(tmp_path / "results", task="segmentation", labels=labels,
+                      train={"epochs": 1, "batch_size": 2, "samples_per_case": 1})
+    prepare_all(write_config(cfg, tmp_path / "c.yaml"))
+    train_model(cfg, "ds", "unet")
+    cases = json.loads((tmp_path / "results/ds/data/cases.json").read_text())
+    ckpt = load_checkpoint(tmp_path / "results/ds/models/unet/best.pt")
+    assert ckpt["label_codes"] == cases["label_codes"]
+    assert ckpt["label_codes"]["1"]["type"]["value"] == "5366008"
+    predictor = Predictor.from_checkpoint(tmp_path / "results/ds/models/unet/best.pt")
+    assert predictor.label_codes == cases["label_codes"] and predictor.names["1"] == "a"

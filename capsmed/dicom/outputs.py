@@ -152,7 +152,7 @@ def canonical_options(options: Mapping[str, Any]) -> str:
 
 def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSeries, task: str,
                      names: Any, out: Mapping[str, Any], *, model: str, checkpoint_sha256: str,
-                     options: Mapping[str, Any] | None = None, tta: bool = False,
+                     options: Mapping[str, Any] | None = None,
                      volumes: Mapping[str, float] | None = None,
                      probabilities: Sequence[float] | None = None,
                      codes: Mapping[Any, Any] | None = None, sink: Sink | None = None) -> Path:
@@ -177,8 +177,8 @@ def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSerie
         checkpoint_sha256: SHA-256 of the checkpoint.
         options: The inference settings that change the output (e.g. ``{"overlap": 0.5, "tta":
             true, "tta_flips": "axes", "largest_component": false, "mode": "gaussian",
-            "ensemble": null}``); None means ``{"tta": tta}``.
-        tta: Whether test-time augmentation ran; used only when ``options`` is None.
+            "ensemble": null}``, :func:`capsmed.infer.settings.result_settings`); None means
+            none were given.
         volumes: Segmentation: structure name -> mL as the report shows them; computed from the
             prediction when None.
         probabilities: Classification: class probabilities; ``out["probs"]`` when None.
@@ -191,7 +191,7 @@ def write_case_dicom(out_dir: Path, stem: str, case_id: str, series: SourceSerie
     """
     from capsmed import __version__
 
-    settings = dict(options) if options is not None else {"tta": bool(tta)}
+    settings = dict(options or {})
     algorithm = Algorithm(model=model, checkpoint_sha256=checkpoint_sha256,
                           capsmed_version=__version__, options=canonical_options(settings))
     labels = name_map({"names": names}, "names")

@@ -167,9 +167,11 @@ def _write_dicom(case: dict, stem: str, task: str, names: Any, out: dict, ctx: d
     """``evaluate.dicom_out``: the case's DICOM SEG/SR beside its prediction (DICOM inputs only)."""
     from capsmed.dicom.outputs import write_case_dicom
     from capsmed.dicom.series import load_series
+    from capsmed.infer.settings import result_settings
 
     write_case_dicom(ctx["pred_dir"], stem, str(case["case_id"]), load_series(Path(case["image"])),
-                     task, names, out, tta=bool(ctx["icfg"].get("tta")), volumes=volumes,
+                     task, names, out, options=result_settings(ctx["icfg"]), volumes=volumes,
+                     codes=ctx.get("label_codes"),
                      **ctx["dicom"])
 
 
@@ -275,7 +277,7 @@ def _predict_cases(task: str, ckpt: dict, cases: list[dict], ctx: dict[str, Any]
     from capsmed.infer.runtime import peak_memory_mb
 
     predictor = Predictor(ctx["checkpoint"], ctx["icfg"], device=ctx["device"], ckpt=ckpt)
-    ctx = {**ctx, "evidence_kind": predictor.evidence_kind}
+    ctx = {**ctx, "evidence_kind": predictor.evidence_kind, "label_codes": predictor.label_codes}
     if ctx["dicom"] and not any(Path(c["image"]).is_dir() for c in cases):
         logger.info("%s: evaluate.dicom_out writes no DICOM SEG/SR: no %s case is a DICOM "
                     "series (a SEG references the source's DICOM instances)", where, ctx["stage"])

@@ -52,6 +52,7 @@ class Predictor:
         settings: The settings used. settings_source: where they came from.
         overrides: Command-line overrides that changed a recorded setting (provenance).
         evidence_kind: A segmenter's evidence map kind (``None`` for classifiers).
+        label_codes: The labels' SNOMED CT codes recorded at training (or None).
 
     Raises:
         CapsmedError: Unreadable checkpoint or bad settings, naming the file.
@@ -71,6 +72,7 @@ class Predictor:
         self.model = build_model(self.ckpt).to(self.device)
         self.preprocess = build_preprocess_transforms(self.plan)
         self.evidence_kind = evidence_kind(self.model) if self.task == "segmentation" else None
+        self.label_codes = self.ckpt.get("label_codes")
         self._sha256: str | None = None
 
     @classmethod

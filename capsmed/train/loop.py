@@ -573,6 +573,8 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
         "versions": package_versions(),
         "metric_name": "dice" if task == "segmentation" else "auc",
         "dataset": dataset,
+        # the config's SNOMED CT codes of the labels, for the DICOM SEG of new studies
+        "label_codes": cases_doc.get("label_codes"),
     }
     icfg = inference_config(cfg, dataset)
     base["resume_identity"] = resume_identity(base, tcfg, icfg, train_items, val_items)
