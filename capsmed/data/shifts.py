@@ -18,28 +18,33 @@ grey-value 3D image), ``ct`` (intensities in HU), ``us`` (2D ultrasound), ``imag
 grey-value images) and ``mask`` (binary shape masks such as AdrenalMNIST3D, no modality). The kind
 picks the default list (:func:`default_shifts`), the noise model and some tables.
 
-Severity tables (one row per shift; the source of each row is in :data:`SHIFTS` and the table of
-the report; ``+-`` means the direction is drawn once per case):
+Severity tables (one row per shift; each :class:`Shift` also records its ``source``;
+``+-`` means the direction is drawn once per case):
 
 ============== ================================================== ============================
 shift          severities 1..5                                    source
 ============== ================================================== ============================
 rotation       5, 10, 15, 22.5, 30 degrees (random axis in 3D)    own; affNIST tops at 20
 scaling        x 1.05, 1.10, 1.20, 1.30, 1.40 (zoom in or out)    own; affNIST tops at 1.2
-anisotropy     slice thickness x 1.5, 2, 3, 4, 5 (random axis)    TorchIO RandomAnisotropy (1.5, 5)
+anisotropy     slices 1.5, 2, 3, 4, 5 voxels thick (random axis)  TorchIO RandomAnisotropy (1.5, 5)
 bias_field     coefficients up to 0.1 .. 0.5 (order 3)            TorchIO RandomBiasField 0.5
 noise          sigma 0.04, 0.08, 0.12, 0.18, 0.26 of the range    MedMNIST-C gaussian_noise
                (Rician for mr); CT: 10, 20, 35, 50, 75 HU         own (CT noise in water)
 gamma          +- 1.1, 1.2, 1.3, 1.4, 1.6 / 0.9 .. 0.4            MedMNIST-C gamma_corr
-motion         2..10 degrees and 2..10 mm, 2 movements            TorchIO RandomMotion (10, 10)
+motion         up to 0.25, 0.5, 1, 1.5, 2.5 degrees and mm        TorchIO RandomMotion, scaled *
 ghosting       intensity 0.2 .. 1.0, 4 to 10 ghosts               TorchIO RandomGhosting (.5, 1)
-spike          intensity 0.6 .. 3.0 of the spectrum's maximum     TorchIO RandomSpike (1, 3)
+spike          0.1, 0.2, 0.4, 0.7, 1.0 x the spectrum's maximum   TorchIO RandomSpike (1, 3) **
 blur           Gaussian sigma 0.5, 0.75, 1, 1.5, 2 voxels         own
 hu_offset      +- 5, 10, 20, 35, 50 HU                            own (ACR water 0 +- 7 HU)
 hu_scale       x 1 +- 0.02, 0.04, 0.06, 0.08, 0.10 about 0 HU     own
 boundary_noise 10, 20, 30, 40, 50 % of boundary voxels flipped    own
 2D MedMNIST-C  the BreastMNIST (``us``) or ChestMNIST (``image2d``) rows of MedMNIST-C
 ============== ================================================== ============================
+
+``*`` TorchIO's defaults (10 degrees, 10 mm, 2 movements) saturate on small fields of view: on
+hippocampus crops (about 36 x 50 x 35 mm) the artefact stops growing beyond about 2 degrees and
+2 mm, so the severities stay below that. ``**`` TorchIO's range (1, 3) starts with stripes as
+strong as the mean signal; the severities end at its lower bound.
 
 The 2D corruptions (``speckle_noise``, ``motion_blur``, ``pixelate``, ``jpeg_compression``,
 ``brightness_up`` / ``_down``, ``contrast_up`` / ``_down``) are written from the published
@@ -401,7 +406,12 @@ def _tio_image(image: np.ndarray, ctx: _Context) -> Any:
 
 
 def _motion(image, label, magnitude, ctx):  # noqa: ANN001, ANN202
-    """TorchIO ``Motion``: 2 movements of up to ``magnitude`` degrees and mm about each axis."""
+    """TorchIO ``Motion``: 2 movements of up to ``magnitude`` degrees and mm about / along each axis.
+
+    As TorchIO's ``RandomMotion`` draws them: the movement times split k-space evenly, perturbed by
+    up to 30% of a segment; here each rotation and translation is a fixed draw in (-1, 1) per case
+    times ``magnitude``.
+    """
     import torchio as tio
 
     n = 2
@@ -565,7 +575,8 @@ SHIFTS: dict[str, Shift] = {s.name: s for s in (
            "MedMNIST-C gamma_corr_up / gamma_corr_down (ChestMNIST)",
            "gamma on each channel's range, up (first value) or down (second), drawn per case"),
     _shift("motion", _motion, {"*": (0.25, 0.5, 1.0, 1.5, 2.5)},
-           "TorchIO RandomMotion defaults (10 degrees, 10 mm, 2 movements) at severity 5",
+           "TorchIO RandomMotion (2 movements); its defaults of 10 degrees and 10 mm saturate on "
+           "small fields of view, so the magnitudes stay below 2.5",
            "k-space motion artefact (TorchIO Motion): 2 movements of up to the value in degrees "
            "and mm", applies_to=("mr",), dims=(3,)),
     _shift("ghosting", _ghosting, {"*": (0.2, 0.4, 0.6, 0.8, 1.0)},
@@ -573,7 +584,7 @@ SHIFTS: dict[str, Shift] = {s.name: s for s in (
            "k-space ghosting (TorchIO Ghosting) along a random axis", applies_to=("mr",),
            dims=(3,)),
     _shift("spike", _spike, {"*": (0.1, 0.2, 0.4, 0.7, 1.0)},
-           "TorchIO RandomSpike intensity range (1, 3), one spike",
+           "TorchIO RandomSpike intensity range (1, 3), one spike; severity 5 at its lower bound",
            "k-space spike (herringbone artefact, TorchIO Spike)", applies_to=("mr",), dims=(3,)),
     _shift("blur", _blur, {"*": (0.5, 0.75, 1.0, 1.5, 2.0)},
            "own", "isotropic Gaussian blur (MONAI GaussianSmooth), sigma in finest voxels"),
