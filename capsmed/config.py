@@ -336,12 +336,12 @@ config_hash = stable_hash
 def _dataset_inputs(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
     """The config that determines a dataset's files: cases, fingerprint, plan and splits.
 
-    Everything in ``datasets.NAME`` but the models, their training and inference, and the split
-    keys that only choose which folds are trained and reported (``fold``, ``cross_validate``),
-    plus the global seed.
+    Everything in ``datasets.NAME`` but the models, their training, inference and shifted stages,
+    and the split keys that only choose which folds are trained and reported (``fold``,
+    ``cross_validate``), plus the global seed.
     """
     ds = dataset_config(cfg, dataset)
-    data = {k: v for k, v in ds.items() if k not in ("models", "inference", "train")}
+    data = {k: v for k, v in ds.items() if k not in ("models", "inference", "train", "shift")}
     data["split"] = {k: v for k, v in (ds.get("split") or {}).items()
                      if k not in ("fold", "cross_validate")}
     return {"seed": cfg["seed"], "dataset": data}

@@ -1,4 +1,4 @@
-"""capsmed.data: dataset sources, validation, fingerprint and plan, MONAI transforms, splits.
+"""capsmed.data: dataset sources, validation, fingerprint and plan, MONAI transforms, splits, shifts.
 
 Public API (PLAN.md, "Data API"), importable from here or from the submodules:
 
@@ -9,6 +9,8 @@ Public API (PLAN.md, "Data API"), importable from here or from the submodules:
   :func:`capsmed.data.transforms.build_preprocess_transforms`,
   :func:`capsmed.data.transforms.build_augment_transforms`
 - :func:`capsmed.data.splits.make_splits`, :func:`capsmed.data.splits.load_or_create_splits`
+- :func:`capsmed.data.shifts.apply_shift`, :func:`capsmed.data.shifts.default_shifts`,
+  :func:`capsmed.data.shifts.shift_settings`
 
 Names are imported lazily so that ``capsmed validate`` does not pay for importing torch and MONAI.
 """
@@ -31,6 +33,9 @@ _EXPORTS = {
     "make_splits": "splits",
     "load_or_create_splits": "splits",
     "fold_cases": "splits",
+    "apply_shift": "shifts",
+    "default_shifts": "shifts",
+    "shift_settings": "shifts",
 }
 
 __all__ = sorted(_EXPORTS)
