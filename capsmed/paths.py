@@ -69,6 +69,41 @@ class Layout:
         path = self.dataset(ds) / "eval" / model
         return (path if fold is None else path / f"fold{int(fold)}") / stage
 
+    def shift_dir(self, ds: str, model: str, shift: str, severity: int,
+                  fold: int | None = None) -> Path:
+        """One shifted test stage: ``eval/{model}[/fold{k}]/shift/{shift}/s{severity}``.
+
+        ``metrics.json`` and ``cases.csv`` as a stage writes them; the clean reference of the
+        shifted stages (their own settings, no shift) is ``shift/none/s0``.
+        """
+        path = self.dataset(ds) / "eval" / model
+        path = path if fold is None else path / f"fold{int(fold)}"
+        return path / "shift" / shift / f"s{int(severity)}"
+
+    def fraction_model_dir(self, ds: str, model: str, fraction: str,
+                           fold: int | None = None) -> Path:
+        """A model trained on a fraction of its training cases (learning curves).
+
+        ``models/{model}[/fold{k}]/fraction-{fraction}``; ``fraction`` as written in the config
+        (``"0.25"``).
+        """
+        return self.model_dir(ds, model, fold) / f"fraction-{fraction}"
+
+    def fraction_eval_dir(self, ds: str, model: str, fraction: str,
+                          fold: int | None = None) -> Path:
+        """The test stage of a fraction's model: ``eval/{model}[/fold{k}]/fraction-{f}/test``."""
+        path = self.dataset(ds) / "eval" / model
+        path = path if fold is None else path / f"fold{int(fold)}"
+        return path / f"fraction-{fraction}" / "test"
+
+    def generalisation(self, ds: str) -> Path:
+        """Shifted stages and learning curves of every model, summarised (``generalisation.json``)."""
+        return self.dataset(ds) / "generalisation.json"
+
+    def generalisation_report(self, ds: str) -> Path:
+        """The dataset's generalisation page."""
+        return self.reports(ds) / "generalisation.html"
+
     def crossval(self, ds: str, model: str) -> Path:
         """Cross-validation summary of one model over its folds (datasets with several folds)."""
         return self.dataset(ds) / "cv" / f"{model}.json"
