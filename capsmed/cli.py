@@ -10,6 +10,8 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed train      -c config/config.yaml -d demo_seg3d -m capsunet
     capsmed evaluate   -c config/config.yaml -d demo_seg3d -m capsunet -s test
     capsmed crossval   -c config/config.yaml -d DATASET -m capsunet   (datasets with split.folds > 1)
+    capsmed evaluate-shift -c config/config.yaml -d demo_seg3d -m capsunet --shift rotation
+    capsmed generalisation -c config/config.yaml -d demo_seg3d
     capsmed report     -c config/config.yaml -d demo_seg3d -m capsunet -s test
     capsmed report-studies -c config/config.yaml -d demo_seg3d -m capsunet
     capsmed report-dataset -c config/config.yaml -d demo_seg3d
@@ -167,6 +169,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     evaluate_stage(cfg, args.dataset, args.model, args.stage, threads=args.threads, fold=args.fold,
                    case=args.case, from_cases=args.from_cases)
+    return 0
+
+
+def cmd_evaluate_shift(args: argparse.Namespace) -> int:
+    """Evaluate one model on the test cases under one shift, at each severity."""
+    from capsmed.evaluate.shift import evaluate_shift
+
+    cfg = _config(args)
+    evaluate_shift(cfg, args.dataset, args.model, args.shift, severities=args.severity or None,
+                   threads=args.threads, fold=args.fold)
+    return 0
+
+
+def cmd_generalisation(args: argparse.Namespace) -> int:
+    """Corruption errors and learning curves of a dataset's models: generalisation.json."""
+    from capsmed.evaluate.generalisation import summarise_generalisation
+    from capsmed.infer.runtime import atomic_write_json
+    from capsmed.paths import Layout
+
+    cfg = _config(args)
+    doc = summarise_generalisation(cfg, args.dataset)
+    atomic_write_json(Layout(Path(cfg["results"])).generalisation(args.dataset), doc)
     return 0
 
 
@@ -330,6 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this epoch (training resumes on the next call)")
     p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate-shift",
+                       help="evaluate a model on the test cases under one shift (severities 1-5)")
+    with_config(p)
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--shift", required=True,
+                   help="a shift of the dataset's list, or 'none' (the clean reference)")
+    p.add_argument("--severity", type=int, action="append", default=[],
+                   help="one severity (repeatable; default: the config's shift.severities)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+    p.set_defaults(func=cmd_evaluate_shift)
+
+    p = sub.add_parser("generalisation",
+                       help="corruption errors (mCE) and learning curves of a dataset's models")
+    with_config(p)
+    p.set_defaults(func=cmd_generalisation)
 
     p = sub.add_parser("crossval", help="one model's validation metrics over all folds")
     with_config(p)
