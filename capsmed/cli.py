@@ -9,6 +9,8 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed split      -c config/config.yaml -d demo_seg3d
     capsmed train      -c config/config.yaml -d demo_seg3d -m capsunet
     capsmed evaluate   -c config/config.yaml -d demo_seg3d -m capsunet -s test
+    capsmed train      -c config/config.yaml -d demo_seg3d -m capsunet --fraction 0.5   (learning curve)
+    capsmed evaluate   -c config/config.yaml -d demo_seg3d -m capsunet -s test --fraction 0.5
     capsmed crossval   -c config/config.yaml -d DATASET -m capsunet   (datasets with split.folds > 1)
     capsmed evaluate-shift -c config/config.yaml -d demo_seg3d -m capsunet --shift rotation
     capsmed generalisation -c config/config.yaml -d demo_seg3d
@@ -147,18 +149,15 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) one model on one dataset."""
-    from capsmed.config import resolve_fold
     from capsmed.infer.settings import config_settings, record_settings
-    from capsmed.paths import Layout
-    from capsmed.train.loop import train_model
+    from capsmed.train.loop import train_model, trained_model_dir
 
     cfg = _config(args)
     train_model(cfg, args.dataset, args.model, threads=args.threads, max_epochs=args.max_epochs,
-                fold=args.fold)
+                fold=args.fold, fraction=args.fraction)
     # the inference settings beside best.pt, so capsmed predict finds them from the model alone
-    record_settings(Layout(Path(cfg["results"])).model_dir(
-        args.dataset, args.model, resolve_fold(cfg, args.dataset, args.fold)[1]),
-        config_settings(cfg, args.dataset))
+    record_settings(trained_model_dir(cfg, args.dataset, args.model, args.fold, args.fraction),
+                    config_settings(cfg, args.dataset))
     return 0
 
 
@@ -168,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     evaluate_stage(cfg, args.dataset, args.model, args.stage, threads=args.threads, fold=args.fold,
-                   case=args.case, from_cases=args.from_cases)
+                   case=args.case, from_cases=args.from_cases, fraction=args.fraction)
     return 0
 
 
@@ -303,6 +302,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 FOLD_HELP = "cross-validation fold (default: the config's split.fold)"
+FRACTION_HELP = ("a learning-curve model: its subset label from train.fractions (e.g. 0.25) or "
+                 "train.minority_fraction (minority0.25); folder models/MODEL/fraction-LABEL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None,
                    help="stop after this epoch (training resumes on the next call)")
     p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+    p.add_argument("--fraction", default=None, help=FRACTION_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate-shift",
@@ -386,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--threads", type=int, default=None)
             p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+            p.add_argument("--fraction", default=None,
+                           help=FRACTION_HELP + " (test stage only: eval/MODEL/fraction-LABEL/test)")
             how = p.add_mutually_exclusive_group()
             how.add_argument("--case", default=None,
                              help="evaluate only this case (its id or file name) into "
