@@ -137,6 +137,7 @@ def em_routing_flat(
         ``(poses (N, J, D), activations (N, J))`` or, with ``return_assignments``,
         ``(poses, activations, R)``.
     """
+    votes = votes.contiguous()
     n, j, i, d = votes.shape
     scale = 100.0 * j / i if cost_scale is None else float(cost_scale)
     a_row = activations.unsqueeze(1)  # (N, 1, I)
@@ -158,7 +159,7 @@ def em_routing_flat(
             break
         # E-step: log N(V | mu, var) + log a_j, normalised over the J outputs
         half_prec = (0.5 / var).unsqueeze(3)  # (N, J, D, 1)
-        mahal = torch.bmm(sq.view(n * j, i, d), half_prec.view(n * j, d, 1)).view(n, j, i)
+        mahal = torch.bmm(sq.reshape(n * j, i, d), half_prec.view(n * j, d, 1)).view(n, j, i)
         log_norm = 0.5 * (log_var.sum(dim=2) + d * _LOG_2PI)  # (N, J)
         logits = (torch.log(a_out + eps) - log_norm).unsqueeze(2) - mahal
         assign = torch.softmax(logits, dim=1)
