@@ -2,7 +2,7 @@
 
 A matrix capsule is a 4x4 pose matrix and an activation. Layout (the house capsule layout with
 ``dim`` = 16): poses ``(B, capsules, 16, *spatial)`` -- each pose matrix flattened row-major, so
-element ``(r, c)`` is index ``4 r + c`` -- and activations ``(B, capsules, *spatial)`` in (0, 1).
+element ``(r, c)`` is index ``4 r + c`` -- and activations ``(B, capsules, *spatial)`` in [0, 1].
 Every layer's ``forward(poses, activations)`` returns ``(poses, activations)``.
 
 Votes are ``V_ij = M_i W_ij`` (pose times a learned 4x4 transformation), routed by

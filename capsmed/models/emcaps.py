@@ -46,9 +46,10 @@ class EMCapsNet(CapsmedModel):
     (2019) / IBM's reference implementation (see :mod:`capsmed.layers.em`). Trained with the spread
     loss, margin 0.2 -> 0.9 (``class_loss = "spread"``, :class:`capsmed.losses.SpreadLoss`).
 
-    Scores are the class capsules' activations ``(B, C)`` in (0, 1), not logits and not lengths
-    (``output_kind`` is ``"lengths"``, the kind for scores in [0, 1] that
-    :meth:`probabilities` normalises by their sum). Any input size of at least ``min_size`` (13)
+    Scores are the class capsules' activations ``(B, C)`` in [0, 1] (a sigmoid, which reaches 1.0
+    in float32 where the votes agree very closely), not logits and not lengths (``output_kind`` is
+    ``"lengths"``, the kind for scores in [0, 1] that :meth:`probabilities` normalises by their
+    sum). Any input size of at least ``min_size`` (13)
     in every axis works: the class capsules share their transformations across positions.
 
     Shapes: ``(B, in_channels, *S) -> (B, out_channels)``.
@@ -124,7 +125,7 @@ class EMCapsNet(CapsmedModel):
         return self.classes(poses, acts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the class activations ``(B, out_channels)`` in (0, 1)."""
+        """Return the class activations ``(B, out_channels)`` in [0, 1]."""
         return self.class_capsules(x)[1]
 
     def forward_train(
@@ -158,7 +159,7 @@ class EMCapsUNet(CapsmedModel):
 
     ``forward_train`` also returns the class capsules' activations at 1/8 (``"coarse_lengths"``),
     which the loss supervises with the margin loss against the area-downsampled label, as for
-    ``capsunet`` (activations lie in (0, 1) like lengths).
+    ``capsunet`` (activations lie in [0, 1] like lengths).
 
     Scores are logits ``(B, C, *S)``. Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``,
     every size divisible by 8.
