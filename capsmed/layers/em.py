@@ -44,9 +44,10 @@ arguments.
 
 Speed: the votes are held as ``(N, J, I, D)`` (``N`` = batch x positions); every sum over ``I`` or
 ``D`` is one batched row-vector product (``bmm`` of ``(1 x K) @ (K x M)``, the fast form on a
-CPU); the backward pass is written by hand (:class:`_EMRouting`): it keeps only the votes and small
-per-iteration tensors, recomputes ``V - mu``, and writes every votes-sized gradient term into one
-buffer. A plain autograd loop keeps about six votes-sized tensors per iteration.
+CPU); the backward pass is written by hand (:class:`_EMRouting`): it keeps the votes, ``V - mu`` and
+``(V - mu)^2`` of each iteration and small per-iteration tensors, and writes the votes-sized
+gradient terms into one buffer. A plain autograd loop keeps about five votes-sized tensors per
+iteration and makes more in its backward pass.
 """
 
 from __future__ import annotations
@@ -105,11 +106,13 @@ def _over_pose(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class _EMRouting(torch.autograd.Function):
     """EM routing (see the module docstring) with a hand-written backward pass.
 
-    Saved for backward: the votes (which exist anyway), and per iteration the small tensors
-    ``R`` ``(N, J, I)``, ``mu``, ``var`` ``(N, J, D)``, ``S``, ``a`` ``(N, J)``. The squared
-    deviations are recomputed in the backward pass. Every contraction is a ``(1 x K) @ (K x M)``
-    ``bmm``; every votes-sized gradient term an elementwise outer product written into one buffer
-    (autograd's ``bmm`` backward would make them as slow ``K = 1`` products).
+    Saved for backward: the votes (which exist anyway), per iteration the small tensors
+    ``R`` ``(N, J, I)``, ``mu``, ``var`` ``(N, J, D)``, ``S``, ``a`` ``(N, J)``, and the deviations
+    ``V - mu`` and their squares (two votes-sized tensors per iteration, which the forward pass
+    needs anyway; recomputing them costs about a tenth of the time). Every contraction is a
+    ``(1 x K) @ (K x M)`` ``bmm``; every votes-sized gradient term an elementwise outer product
+    written into one buffer (autograd's ``bmm`` backward would make them as slow ``K = 1``
+    products).
     """
 
     @staticmethod
@@ -118,8 +121,8 @@ class _EMRouting(torch.autograd.Function):
         lambdas = inverse_temperatures(iterations, final_lambda)
         a_row = a_in.unsqueeze(1)  # (N, 1, I)
         assign = v.new_full((n, j, i), 1.0 / j)
-        sq = torch.empty_like(v)
         saved_r, saved_mu, saved_var, saved_s, saved_a = [], [], [], [], []
+        saved_diff, saved_sq = [], []
         mu = a_out = None
         for t in range(iterations):
             saved_r.append(assign)
@@ -127,7 +130,10 @@ class _EMRouting(torch.autograd.Function):
             total = r.sum(dim=2)  # (N, J)
             inv = (total + eps).reciprocal().unsqueeze(2)
             mu = _over_inputs(r, v).mul_(inv)
-            torch.sub(v, mu.unsqueeze(2), out=sq).square_()
+            diff = v - mu.unsqueeze(2)
+            sq = diff * diff
+            saved_diff.append(diff)
+            saved_sq.append(sq)
             var = _over_inputs(r, sq).mul_(inv).add_(eps)
             log_var = var.log()
             cost = (beta_u.unsqueeze(1) + 0.5 * log_var).sum(dim=2) * total * scale
@@ -144,7 +150,7 @@ class _EMRouting(torch.autograd.Function):
             assign = torch.softmax(logits, dim=1)
         ctx.consts = (iterations, lambdas, scale, eps)
         ctx.save_for_backward(v, a_in, beta_u, beta_a, *saved_r, *saved_mu, *saved_var,
-                              *saved_s, *saved_a, assign)
+                              *saved_s, *saved_a, *saved_diff, *saved_sq, assign)
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(assign)
         return mu, a_out, assign
@@ -160,11 +166,12 @@ class _EMRouting(torch.autograd.Function):
         saved_var = rest[2 * t_count : 3 * t_count]
         saved_s = rest[3 * t_count : 4 * t_count]
         saved_a = rest[4 * t_count : 5 * t_count]
+        saved_diff = rest[5 * t_count : 6 * t_count]
+        saved_sq = rest[6 * t_count : 7 * t_count]
         n, j, i, d = v.shape
         if grad_mu is None and grad_a is None:
             return (None,) * 8
         a_row = a_in.unsqueeze(1)
-        diff = torch.empty_like(v)
         buf = torch.empty_like(v)
         want_v = ctx.needs_input_grad[0]
         grad_v = None
@@ -180,8 +187,7 @@ class _EMRouting(torch.autograd.Function):
             g_a = grad_a.clone() if last and grad_a is not None else torch.zeros_like(act)
             r = assign * a_row
             inv = (total + eps).reciprocal().unsqueeze(2)  # (N, J, 1)
-            torch.sub(v, mu.unsqueeze(2), out=diff)
-            torch.mul(diff, diff, out=buf)  # the squared deviations
+            diff, sq = saved_diff[t], saved_sq[t]
             log_var = var.log()
             g_log_var = torch.zeros_like(var)
             g_var = torch.zeros_like(var)
@@ -194,7 +200,7 @@ class _EMRouting(torch.autograd.Function):
                 g_a += g_sum / (act + eps)
                 g_log_var -= 0.5 * g_sum.unsqueeze(2)
                 g_mahal = g_logit.neg_()
-                g_prec = _over_inputs(g_mahal, buf)  # dL/d(0.5 / var)
+                g_prec = _over_inputs(g_mahal, sq)  # dL/d(0.5 / var)
                 g_var -= g_prec * half_prec / var
             g_z = g_a * act * (1.0 - act)
             grad_ba += lambdas[t] * g_z.sum(dim=0)
@@ -206,7 +212,7 @@ class _EMRouting(torch.autograd.Function):
             weighted = (var - eps) / inv  # sum_i r (V - mu)^2
             g_q = g_var * inv
             g_inv = (g_var * weighted).sum(dim=2)
-            g_r = _over_pose(g_q, buf)
+            g_r = _over_pose(g_q, sq)
             # through the squared deviations: d(V - mu)^2 = 2 (V - mu) d(V - mu);
             # sum_i r (V - mu) = (S + eps) mu - S mu = eps mu exactly
             g_mu -= (2.0 * eps) * mu * g_q
