@@ -308,10 +308,13 @@ class ClassMatrixCapsule(_EMLayer):
         # (B, I, 16, L) -> (I, B, L, 16) -> (I, B*L*4, 4) @ (I, 4, J*4)
         mats = poses.reshape(b, i, POSE, length).permute(1, 0, 3, 2).reshape(i, b * length * 4, 4)
         w = self.weight.permute(0, 2, 1, 3).reshape(i, 4, j * 4)
-        votes = torch.bmm(mats, w).view(i, b, length, 4, j, 4).permute(1, 4, 2, 0, 3, 5)
-        votes = votes.reshape(b, j, length, i, POSE)  # (B, J, L, I, 16)
-        if self.coordinate_addition:
-            votes = votes + self.coordinates(size, votes).view(1, 1, length, 1, POSE)
+        if self.coordinate_addition:  # added inside the product: (1, B*L*4, J*4), rows (b, l, a)
+            coords = self.coordinates(size, mats).view(1, length, 4, 1, 4).expand(b, length, 4, j, 4)
+            votes = torch.baddbmm(coords.reshape(1, b * length * 4, j * 4), mats, w)
+        else:
+            votes = torch.bmm(mats, w)
+        # (I, B, L, 4, J, 4) -> (B, J, L, I, 4, 4) -> (B, J, L*I, 16)
+        votes = votes.view(i, b, length, 4, j, 4).permute(1, 4, 2, 0, 3, 5)
         votes = votes.reshape(b, j, length * i, POSE)
         acts = activations.reshape(b, i, length).transpose(1, 2).reshape(b, length * i)
         return self._route(votes, acts)
