@@ -283,3 +283,26 @@ def test_forward_shape_errors():
         layer(torch.zeros(1, 2, 16, 4, 4), torch.zeros(1, 2, 4, 5))
     with pytest.raises(ValueError, match="smaller than the kernel"):
         layer(torch.zeros(1, 2, 16, 2, 4), torch.zeros(1, 2, 2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_row_permutation_equals_permute_and_inverts_in_backward(dtype):
+    from capsmed.layers.matrix import _PermuteRows
+
+    x = torch.randn(3, 5, 2, 4).to(dtype).requires_grad_(True)
+    perm = (1, 2, 0, 3)
+    y = _PermuteRows.apply(x, perm)
+    assert y.is_contiguous() and torch.equal(y, x.detach().permute(perm))
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g.permute(2, 0, 1, 3))
+
+
+def test_float32_layer_matches_float64():
+    torch.manual_seed(2)
+    layer = ConvMatrixCapsule(2, 3, 2, kernel_size=3, stride=1, padding=1)
+    poses, acts = torch.randn(2, 3, 16, 5, 6) * 0.5, torch.rand(2, 3, 5, 6)
+    out32 = layer(poses, acts)
+    out64 = layer.double()(poses.double(), acts.double())
+    for a, b in zip(out32, out64, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
