@@ -817,6 +817,12 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
             target = torch.as_tensor(batch["class"]).long().to(device)
         set_learning_rate(run.opt, tcfg, state.step, total_steps,
                           state.train_seconds + time.perf_counter() - t0)
+        if hasattr(run.loss_fn, "set_progress"):  # losses with a schedule (the spread loss)
+            from capsmed.train.recipe import training_progress
+
+            run.loss_fn.set_progress(training_progress(
+                state.step, total_steps, state.train_seconds + time.perf_counter() - t0,
+                tcfg.get("max_minutes")))
         run.opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = run.model.forward_train(image, target)
