@@ -218,28 +218,31 @@ def _paired(layout: Layout, dataset: str, model: str, ref: str, fold: int | None
 
 def learning_curve(cfg: dict, dataset: str, models: list[str], layout: Layout, fold: int | None,
                    metric: str) -> dict[str, Any]:
-    """The test metric of each model per training fraction (``train.fractions``; 1.0 = the model).
+    """The test metric of each model per training share (:func:`capsmed.config.fraction_labels`).
 
     Returns:
-        ``{"fractions": [...], "models": {model: {"0.25": {metric, "ci95"}, "1.0": {...}}}}``;
-        empty without fractions.
+        ``{"fractions": [labels..., "1.0"], "models": {model: {"0.25": {metric, "ci95",
+        "n_train"}, "minority0.5": {...}, "1.0": {...}}}}`` (``1.0`` is the ordinary model);
+        empty when no model has a learning curve.
     """
+    from capsmed.config import fraction_labels
     from capsmed.paths import read_json
 
-    fractions = [str(f) for f in (cfg["datasets"][dataset].get("train") or {}).get("fractions")
-                 or []]
-    if not fractions:
+    labels = {model: fraction_labels(cfg, dataset, model) for model in models}
+    if not any(labels.values()):
         return {}
-    labels = [f for f in fractions if float(f) < 1.0]
-    out: dict[str, Any] = {"fractions": labels + ["1.0"], "models": {}}
+    every = list(dict.fromkeys(label for m in models for label in labels[m]))
+    out: dict[str, Any] = {"fractions": every + ["1.0"], "models": {}}
     for model in models:
         per = {}
-        for label in labels:
+        for label in labels[model]:
             doc = read_json(layout.fraction_eval_dir(dataset, model, label, fold) / "metrics.json",
                             f"test stage of {model} trained on {label} of its cases")
+            train = read_json(layout.fraction_model_dir(dataset, model, label, fold)
+                              / "train.json", "training record", required=False, default={})
             per[label] = {metric: doc["metrics"].get(metric),
                           "ci95": doc.get("ci95", {}).get(metric),
-                          "n_train": doc.get("n_train_cases")}
+                          "n_train": train.get("train_cases")}
         full = read_json(layout.eval_dir(dataset, model, "test", fold) / "metrics.json",
                          f"test stage of {model}")
         per["1.0"] = {metric: full["metrics"].get(metric), "ci95": full.get("ci95", {}).get(metric)}

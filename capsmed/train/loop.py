@@ -183,12 +183,14 @@ def _as_cached(item: Any) -> Any:
 
 
 def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], cache: str,
-                   cache_dir: Path, augment: bool, spatial_augment: bool = True):
+                   cache_dir: Path, augment: bool, spatial_augment: bool = True,
+                   rotate_degrees: float = 0.0, scale: float = 0.0):
     """MONAI datasets for training (deterministic part cached) and validation.
 
     The disk cache keys an item by its paths and its files' size and mtime (:func:`_cache_key`).
     ``spatial_augment`` False (``train.spatial_augment``) keeps the crop and the intensity
-    augmentation but no flips, turns, rotations or scalings.
+    augmentation but no flips, turns, rotations or scalings; ``rotate_degrees`` and ``scale``
+    (``train.rotate_augment``, ``train.scale_augment``) add random rotations and scalings.
 
     Returns:
         ``(train_ds, val_ds)``.
@@ -202,7 +204,8 @@ def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], c
         build_transforms,
     )
 
-    train_tf = build_transforms(plan, train=augment, spatial=spatial_augment)
+    options = {"spatial": spatial_augment, "rotate_degrees": rotate_degrees, "scale": scale}
+    train_tf = build_transforms(plan, train=augment, **options)
     val_tf = build_preprocess_transforms(plan)
     if cache == "disk":
         # PersistentDataset stores plain tensors (its track_meta=False) but hands out the MetaTensors
@@ -212,8 +215,7 @@ def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], c
         # cache does, so an item is the same whether it was read or computed.
         plain = Lambda(func=_as_cached)
         pre = list(val_tf.transforms) + [plain]
-        post = (list(build_augment_transforms(plan, spatial=spatial_augment).transforms)
-                if augment else [])
+        post = (list(build_augment_transforms(plan, **options).transforms) if augment else [])
         sub = Path(cache_dir) / config_hash(plan)
         sub.mkdir(parents=True, exist_ok=True)
         return (PersistentDataset(train_items, Compose(pre + post), cache_dir=sub,
@@ -750,7 +752,9 @@ def training_data(run: TrainingRun) -> tuple[Any, Any]:
                    "samples_per_case": run.tcfg["samples_per_case"]}
     train_ds, val_ds = build_datasets(sample_plan, run.train_items, run.val_items, run.cache,
                                       run.cache_dir, run.tcfg["augment"],
-                                      run.tcfg.get("spatial_augment", True))
+                                      run.tcfg.get("spatial_augment", True),
+                                      run.tcfg.get("rotate_augment", 0.0),
+                                      run.tcfg.get("scale_augment", 0.0))
     val_loader = DataLoader(val_ds, batch_size=1 if run.task == "segmentation" else 64,
                             shuffle=False, num_workers=0)
     return train_ds, val_loader

@@ -338,3 +338,33 @@ def test_spatial_augment_off_keeps_the_crop_and_drops_flips_and_turns():
         assert all(increasing) == expect_all_increasing
     full = build_transforms(_seg_plan(), train=True, spatial=False)
     assert "RandFlipd" not in [type(t).__name__ for t in full.transforms]
+
+
+def test_rotation_and_scale_augmentation_rotate_patches_by_the_asked_range():
+    """train.rotate_augment / scale_augment: one RandAffined with the asked ranges (radians)."""
+    import math
+
+    plan = _seg_plan(patch_size=[8, 8, 8])
+    names = [type(t).__name__ for t in build_augment_transforms(plan).transforms]
+    assert "RandAffined" not in names  # off by default for MR: flips and turns only
+    tf = build_augment_transforms(plan, rotate_degrees=30, scale=0.2)
+    (affine,) = [t for t in tf.transforms if type(t).__name__ == "RandAffined"]
+    grid = affine.rand_affine.rand_affine_grid
+    assert tuple(grid.rotate_range) == (math.radians(30),) * 3  # MONAI samples +-range
+    assert tuple(grid.scale_range) == (0.2,) * 3
+    assert "RandAffined" not in [type(t).__name__ for t in build_augment_transforms(
+        plan, spatial=False, rotate_degrees=30, scale=0.2).transforms]
+    full = build_transforms(plan, train=True, rotate_degrees=10)
+    assert "RandAffined" in [type(t).__name__ for t in full.transforms]
+
+
+def test_augmentation_keys_leave_existing_models_hashes_alone(tmp_path):
+    from capsmed.config import model_config_hash
+    from tests.pipeline_helpers import tiny_config
+
+    base = tiny_config(tmp_path)
+    off = tiny_config(tmp_path, train={"epochs": 3, "batch_size": 8, "rotate_augment": 0,
+                                       "scale_augment": 0})
+    on = tiny_config(tmp_path, train={"epochs": 3, "batch_size": 8, "rotate_augment": 15})
+    assert model_config_hash(base, "ds", "seed_cnn") == model_config_hash(off, "ds", "seed_cnn")
+    assert model_config_hash(base, "ds", "seed_cnn") != model_config_hash(on, "ds", "seed_cnn")

@@ -135,3 +135,23 @@ def test_paired_difference_and_weighted_auc():
     a, b = rng.random(30), rng.random(30)
     seg = paired_difference([a, a], [b, b], "segmentation", None, n_boot=0, seed=0)
     assert seg == {"difference": pytest.approx(float(np.mean(a - b))), "ci95": None}
+
+
+def test_learning_curve_reads_each_fraction_and_the_full_model(seg_runs, tmp_path):
+    from capsmed.evaluate.generalisation import learning_curve
+
+    cfg, _ = seg_runs
+    cfg = dict(cfg)
+    cfg["datasets"] = {**cfg["datasets"], "ds": {**cfg["datasets"]["ds"], "train": {
+        **cfg["datasets"]["ds"].get("train", {}), "fractions": [0.5, 1.0]}}}
+    train_model(cfg, "ds", "unet", fraction="0.5")
+    evaluate_stage(cfg, "ds", "unet", "test", fraction="0.5")
+    evaluate_stage(cfg, "ds", "unet", "test")
+    layout = Layout(Path(cfg["results"]))
+    curve = learning_curve(cfg, "ds", ["unet"], layout, None, "dice")
+    assert curve["fractions"] == ["0.5", "1.0"]
+    half = json.loads((layout.fraction_eval_dir("ds", "unet", "0.5") / "metrics.json").read_text())
+    assert curve["models"]["unet"]["0.5"]["dice"] == half["metrics"]["dice"]
+    train = json.loads((layout.fraction_model_dir("ds", "unet", "0.5") / "train.json").read_text())
+    assert curve["models"]["unet"]["0.5"]["n_train"] == train["train_cases"] <= json.loads(
+        (layout.model_dir("ds", "unet") / "train.json").read_text())["train_cases"]

@@ -143,6 +143,11 @@ def test_tiny_demo_end_to_end(repo_root, tmp_path):
         for model, entry in gen["models"].items():
             assert list(entry["shifts"]) == [shift] and list(entry["shifts"][shift]) == ["3"]
             assert (results / name / "eval" / model / "shift/none/s0/metrics.json").is_file()
+    # a learning curve: each classifier also trained on half of its training cases
+    curve = cls["learning_curve"]["models"]
+    assert set(curve) == {"capsnet", "seed_cnn"} and all(set(c) == {"0.5", "1.0"}
+                                                          for c in curve.values())
+    assert (results / "demo_cls2d/models/capsnet/fraction-0.5/best.pt").is_file()
     # segmentation study pages carry the viewer (one shared NiiVue copy) and the TTA uncertainty,
     # whose flag the validation stage calibrated
     assert len(list(results.rglob("niivue.umd.js"))) == 1

@@ -14,6 +14,7 @@ from capsmed.config import (
     config_hash,
     dataset_hash,
     evaluation_hash,
+    fraction_labels,
     model_config_hash,
     path_fold,
     resolve_fold,
@@ -201,6 +202,23 @@ def shift_digest(wildcards) -> str:
     return f"{evaluation_hash(config, ds, wildcards.model)}-{shift}"
 
 
+# Learning curves (train.fractions, train.minority_fraction): one model per share, as a wildcard.
+def fraction_train_digest(wildcards) -> str:
+    return model_config_hash(config, wildcards.dataset, wildcards.model, wildcards.fraction)
+
+
+def fraction_eval_digest(wildcards) -> str:
+    return evaluation_hash(config, wildcards.dataset, wildcards.model, wildcards.fraction)
+
+
+def fraction_metrics(ds: str) -> list:
+    """The test metrics.json of every learning-curve model of a dataset."""
+    fold = path_fold(config, ds)
+    return [str(LAYOUT.fraction_eval_dir(ds, model, label, fold) / "metrics.json")
+            for model in config["datasets"][ds]["models"]
+            for label in fraction_labels(config, ds, model)]
+
+
 def all_targets() -> list:
     out = [f"{RESULTS}/summary.json", f"{RESULTS}/index.html"]
     for ds in DATASETS:
@@ -217,3 +235,4 @@ wildcard_constraints:
     case="[A-Za-z0-9._-]+",
     shift="[a-z][a-z0-9_]*",
     severity="[0-5]",
+    fraction="(minority)?[0-9.]+",

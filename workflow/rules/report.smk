@@ -85,6 +85,7 @@ rule report_dataset:
 rule generalisation:
     input:
         shifts=lambda w: shift_metrics(w.dataset),
+        fractions=lambda w: fraction_metrics(w.dataset),
         metrics=lambda w: [
             eval_metrics(w.dataset, model, "test", path_fold(config, w.dataset))
             for model in models_of(w)
