@@ -105,7 +105,12 @@ def _weighted_auc(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> np.n
         num = np.einsum("bp,pn,bn->b", wp, pairs, wn)
         den = wp.sum(1) * wn.sum(1)
         aucs.append(np.where(den > 0, num / np.where(den > 0, den, 1), np.nan))
-    return np.nanmean(np.stack(aucs), axis=0) if aucs else np.full(weights.shape[0], np.nan)
+    if not aucs:
+        return np.full(weights.shape[0], np.nan)
+    stacked = np.stack(aucs)
+    # a resample may lack a class: its AUC is NaN (quietly), not a warning per resample
+    counts = np.isfinite(stacked).sum(0)
+    return np.where(counts > 0, np.nansum(stacked, 0) / np.maximum(counts, 1), np.nan)
 
 
 def paired_difference(model: list[np.ndarray], reference: list[np.ndarray], task: str,
@@ -180,7 +185,8 @@ def _model_shifts(layout: Layout, dataset: str, model: str, fold: int | None, sh
                          f"shifted stage {shift} severity {severity} of {model}")
 
     clean = read(CLEAN, 0)
-    out: dict[str, Any] = {"clean": {metric: clean["metrics"].get(metric)}, "shifts": {}}
+    out: dict[str, Any] = {"clean": {metric: clean["metrics"].get(metric),
+                                     "ci95": clean.get("ci95", {}).get(metric)}, "shifts": {}}
     if task == "classification":
         out["clean"]["ece"] = clean["metrics"].get("ece")
     for shift in shifts:

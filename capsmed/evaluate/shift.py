@@ -103,8 +103,8 @@ def _gallery(shifted: dict, row: dict, results: Path, spatial_dims: int) -> dict
         out["label"] = middle(shifted["label"]).astype(np.int16)
         out["prediction"] = middle(str(results / row["prediction"])).astype(np.int16)
     else:
-        out["probabilities"] = np.asarray([row[k] for k in sorted(row) if k.startswith("prob_")],
-                                          dtype=np.float32)
+        n = sum(1 for k in row if k.startswith("prob_"))
+        out["probabilities"] = np.asarray([row[f"prob_{k}"] for k in range(n)], dtype=np.float32)
     return out
 
 
