@@ -480,7 +480,8 @@ def _lead(dataset: str, doc: Mapping[str, Any], families: Mapping[str, str | Non
         lead.append(f"Only the reference {ref} was evaluated under shift; add a capsule model "
                     "to compare.")
     if undefined:
-        lead.append("Undefined (the reference barely degrades, so its ratio means nothing): "
+        lead.append("Undefined (the reference barely errs or degrades there, so a ratio would "
+                    "mean nothing): "
                     + "; ".join(f"{s}: {w}" if s != "all" else w for s, w in undefined.items())
                     + ".")
     curve = doc.get("learning_curve") or {}
