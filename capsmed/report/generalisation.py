@@ -440,6 +440,12 @@ def _cost_section(costs: Mapping[str, Mapping[str, float]]) -> dict[str, Any] | 
 # ----------------------------------------------------------------------------- lead
 
 
+def _over(ratios: Mapping[str, Any] | None, shifts: Sequence[str]) -> str:
+    """`` (over 1 of 2 shifts)`` where a mean leaves out undefined ratios, else ``""``."""
+    defined = sum(is_number((ratios or {}).get(s)) for s in shifts)
+    return "" if defined in (0, len(shifts)) else f" (over {defined} of {len(shifts)} shifts)"
+
+
 def _lead(dataset: str, doc: Mapping[str, Any], families: Mapping[str, str | None],
           others: Sequence[str], costs: Mapping[str, Mapping[str, float]]) -> list[str]:
     metric, ref = doc["metric"], doc.get("reference")
@@ -458,8 +464,10 @@ def _lead(dataset: str, doc: Mapping[str, Any], families: Mapping[str, str | Non
     for model in others:
         m = doc["models"][model]
         sentence = (f"{model} ({family_label(families.get(model))}) against {ref}: mCE "
-                    f"{_ratio(m.get('mce'))} and relative mCE {_ratio(m.get('relative_mce'))} "
-                    "(below 1: fewer errors, and less degradation, than the reference).")
+                    f"{_ratio(m.get('mce'))}{_over(m.get('ce'), doc['shifts'])} and relative "
+                    f"mCE {_ratio(m.get('relative_mce'))}"
+                    f"{_over(m.get('relative_ce'), doc['shifts'])} (below 1: fewer errors, and "
+                    "less degradation, than the reference).")
         groups: dict[str, list[str]] = {}
         for shift in doc["shifts"]:
             d = (m.get("paired") or {}).get(shift) or {}
