@@ -718,7 +718,8 @@ def curve_panels(panels: Sequence[tuple[str, Sequence[Curve]]], xlabel: str, yla
             if band.sum() >= 2:
                 ax.fill_between(x[band], lo[band], hi[band], color=colour, alpha=0.15,
                                 linewidth=0)
-            ax.plot(x, y, marker="o" if c.capsule else "s", markersize=4, color=colour,
+            ok = np.isfinite(y)  # a missing value leaves a point out, not a gap in the line
+            ax.plot(x[ok], y[ok], marker="o" if c.capsule else "s", markersize=4, color=colour,
                     linestyle="-" if c.capsule else "--",
                     linewidth=2.2 if c.name == reference else 1.3)
         ax.set_title(title[:40], fontsize=9)

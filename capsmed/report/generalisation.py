@@ -284,40 +284,60 @@ def _paired_section(doc: Mapping[str, Any], others: Sequence[str]) -> dict[str, 
 
 def _curve_section(doc: Mapping[str, Any], families: Mapping[str, str | None]
                    ) -> dict[str, Any] | None:
+    """The learning curves, with their table; None without any.
+
+    One panel over the share of the training cases, and one over the share of the minority
+    class (``minority`` labels: class imbalance) where present.
+    """
+    from capsmed.config import parse_fraction  # the one reader of subset labels
+
     curve = doc.get("learning_curve") or {}
     if not curve.get("models"):
         return None
     metric = doc["metric"]
-    fractions = [str(f) for f in curve.get("fractions") or []]
-    curves, rows = [], []
+    labels = [str(f) for f in curve.get("fractions") or []]
+    kinds = {f: parse_fraction(f) for f in labels}
+    groups = [(title, [f for f in labels if kinds[f][0] == kind or f == "1.0"])
+              for kind, title in (("fraction", "share of the training cases"),
+                                  ("minority", "share of the minority class"))]
+    groups = [(t, fs) for t, fs in groups if [f for f in fs if f != "1.0"]]
+    panels = []
+    for title, fractions in groups:
+        curves = []
+        for model, per in curve["models"].items():
+            entries = [per.get(f) or {} for f in fractions]
+            cis = [e.get("ci95") for e in entries]
+            curves.append(fig.Curve(
+                model, families.get(model) == "capsule", [kinds[f][1] for f in fractions],
+                [v if (v := _value(e.get(metric))) is not None else np.nan for e in entries],
+                [c[0] if fmt_ci(c) else np.nan for c in cis],
+                [c[1] if fmt_ci(c) else np.nan for c in cis]))
+        panels.append((title, curves))
+    rows = []
     for model, per in curve["models"].items():
-        x = [float(f) for f in fractions]
-        y = [_value((per.get(f) or {}).get(metric)) for f in fractions]
-        cis = [(per.get(f) or {}).get("ci95") for f in fractions]
-        curves.append(fig.Curve(model, families.get(model) == "capsule", x,
-                                [np.nan if v is None else v for v in y],
-                                [c[0] if fmt_ci(c) else np.nan for c in cis],
-                                [c[1] if fmt_ci(c) else np.nan for c in cis]))
-        rows.append(b.row([model, family_label(families.get(model))] + [b.num_cell(
-            fmt_metric((per.get(f) or {}).get(metric), metric)
-            + _ci_text((per.get(f) or {}).get("ci95"))
-            + (f" (n={per[f]['n_train']})" if is_number((per.get(f) or {}).get("n_train"))
-               else "")) for f in fractions]))
+        cells = [model, family_label(families.get(model))]
+        for f in labels:
+            e = per.get(f) or {}
+            cells.append(b.num_cell(
+                fmt_metric(e.get(metric), metric) + _ci_text(e.get("ci95"))
+                + (f" (n={int(e['n_train'])})" if is_number(e.get("n_train")) else "")
+                if e else "n/a"))
+        rows.append(b.row(cells))
+    xticks = sorted({kinds[f][1] for f in labels})
     return b.section(
         "learning-curve", "Learning curves",
         paragraphs=["Every model trained on nested subsets of its training cases (grouped by "
                     "patient, stratified by class for classification; the same validation and "
-                    "test cases, the same epochs and time budget), tested on the test cases. "
-                    "1.0 is the ordinary model."],
-        figs=[b.figure(fig.curve_panels([("", curves)], "share of the training cases",
-                                         metric_label(metric), [float(f) for f in fractions],
-                                         columns=1, reference=doc.get("reference")),
+                    "test cases, the same epochs and time budget), tested on the test cases; "
+                    "minority subsets keep every case of the other classes and a share of the "
+                    "minority class. 1.0 is the ordinary model."],
+        figs=[b.figure(fig.curve_panels(panels, "share", metric_label(metric), xticks,
+                                        columns=2, reference=doc.get("reference")),
                        f"{metric_label(metric)} against the share of training cases per model",
                        f"Test {metric_label(metric)} against the share of training cases; "
                        "bands: 95% bootstrap intervals.")],
-        tables=[b.table(["Model", "Family"] + fractions, rows,
-                        note="Value [95% CI] (n: training cases) per share of the training "
-                             "cases.")])
+        tables=[b.table(["Model", "Family"] + labels, rows,
+                        note="Value [95% CI] (n: training cases) per subset.")])
 
 
 def _classification_text(model: str, g: Mapping[str, Any], truth: int | None,
@@ -494,11 +514,12 @@ def _lead(dataset: str, doc: Mapping[str, Any], families: Mapping[str, str | Non
                     + ".")
     curve = doc.get("learning_curve") or {}
     fractions = [str(f) for f in curve.get("fractions") or []]
-    if curve.get("models") and fractions:
+    if curve.get("models") and len(fractions) > 1:
         low = fractions[0]
-        lead.append(f"Learning curve, trained on {low} of the training cases: " + ", ".join(
-            f"{model} {label} {fmt_metric((per.get(low) or {}).get(metric), metric)}"
-            for model, per in curve["models"].items()) + ".")
+        lead.append(f"Learning curve, trained on subset {low} of the training cases: "
+                    + ", ".join(f"{model} {label} "
+                                f"{fmt_metric((per.get(low) or {}).get(metric), metric)}"
+                                for model, per in curve["models"].items()) + ".")
     if costs:
         per_case = np.mean([c["shift"] + c["inference"] for c in costs.values()])
         lead.append(f"Cost: {fmt_seconds(per_case)} per test case and shifted stage on average "
