@@ -17,6 +17,7 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed report     -c config/config.yaml -d demo_seg3d -m capsunet -s test
     capsmed report-studies -c config/config.yaml -d demo_seg3d -m capsunet
     capsmed report-dataset -c config/config.yaml -d demo_seg3d
+    capsmed report-generalisation -c config/config.yaml -d demo_seg3d
     capsmed summarize  -c config/config.yaml
     capsmed predict --model results/demo_seg3d/models/capsunet/best.pt STUDY.nii.gz ...
     capsmed predict --model best.pt --dicomweb URL --study UID [--series UID] --store
@@ -243,6 +244,17 @@ def cmd_report_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_generalisation(args: argparse.Namespace) -> int:
+    """Write a dataset's generalisation page from its generalisation.json."""
+    from capsmed import report
+    from capsmed.config import path_fold
+
+    cfg = _config(args)
+    report.write_generalisation_report(Path(cfg["results"]), args.dataset,
+                                       fold=path_fold(cfg, args.dataset))
+    return 0
+
+
 def cmd_summarize(args: argparse.Namespace) -> int:
     """Write results/summary.json and results/index.html."""
     from capsmed import report
@@ -337,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                               ("preprocess", cmd_preprocess, "fingerprint and preprocessing plan"),
                               ("split", cmd_split, "train / val / test split (written once)"),
                               ("report-dataset", cmd_report_dataset,
-                               "comparison and QC pages of a dataset")):
+                               "comparison and QC pages of a dataset"),
+                              ("report-generalisation", cmd_report_generalisation,
+                               "generalisation page of a dataset (from generalisation.json)")):
         p = sub.add_parser(name, help=help_)
         with_config(p)
         p.set_defaults(func=func)

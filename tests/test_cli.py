@@ -15,7 +15,8 @@ def test_help_lists_every_stage(capsys):
         assert exc.code == 0
     out = capsys.readouterr().out
     for cmd in ("validate", "prepare", "preprocess", "split", "train", "evaluate", "report",
-                "report-studies", "report-dataset", "summarize", "predict", "models", "crossval"):
+                "report-studies", "report-dataset", "report-generalisation", "summarize", "predict",
+                "models", "crossval"):
         assert cmd in out
 
 

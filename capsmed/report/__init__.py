@@ -11,10 +11,12 @@ PLAN.md's "Evaluation files":
 - :func:`write_study_report`: one study from a :class:`StudyInput` dict (``capsmed predict``)
 - :func:`write_comparison_report`: ``results/{ds}/reports/comparison.html``
 - :func:`write_qc_report`: ``results/{ds}/reports/qc.html``
+- :func:`write_generalisation_report`: ``results/{ds}/reports/generalisation.html``
 - :func:`write_index`: ``results/index.html``
 """
 
 from capsmed.report.comparison import model_family, write_comparison_report
+from capsmed.report.generalisation import write_generalisation_report
 from capsmed.report.index import write_index
 from capsmed.report.qc import write_qc_report
 from capsmed.report.render import RESEARCH_NOTE, study_filename
@@ -27,6 +29,7 @@ __all__ = [
     "model_family",
     "study_filename",
     "write_comparison_report",
+    "write_generalisation_report",
     "write_index",
     "write_qc_report",
     "write_stage_report",

@@ -404,6 +404,18 @@ def _links_section(entries: Sequence[dict[str, Any]], lay: DatasetLayout, out: P
                                                                    links=links))
 
 
+def _shift_sentence(lay: DatasetLayout, entries: Sequence[Mapping[str, Any]]) -> str | None:
+    """The generalisation page's line (:func:`capsmed.report.generalisation.shift_line`), if any.
+
+    Read from ``generalisation.json`` (written by ``capsmed generalisation``); None without it.
+    """
+    from capsmed.report.generalisation import shift_line  # it imports this module
+
+    doc = read_json(lay.layout.generalisation(lay.dataset))
+    return shift_line(doc.get("reference"), doc.get("models") or {},
+                      {e["model"] for e in entries if e["family"] == "capsule"})
+
+
 def write_comparison_report(results_dir: Path, dataset: str, models: list[str], *,
                             fold: int | None = None) -> Path:
     """Write ``results/{ds}/reports/comparison.html``.
@@ -448,9 +460,14 @@ def write_comparison_report(results_dir: Path, dataset: str, models: list[str], 
     nav = [b.link("All results", rel_href(results_dir / "index.html", out.parent))]
     if (lay.reports_dir / "qc.html").exists():
         nav.append(b.link("Preprocessing QC", "qc.html"))
+    shift = _shift_sentence(lay, entries)
+    if shift:
+        nav.append(b.link("Generalisation", rel_href(
+            lay.layout.generalisation_report(dataset), out.parent)))
     return render_page(out, "page.html", title=f"{dataset}: model comparison",
                        subtitle=f"{task} \u00b7 {len(models)} models", nav=nav,
                        lead=_verdict(judged, entries, metric) + [
-                           _ablation_sentence(*pair, judged, metric) for pair in pairs],
+                           _ablation_sentence(*pair, judged, metric) for pair in pairs]
+                       + ([f"{shift[:-1]} (see the generalisation page)."] if shift else []),
                        note=None, top_cards=[],
                        sections=[s for s in sections if s is not None])

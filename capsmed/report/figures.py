@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -641,4 +642,181 @@ def count_bars(counts: Mapping[str, float], title: str, xlabel: str = "count") -
     ax.invert_yaxis()
     ax.set_xlim(0, (np.nanmax(vals) if np.isfinite(vals).any() else 1) * 1.45 or 1)
     ax.set(xlabel=xlabel, title=title)
+    return to_data_uri(fig)
+
+
+# ----------------------------------------------------------------------------- generalisation
+
+
+@dataclass
+class Curve:
+    """One model's values along an x axis (severity, training fraction), with a 95% band.
+
+    Attributes:
+        name: Model name.
+        capsule: True for capsule networks (circles, solid line), False otherwise (squares,
+            dashed line).
+        x: Positions ``(N,)``.
+        y: Values ``(N,)`` (NaN where missing).
+        lo: Lower ends of the 95% intervals ``(N,)`` (NaN where none).
+        hi: Upper ends ``(N,)``.
+    """
+
+    name: str
+    capsule: bool
+    x: Sequence[float]
+    y: Sequence[float]
+    lo: Sequence[float]
+    hi: Sequence[float]
+
+
+def model_colour(index: int) -> str:
+    """The colour of the ``index``-th model on the generalisation figures."""
+    return LABEL_COLOURS[(index + 2) % len(LABEL_COLOURS)]
+
+
+def curve_panels(panels: Sequence[tuple[str, Sequence[Curve]]], xlabel: str, ylabel: str,
+                 xticks: Sequence[float] | None = None, columns: int = 4,
+                 reference: str | None = None) -> str | None:
+    """Small multiples of curves with 95% bands, one panel per ``(title, curves)``.
+
+    Every model keeps its colour across panels; the legend below names them (and the
+    ``reference`` model, drawn thicker).
+
+    Args:
+        panels: ``(title, curves)`` per panel (e.g. one per shift).
+        xlabel: Label of the x axis.
+        ylabel: Label of the y axis (shared).
+        xticks: Tick positions (e.g. the severities), or None.
+        columns: Panels per row.
+        reference: The reference model's name, or None.
+
+    Returns:
+        PNG data URI, or None when no panel has a finite value.
+    """
+    panels = [(t, [c for c in curves if np.isfinite(np.asarray(c.y, float)).any()])
+              for t, curves in panels]
+    panels = [(t, c) for t, c in panels if c]
+    if not panels:
+        return None
+    names = list(dict.fromkeys(c.name for _, curves in panels for c in curves))
+    colours = {n: model_colour(i) for i, n in enumerate(names)}
+    ncol = min(columns, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig = new_figure(2.6 * ncol + 0.5, 2.2 * nrow + 0.8, left=0.6, bottom=0.85, top=0.3,
+                     wspace=0.12, hspace=0.45)
+    axes = fig.subplots(nrow, ncol, squeeze=False, sharey=True)
+    capsule = {}
+    for i, (title, curves) in enumerate(panels):
+        ax = axes[i // ncol, i % ncol]
+        for c in curves:
+            x, y = np.asarray(c.x, float), np.asarray(c.y, float)
+            lo, hi = np.asarray(c.lo, float), np.asarray(c.hi, float)
+            colour = colours[c.name]
+            capsule[c.name] = c.capsule
+            band = np.isfinite(lo) & np.isfinite(hi)
+            if band.sum() >= 2:
+                ax.fill_between(x[band], lo[band], hi[band], color=colour, alpha=0.15,
+                                linewidth=0)
+            ok = np.isfinite(y)  # a missing value leaves a point out, not a gap in the line
+            ax.plot(x[ok], y[ok], marker="o" if c.capsule else "s", markersize=4, color=colour,
+                    linestyle="-" if c.capsule else "--",
+                    linewidth=2.2 if c.name == reference else 1.3)
+        ax.set_title(title[:40], fontsize=9)
+        if xticks is not None:
+            ax.set_xticks(list(xticks))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if i // ncol == nrow - 1 or i + ncol >= len(panels):
+            ax.set_xlabel(xlabel, fontsize=8)
+    for i in range(len(panels), nrow * ncol):
+        axes[i // ncol, i % ncol].set_visible(False)
+    for r in range(nrow):
+        axes[r, 0].set_ylabel(ylabel, fontsize=8)
+    handles = [Patch(color=colours[n], label=n + (" (reference)" if n == reference else "")
+                     + (", capsule" if capsule.get(n) else "")) for n in names]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
+               frameon=False)
+    return to_data_uri(fig)
+
+
+@dataclass
+class GalleryPanel:
+    """One image of the shift gallery.
+
+    Attributes:
+        title: Panel title (e.g. ``severity 3``).
+        image: ``(X, Y)`` middle slice.
+        label: ``(X, Y)`` true label map (segmentation), or None.
+        prediction: ``(X, Y)`` predicted label map (segmentation), or None.
+        text: Lines written under the image (e.g. the predicted probability), or empty.
+    """
+
+    title: str
+    image: np.ndarray
+    label: np.ndarray | None = None
+    prediction: np.ndarray | None = None
+    text: Sequence[str] = ()
+
+
+def _outline(ax: Any, labels: np.ndarray, colour_of: Callable[[int], str], linestyle: str,
+             linewidth: float) -> None:
+    """Contours of every non-zero label of ``labels`` (``(X, Y)``, drawn transposed)."""
+    lab = np.rint(np.asarray(labels, dtype=float))
+    for k in np.unique(lab[np.isfinite(lab)]).astype(int):
+        if k <= 0:
+            continue
+        mask = (lab == k).astype(float).T
+        if mask.min() == mask.max():
+            continue
+        ax.contour(mask, levels=[0.5], colors=[colour_of(k)], linewidths=linewidth,
+                   linestyles=linestyle, origin="lower")
+
+
+def shift_gallery(rows: Sequence[tuple[str, Sequence[GalleryPanel]]]) -> str | None:
+    """A grid of images, one row per ``(row title, panels)`` (a model, or the shifted image).
+
+    Segmentation panels fill the prediction in the label colours and outline the true labels in
+    white; classification panels print their ``text`` under the image.
+
+    Returns:
+        PNG data URI, or None without a panel.
+    """
+    rows = [(t, list(p)) for t, p in rows if p]
+    if not rows:
+        return None
+    ncol = max(len(p) for _, p in rows)
+    lines = max((len(panel.text) for _, p in rows for panel in p), default=0)
+    cell = 1.45
+    text_h = 0.16 * lines
+    width, height = cell * ncol + 0.4, (cell + text_h + 0.25) * len(rows) + 0.1
+    fig = new_figure(width, height)
+    fig.subplots_adjust(left=0.35 / width, right=1 - 0.05 / width, top=1 - 0.25 / height,
+                        bottom=(0.05 + text_h) / height,
+                        wspace=0.05, hspace=(0.3 + text_h) / cell)
+    axes = fig.subplots(len(rows), ncol, squeeze=False)
+    for r, (row_title, panels) in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(panels):
+                ax.set_visible(False)
+                continue
+            panel = panels[c]
+            img = np.asarray(panel.image, dtype=float)
+            lo, hi = _window(img)
+            ax.imshow(img.T, cmap="gray", origin="lower", vmin=lo, vmax=hi,
+                      interpolation="nearest")
+            if panel.prediction is not None:
+                ax.imshow(_label_rgba(np.asarray(panel.prediction, dtype=float).T, 0.5),
+                          origin="lower", interpolation="nearest")
+            if panel.label is not None:
+                _outline(ax, panel.label, lambda k: "white", "solid", 0.7)
+            ax.set_title(panel.title, fontsize=8)
+            if panel.text:
+                ax.text(0.5, -0.04, "\n".join(panel.text), transform=ax.transAxes, ha="center",
+                        va="top", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(row_title[:18], fontsize=8)
     return to_data_uri(fig)

@@ -12,6 +12,7 @@ from capsmed.paths import DatasetLayout
 from capsmed.report import blocks as b
 from capsmed.report.comparison import family_label, model_family
 from capsmed.report.files import STAGES
+from capsmed.report.generalisation import shift_line
 from capsmed.report.render import (
     fmt_ci,
     fmt_flops,
@@ -85,6 +86,16 @@ def write_index(results_dir: Path, summary: dict) -> Path:
                 page_links.append((text, given))
             elif (lay.reports_dir / f"{key}.html").exists():
                 page_links.append((text, rel_href(lay.reports_dir / f"{key}.html", results_dir)))
+        gen = ds_doc.get("generalisation") if isinstance(ds_doc.get("generalisation"),
+                                                          Mapping) else {}
+        gen_href = safe_relative_link(gen.get("report"))
+        if gen_href:
+            gen_models = gen.get("models") if isinstance(gen.get("models"), Mapping) else {}
+            capsules = {str(m) for m, d in models.items()
+                        if isinstance(d, Mapping) and model_family(d) == "capsule"}
+            line = shift_line(gen.get("reference"), {
+                str(m): d for m, d in gen_models.items() if isinstance(d, Mapping)}, capsules)
+            page_links.append((line or "Generalisation (under shift, with less data)", gen_href))
         rows = []
         best: tuple[float, str, str] | None = None
         detail_links = []

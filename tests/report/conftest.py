@@ -383,3 +383,21 @@ def facts() -> SimpleNamespace:
         CLS=CLS, SEG_MODELS=SEG_MODELS, CLS_MODELS=CLS_MODELS, SEG_METRICS=SEG_METRICS,
         SEG_CI=SEG_CI, CLS_METRICS=CLS_METRICS, CLS_CI=CLS_CI, TRAIN=TRAIN, SHAPE=SHAPE,
         SPACING=SPACING, safe_name=safe_name, save_nifti=_save_nifti)
+
+
+@pytest.fixture(scope="session")
+def generalisation_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Real tiny runs with shifted stages, summarised and drawn by the CLI (one per task).
+
+    ``{task: (config, config path, generalisation page)}``; see ``generalisation_runs.py``.
+    """
+    from capsmed.paths import Layout
+    from tests.pipeline_helpers import run_cli
+    from tests.report.generalisation_runs import build_run
+
+    out = {}
+    for task in ("segmentation", "classification"):
+        cfg, path = build_run(tmp_path_factory.mktemp(f"gen-{task}"), task)
+        assert run_cli("-q", "report-generalisation", "-c", path, "-d", "ds") == 0
+        out[task] = (cfg, path, Layout(Path(cfg["results"])).generalisation_report("ds"))
+    return out

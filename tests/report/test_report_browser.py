@@ -209,3 +209,28 @@ def test_study_page_policy_runs_only_the_viewer_scripts(rendered, facts, tmp_pat
         blocked = [m for m in br.console() if "Content Security Policy" in m]
         assert len(blocked) >= 2, br.console()
     assert _page_requests(netlog) == []
+
+
+# ----------------------------------------------------------------------------- generalisation
+
+
+@needs_chromium
+@pytest.mark.parametrize("task", ["segmentation", "classification"])
+def test_generalisation_page_renders_every_figure_offline(generalisation_runs, task, tmp_path):
+    """The page from real tiny runs: every figure decodes, nothing logs an error or loads."""
+    page = generalisation_runs[task][2]
+    # metric (and ECE) against severity, one gallery figure per shift, the learning curve
+    expected = {"segmentation": 1 + 2, "classification": 2 + 2 + 1}[task]
+    netlog = tmp_path / "generalisation.netlog.json"
+    with Browser(CHROMIUM, tmp_path / "profile", netlog) as br:
+        br.open(page.resolve().as_uri())
+        sizes = br.wait_for("(() => { const im = Array.from(document.images);"
+                            " return im.every(i => i.complete)"
+                            " ? im.map(i => [i.naturalWidth, i.naturalHeight]) : null; })()")
+        assert len(sizes) == expected and all(w > 100 and h > 100 for w, h in sizes), sizes
+        ids = br.evaluate("Array.from(document.querySelectorAll('section')).map(s => s.id)")
+        assert {"severity", "corruption-error", "paired", "gallery", "cost"} <= set(ids)
+        br.evaluate("document.getElementById('gallery').scrollIntoView()")
+        _assert_drawn(br.screenshot())
+        assert br.console() == []
+    assert _page_requests(netlog) == []

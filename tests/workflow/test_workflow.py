@@ -44,8 +44,8 @@ def test_dry_run_plans_the_default_demo(repo_root, tmp_path):
     # join the plan once the preprocess checkpoint has written each dataset's plan
     assert counts == {"prepare": "2", "preprocess": "2", "split": "2", "train": "4",
                       "evaluate": "12", "report_stage": "12", "report_studies": "4",
-                      "report_dataset": "2", "generalisation": "2", "summarize": "1", "all": "1",
-                      "total": "44"}
+                      "report_dataset": "2", "generalisation": "2", "report_generalisation": "2",
+                      "summarize": "1", "all": "1", "total": "46"}
     assert "The run involves checkpoint jobs" in out
 
 
@@ -143,6 +143,8 @@ def test_tiny_demo_end_to_end(repo_root, tmp_path):
         for model, entry in gen["models"].items():
             assert list(entry["shifts"]) == [shift] and list(entry["shifts"][shift]) == ["3"]
             assert (results / name / "eval" / model / "shift/none/s0/metrics.json").is_file()
+        page = (results / gen["report"]).read_text()
+        assert 'id="corruption-error"' in page and 'id="gallery"' in page
     # a learning curve: each classifier also trained on half of its training cases
     curve = cls["learning_curve"]["models"]
     assert set(curve) == {"capsnet", "seed_cnn"} and all(set(c) == {"0.5", "1.0"}
@@ -251,7 +253,8 @@ def test_dry_run_plans_every_fold_of_a_cross_validation(repo_root, tmp_path):
     assert _job_counts(out) == {
         "prepare": "1", "preprocess": "1", "split": "1", "train_fold": "3", "evaluate_fold": "5",
         "crossval": "1", "report_stage": "3", "report_studies": "1", "report_dataset": "1",
-        "generalisation": "1", "summarize": "1", "all": "1", "total": "20"}
+        "generalisation": "1", "report_generalisation": "1", "summarize": "1", "all": "1",
+        "total": "21"}
     for k in range(3):
         assert f"results/cv_cls2d/eval/seed_cnn/fold{k}/val/metrics.json" in out
     for stage in ("train", "test"):

@@ -1,5 +1,6 @@
-# HTML reports: one per model and dataset stage, one per test study, a comparison and a QC page per
-# dataset, and the index with results/summary.json. Reports read evaluation files only (no torch).
+# HTML reports: one per model and dataset stage, one per test study, a comparison, a QC and a
+# generalisation page per dataset, and the index with results/summary.json. Reports read
+# evaluation files only (no torch).
 
 
 rule report_stage:
@@ -57,6 +58,8 @@ rule report_dataset:
             for stage in EVALUATED_STAGES
         ],
         crossval=lambda w: crossval_files(w.dataset),
+        # the comparison page's line on the generalisation page
+        generalisation=f"{RESULTS}/{{dataset}}/generalisation.json",
     output:
         comparison=report(
             f"{RESULTS}/{{dataset}}/reports/comparison.html",
@@ -104,6 +107,30 @@ rule generalisation:
         "{params.capsmed} --log {log} generalisation -c {params.config} -d {wildcards.dataset}"
 
 
+# The generalisation page: every model under shift and with less training data.
+rule report_generalisation:
+    input:
+        generalisation=f"{RESULTS}/{{dataset}}/generalisation.json",
+        model_lists=MODEL_LISTS,
+    output:
+        report(
+            f"{RESULTS}/{{dataset}}/reports/generalisation.html",
+            caption="../report/generalisation.rst",
+            category="{dataset}",
+            labels={"dataset": "{dataset}", "page": "generalisation"},
+        ),
+    log:
+        f"{RESULTS}/{{dataset}}/logs/report_generalisation.log",
+    params:
+        capsmed=CAPSMED,
+        config=CONFIG_FILE,
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.capsmed} --log {log} report-generalisation -c {params.config} "
+        "-d {wildcards.dataset}"
+
+
 rule summarize:
     input:
         stage_reports=[
@@ -120,6 +147,9 @@ rule summarize:
         ],
         dataset_reports=expand(f"{RESULTS}/{{dataset}}/reports/comparison.html", dataset=DATASETS),
         generalisation=expand(f"{RESULTS}/{{dataset}}/generalisation.json", dataset=DATASETS),
+        generalisation_reports=expand(
+            f"{RESULTS}/{{dataset}}/reports/generalisation.html", dataset=DATASETS
+        ),
         crossval=[path for ds in DATASETS for path in crossval_files(ds)],
         model_lists=MODEL_LISTS,
     output:
