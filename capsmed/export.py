@@ -486,7 +486,6 @@ def _bundle_metadata(ckpt: Mapping[str, Any], net: ExportedNetwork, example: tor
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"capsmed": __version__, "nibabel": _version("nibabel")},
-        "optional_packages_version": {},
         "name": f"capsmed {spec['name']} ({ckpt.get('dataset', 'dataset')})",
         "task": f"{task} ({dims}D)",
         "description": f"capsmed model {spec['name']} trained on {ckpt.get('dataset')}; "

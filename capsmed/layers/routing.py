@@ -251,7 +251,7 @@ def _route(u: torch.Tensor, bias: torch.Tensor | None, backend_cls: type, iterat
     pose = None
     for t in range(iterations):
         if t == 0:
-            pose = be.sum_votes().mul_(1.0 / be.j)
+            pose = be.sum_votes().div_(be.j)
         else:
             coupling = torch.softmax(logits, dim=be.j_dim)
             couplings.append(coupling)
