@@ -264,7 +264,9 @@ def test_unknown_format_is_refused(cls):
 def _example(name: str) -> tuple[CapsmedModel, torch.Tensor]:
     cls = MODEL_REGISTRY[name]
     if cls.task == "segmentation":
-        return get_model(name, 3, 1, 3), torch.randn(1, 1, 16, 16, 16)
+        model = get_model(name, 3, 1, 3)
+        size = max(16, 2 * int(model.size_divisible))  # instance norm needs > 1 voxel at the bottom
+        return model, torch.randn(1, 1, size, size, size)
     kwargs = {"image_size": 28} if cls.fixed_size else {}
     size = 28 if cls.fixed_size else 32
     return get_model(name, 2, 1, 2, **kwargs), torch.randn(1, 1, size, size)
