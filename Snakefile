@@ -25,6 +25,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:
@@ -32,3 +33,4 @@ rule all:
     input:
         f"{RESULTS}/summary.json",
         f"{RESULTS}/index.html",
+        export_targets(),

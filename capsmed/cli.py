@@ -21,6 +21,7 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed summarize  -c config/config.yaml
     capsmed predict --model results/demo_seg3d/models/capsunet/best.pt STUDY.nii.gz ...
     capsmed predict --model best.pt --dicomweb URL --study UID [--series UID] --store
+    capsmed export     -c config/config.yaml -d demo_seg3d -m capsunet --format onnx
     capsmed models
 
 Bad input ends with one line per problem on stderr and a non-zero exit, never a traceback.
@@ -298,6 +299,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a trained model (ONNX, TorchScript or a MONAI bundle) and check it."""
+    from capsmed.export import export_model
+    from capsmed.infer.runtime import configure_threads
+
+    cfg = _config(args)
+    configure_threads(args.threads or cfg["threads"])
+    record = export_model(cfg, args.dataset, args.model, args.format, fold=args.fold)
+    what = record.get("model_ts", record)
+    print(f"{args.dataset}/{args.model} {args.format}: largest absolute difference "
+          f"{what['max_abs_diff']:.3g} (tolerance {record['tolerance']:.0e})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models with their task, output and parameter counts."""
     from capsmed.models import describe_models
@@ -444,6 +459,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action="store_true",
                    help="with --dicomweb: store the SEG and SR back on the server (STOW-RS)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model as ONNX, TorchScript or a MONAI "
+                       "bundle, checked on the dataset's first test case")
+    with_config(p)
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "bundle"))
+    p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list the models")
     p.set_defaults(func=cmd_models)

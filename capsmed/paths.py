@@ -108,6 +108,20 @@ class Layout:
         """Cross-validation summary of one model over its folds (datasets with several folds)."""
         return self.dataset(ds) / "cv" / f"{model}.json"
 
+    def export_dir(self, ds: str, model: str, fold: int | None = None) -> Path:
+        """Exports of one trained model (``capsmed export``).
+
+        ``export/{model}``, or ``export/{model}/fold{fold}`` with several folds: ``model.onnx``,
+        ``model.ts``, ``bundle/`` (a MONAI bundle), ``MODEL_CARD.md`` and one ``{format}.json``
+        per format recording its check.
+        """
+        path = self.dataset(ds) / "export" / model
+        return path if fold is None else path / f"fold{int(fold)}"
+
+    def export_record(self, ds: str, model: str, fmt: str, fold: int | None = None) -> Path:
+        """``export/{model}[/fold{k}]/{fmt}.json``: the check of one format, written last."""
+        return self.export_dir(ds, model, fold) / f"{fmt}.json"
+
     def reports(self, ds: str) -> Path:
         """Reports of one dataset."""
         return self.dataset(ds) / "reports"

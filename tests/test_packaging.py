@@ -24,7 +24,8 @@ def _pins(lines):
 
 def test_environment_yml_mirrors_pyproject(repo_root):
     project = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
-    py = _pins(project["dependencies"] + project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    py = _pins(project["dependencies"] + extras["dev"] + extras["export"])
     env = yaml.safe_load((repo_root / "environment.yml").read_text())
     pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
     assert len(pip_lists) == 1
@@ -37,3 +38,8 @@ def test_no_forbidden_dependencies(repo_root):
     text = (repo_root / "pyproject.toml").read_text().lower()
     for name in ("torchvision", "medmnist", "nilearn"):
         assert name not in text
+
+
+def test_make_installs_the_export_extra_for_the_tests(repo_root):
+    text = (repo_root / "Makefile").read_text()
+    assert '-e ".[dev,export]"' in text

@@ -227,6 +227,59 @@ def _inverse_square_masked(inv_norm: torch.Tensor) -> torch.Tensor:
     return inv_norm.square().masked_fill_(inv_norm >= 1.0 / COSINE_EPS, 0.0)
 
 
+def _route(u: torch.Tensor, bias: torch.Tensor | None, backend_cls: type, iterations: int,
+           cosine: bool) -> tuple:
+    """The forward pass of :class:`_DynamicRouting`, a loop unrolled at ``iterations``.
+
+    Plain tensor operations, so that tracing (``torch.jit.trace``, the ONNX exporter) and
+    ``torch.export`` record it as it runs: :func:`dynamic_routing` calls it directly while a
+    model is being exported (:func:`_exporting`), where the hand-written backward is not needed.
+
+    Returns:
+        ``(out, coupling, couplings, poses, agreements, inv_norm_u)``: the squashed output and
+        the last couplings, and what the backward pass keeps (every iteration's couplings, poses
+        and cosine agreements, and ``1 / max(|u|, eps)`` for the cosine).
+    """
+    be = backend_cls(u)
+    bias_v = None if bias is None else be.bias_view(bias)
+    couplings: list[torch.Tensor] = []
+    poses: list[torch.Tensor] = []
+    agreements: list[torch.Tensor] = []
+    inv_norm_u = _inverse_clamped(be.norm()) if cosine else None
+    logits = None
+    coupling = None
+    pose = None
+    for t in range(iterations):
+        if t == 0:
+            pose = be.sum_votes().div_(be.j)
+        else:
+            coupling = torch.softmax(logits, dim=be.j_dim)
+            couplings.append(coupling)
+            pose = be.weighted_sum(coupling)
+        if bias_v is not None:
+            pose.add_(bias_v)
+        poses.append(pose)
+        if t == iterations - 1:
+            break
+        if cosine:
+            agreement = be.dot(pose).mul_(inv_norm_u)
+            agreement.mul_(be.per_output(_inverse_clamped(_pose_norm(pose))))
+            agreements.append(agreement)
+        else:
+            agreement = be.dot(squash(pose, dim=2))
+        logits = agreement if logits is None else logits + agreement
+    out = squash(pose, dim=2)
+    if coupling is None:
+        coupling = be.full_logits(1.0 / be.j)
+    return out, coupling, couplings, poses, agreements, inv_norm_u
+
+
+def _exporting() -> bool:
+    """Whether a model is being traced or exported (TorchScript tracing, ONNX, ``torch.export``)."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or torch.compiler.is_exporting())
+
+
 class _DynamicRouting(torch.autograd.Function):
     """Procedure 1 of Sabour et al. (2017) with a hand-written backward pass.
 
@@ -244,37 +297,8 @@ class _DynamicRouting(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, bias, backend_cls, iterations, cosine, detach_logits):  # noqa: D102
-        be = backend_cls(u)
-        bias_v = None if bias is None else be.bias_view(bias)
-        couplings: list[torch.Tensor] = []
-        poses: list[torch.Tensor] = []
-        agreements: list[torch.Tensor] = []
-        inv_norm_u = _inverse_clamped(be.norm()) if cosine else None
-        logits = None
-        coupling = None
-        pose = None
-        for t in range(iterations):
-            if t == 0:
-                pose = be.sum_votes().mul_(1.0 / be.j)
-            else:
-                coupling = torch.softmax(logits, dim=be.j_dim)
-                couplings.append(coupling)
-                pose = be.weighted_sum(coupling)
-            if bias_v is not None:
-                pose.add_(bias_v)
-            poses.append(pose)
-            if t == iterations - 1:
-                break
-            if cosine:
-                agreement = be.dot(pose).mul_(inv_norm_u)
-                agreement.mul_(be.per_output(_inverse_clamped(_pose_norm(pose))))
-                agreements.append(agreement)
-            else:
-                agreement = be.dot(squash(pose, dim=2))
-            logits = agreement if logits is None else logits + agreement
-        out = squash(pose, dim=2)
-        if coupling is None:
-            coupling = be.full_logits(1.0 / be.j)
+        out, coupling, couplings, poses, agreements, inv_norm_u = _route(
+            u, bias, backend_cls, iterations, cosine)
         ctx.backend_cls = backend_cls
         ctx.iterations = iterations
         ctx.cosine = cosine
@@ -464,20 +488,27 @@ def dynamic_routing(
     with torch.autocast(device_type=votes.device.type, enabled=False):
         if spatial:
             u = votes.reshape(n, i, j, d, -1)
-            out, coupling = _DynamicRouting.apply(
-                u, bias, _LocalBackend, iterations, cosine, detach_logits
-            )
+            out, coupling = _apply_routing(u, bias, _LocalBackend, iterations, cosine,
+                                           detach_logits)
             out = out.view(n, j, d, *spatial)
             coupling = coupling.view(n, i, j, *spatial)
         else:
             u = votes.transpose(1, 2).contiguous()  # (B, J, I, D) for bmm over the (B*J) batch
-            out, coupling = _DynamicRouting.apply(
-                u, bias, _BatchedBackend, iterations, cosine, detach_logits
-            )
+            out, coupling = _apply_routing(u, bias, _BatchedBackend, iterations, cosine,
+                                           detach_logits)
             coupling = coupling.transpose(1, 2)
     if detach_logits:
         coupling = coupling.detach()
     return _finish(out, coupling if return_coupling else None, in_dtype)
+
+
+def _apply_routing(u: torch.Tensor, bias: torch.Tensor | None, backend_cls: type,
+                   iterations: int, cosine: bool,
+                   detach_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`_DynamicRouting`, or its forward alone while a model is exported (same values)."""
+    if _exporting():
+        return _route(u, bias, backend_cls, iterations, cosine)[:2]
+    return _DynamicRouting.apply(u, bias, backend_cls, iterations, cosine, detach_logits)
 
 
 def _finish(

@@ -405,3 +405,24 @@ def test_coupling_statistics_exact_values():
     assert stats["max_coupling"] == 0.5
     assert stats["entropy"] == pytest.approx((0.5 * math.log(2) + 0.5 * math.log(4)) / math.log(3))
     assert coupling_statistics(torch.ones(1, 3, 1), dim=2)["entropy"] == 0.0
+
+
+@pytest.mark.parametrize("agreement", ["dot", "cosine"])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (2, 5, 3, 4, 3, 2)])
+def test_traced_routing_is_the_unrolled_forward_with_the_same_values(agreement, shape):
+    """While exporting, routing runs as plain operations (no Python autograd.Function in the
+    graph, which TorchScript cannot save), unrolled at its iteration count, with equal values."""
+    votes = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    bias = torch.randn(shape[2], shape[3], dtype=torch.float64)
+
+    def route(v):
+        return dynamic_routing(v, 3, agreement=agreement, bias=bias)
+
+    traced = torch.jit.trace(route, (votes,), check_trace=False)
+    assert "PythonOp" not in str(traced.graph)
+    assert str(traced.graph).count("aten::softmax") == 2  # iterations 2 and 3 (the first is uniform)
+    torch.testing.assert_close(traced(votes), route(votes), rtol=0, atol=1e-12)
+    plain = torch.jit.trace(lambda v: dynamic_routing(v, 3, agreement=agreement), (votes,),
+                            check_trace=False)
+    zero = plain(torch.zeros_like(votes))  # zero-length capsules: squash and cosine stay finite
+    assert torch.isfinite(zero).all() and zero.abs().max() == 0

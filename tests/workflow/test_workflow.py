@@ -105,6 +105,22 @@ class _Parser(HTMLParser):
         self.tags += 1
 
 
+def test_export_config_adds_export_jobs_to_the_default_target(repo_root, tmp_path):
+    """export: [onnx, bundle] plans one export job per trained model and format (none by default,
+    see the default demo's plan above); several folds export the reported fold."""
+    for config, rule, n, path in (
+            ([], "export", "8", "results/demo_seg3d/export/capsunet/bundle.json"),
+            (["--configfile", str(repo_root / "tests/workflow/cv_config.yaml")], "export_fold", "2",
+             "results/cv_cls2d/export/seed_cnn/fold1/onnx.json")):
+        res = _run(["-n", "--snakefile", str(repo_root / "Snakefile"), "--directory",
+                    str(repo_root), *config, "--config", f"results={tmp_path}/results",
+                    "export=[onnx,bundle]", "--cores", "1"], cwd=repo_root, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        out = res.stdout + res.stderr
+        assert _job_counts(out)[rule] == n
+        assert path in out
+
+
 @pytest.mark.slow
 def test_tiny_demo_end_to_end(repo_root, tmp_path):
     """The whole workflow on the reduced demo config, in a temporary folder."""

@@ -227,7 +227,15 @@ def all_targets() -> list:
     return out
 
 
+def export_targets() -> list:
+    """The {format}.json of every export the config asks for (config key export; [] by default)."""
+    return [str(LAYOUT.export_record(ds, model, fmt, path_fold(config, ds)))
+            for fmt in config.get("export", [])
+            for ds in DATASETS for model in config["datasets"][ds]["models"]]
+
+
 wildcard_constraints:
+    format="onnx|torchscript|bundle",
     dataset="|".join(DATASETS),
     model="[A-Za-z][A-Za-z0-9_]*",
     stage="|".join(STAGES),
