@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="shift_cost_"))
-    sets = [f"data_root={DATA}", f"results={out}", "threads=%d" % args.threads,
+    sets = [f"data_root={DATA}", f"results={out}", f"threads={args.threads}",
             "datasets.hippocampus.train.epochs=1", "datasets.hippocampus.train.val_every=1"]
     flags = [x for s in sets for x in ("--set", s)]
     for stage in ("prepare", "preprocess", "split"):
