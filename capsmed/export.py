@@ -637,9 +637,13 @@ def _run_bundle(bundle_run, predictor: Any, item: Mapping[str, Any], bundle: Pat
         link = work_dir / "in" / image.name
         shutil.copyfile(image, link)
         t0 = time.perf_counter()
-        bundle_run(config_file=str(bundle / "configs" / "inference.json"),
-                   bundle_root=str(bundle), dataset_dir=str(work_dir / "in"),
-                   output_dir=str(work_dir / "out"))
+        grad = torch.is_grad_enabled()
+        try:  # the bundle's initialize switches gradients off for the whole process: restore
+            bundle_run(config_file=str(bundle / "configs" / "inference.json"),
+                       bundle_root=str(bundle), dataset_dir=str(work_dir / "in"),
+                       output_dir=str(work_dir / "out"))
+        finally:
+            torch.set_grad_enabled(grad)
         seconds = time.perf_counter() - t0
         expected = predictor.predict({"image": str(image)}, evidence=False)
         if predictor.task == "segmentation":
