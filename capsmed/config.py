@@ -365,7 +365,10 @@ def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
         "model": model,
         **({"class": model_class(cfg, model)} if model_class(cfg, model) != model else {}),
         "args": model_args(cfg, model),
-        "train": train_config(cfg, dataset, model),
+        # train.processes 1 (the default) leaves the hash of a model trained before the key was
+        # added as it was; more processes are another run (another batch per process)
+        "train": {k: v for k, v in train_config(cfg, dataset, model).items()
+                  if not (k == "processes" and v == 1)},
     }
     return config_hash(relevant)
 
