@@ -293,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"capsmed {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument("--log", help="also append log lines to this file")
+    # --log-file: the spelling torchrun's own parser lets through (--log is ambiguous to it)
+    parser.add_argument("--log", "--log-file", dest="log",
+                        help="also append log lines to this file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, dataset: bool = True) -> None:

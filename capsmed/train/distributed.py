@@ -217,7 +217,7 @@ def unused_parameters(step: TrainStep, image_shape: tuple[int, ...], task: str,
         Parameter names (of ``step.model``) that get no gradient.
     """
     named = [(n, p) for n, p in step.model.named_parameters() if p.requires_grad]
-    image = torch.zeros(image_shape, device=device)
+    image = torch.zeros(image_shape, device=device, dtype=named[0][1].dtype if named else None)
     if task == "segmentation":
         target = torch.zeros((image_shape[0], 1, *image_shape[2:]), dtype=torch.long,
                              device=device)

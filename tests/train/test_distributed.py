@@ -52,7 +52,7 @@ def _union_batch():
 
 
 def _sgd_step(step, image, target) -> None:
-    opt = torch.optim.SGD(step.parameters(), lr=0.5)
+    opt = torch.optim.SGD(step.parameters(), lr=100.0)  # a big step: differences show
     opt.zero_grad()
     step(image, target).backward()
     opt.step()
@@ -171,7 +171,7 @@ def _history(model_dir: Path) -> list[dict]:
 
 def _torchrun(config: Path, log: Path) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-            str(WORLD), "-m", "capsmed", "--log", str(log), "train", "-c", str(config), "-d",
+            str(WORLD), "-m", "capsmed", "--log-file", str(log), "train", "-c", str(config), "-d",
             "ds", "-m", "seed_cnn", "--threads", "1"]
 
 
