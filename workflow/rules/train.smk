@@ -1,6 +1,34 @@
 # Train one model on one dataset (one fold of it, where folds are used). Checkpoints (last.pt,
 # best.pt) are not declared outputs, so that Snakemake never deletes them: a killed run resumes from
 # last.pt when the rule runs again.
+#
+# train.processes N > 1 (global, per dataset or per model): the job runs
+#   python -m torch.distributed.run --standalone --nproc_per_node N -m capsmed train ...
+# as ONE job (one SLURM task) with threads = N x threads, cpus_per_task = the same, and gpu = N x
+# gpus. torchrun starts the N processes inside it; never N tasks that each start torchrun
+# (snakemake-executor-plugin-slurm #316, #459). Several nodes: see workflow/profiles/slurm/README.md.
+from capsmed.config import train_config
+
+
+def train_processes(wildcards) -> int:
+    """train.processes of this model on this dataset (global < dataset < model)."""
+    return int(train_config(config, wildcards.dataset, wildcards.model).get("processes", 1))
+
+
+def train_threads(wildcards) -> int:
+    """Threads of the whole training job: threads per process times processes."""
+    return config["threads"] * train_processes(wildcards)
+
+
+def train_launcher(wildcards) -> str:
+    """capsmed, or torchrun starting train.processes capsmed processes on this node."""
+    n = train_processes(wildcards)
+    if n == 1:
+        return CAPSMED
+    torchrun = f"--standalone --nproc_per_node {n}"
+    if "CAPSMED_COMMAND" in os.environ:  # a capsmed on PATH (e.g. --sdm conda): torchrun there
+        return f"torchrun {torchrun} --no-python {CAPSMED}"
+    return f"{sys.executable} -m torch.distributed.run {torchrun} -m capsmed"
 
 
 rule train:
@@ -12,23 +40,24 @@ rule train:
     log:
         f"{RESULTS}/{{dataset}}/logs/train_{{model}}.log",
     params:
-        capsmed=CAPSMED,
+        capsmed=train_launcher,
         config=CONFIG_FILE,
         digest=train_digest,
         fold=fold_arg,
+        threads=lambda wildcards, threads: max(1, threads // train_processes(wildcards)),
     conda:
         "../../environment.yml"
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{model}}.tsv"
-    threads: config["threads"]
+    threads: train_threads
     resources:
         mem_mb=config["resources"]["train_mem_mb"],
         runtime=config["resources"]["train_runtime"],
-        cpus_per_task=config["threads"],
-        gpu=config["gpus"],
+        cpus_per_task=train_threads,
+        gpu=lambda wildcards: config["gpus"] * train_processes(wildcards),
     shell:
-        "{params.capsmed} --log {log} train -c {params.config} -d {wildcards.dataset} "
-        "-m {wildcards.model} --threads {threads}{params.fold}"
+        "{params.capsmed} --log-file {log} train -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model} --threads {params.threads}{params.fold}"
 
 
 # Cross-validation: the same, per fold (datasets with split.folds > 1).
