@@ -8,6 +8,14 @@ validation Dice of each run after the same epochs:
 
     nice -n 19 python benchmarks/bench_ddp.py --epochs 3 --out bench_ddp.json
 
+``--quality SEED [SEED ...]`` instead trains the demo's segmentation model (``capsunet`` on
+``demo_seg3d`` of ``config/config.yaml``, its recipe unchanged) per seed with one process of 2
+threads and with 2 processes of 1 thread, evaluates both on the test stage and prints their
+validation and test Dice, so that the 2-process runs can be set against the spread of the
+1-process runs over seeds (the seed also draws the synthetic data):
+
+    nice -n 19 python benchmarks/bench_ddp.py --quality 0 1 2 --out ddp_quality.json
+
 The global batch is the same in every row (``batch_size`` 4: 2 per process with 2 processes), so
 the rows train the same recipe; only the work's split differs. The data are prepared once, in
 ``--work`` (default a temporary folder). Where the machine has 2 cores, the 2-process row competes
@@ -64,15 +72,65 @@ def capsmed(*args: str, processes: int = 1) -> list[str]:
     return [*launch, *args]
 
 
+def quality(work: Path, seeds: list[int], model: str = "capsunet",
+            dataset: str = "demo_seg3d") -> list[dict]:
+    """Validation and test Dice of the demo model, 1 process x 2 threads and 2 x 1, per seed."""
+    rows = []
+    for seed in seeds:
+        cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+        cfg["seed"], cfg["results"] = seed, str(work / f"seed{seed}")
+        cfg["datasets"] = {dataset: cfg["datasets"][dataset]}
+        cfg["datasets"][dataset]["models"] = [f"{model}_p1", f"{model}_p2"]
+        for n in (1, 2):
+            cfg["models"][f"{model}_p{n}"] = {**cfg["models"].get(model, {}), "model": model,
+                                             "train": {"processes": n}}
+        config = work / f"seed{seed}.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for stage in ("prepare", "preprocess", "split"):
+            subprocess.run(capsmed("-q", stage, "-c", str(config), "-d", dataset), check=True,
+                           env=env)
+        for n, threads in ((1, 2), (2, 1)):
+            entry = f"{model}_p{n}"
+            t0 = time.perf_counter()
+            subprocess.run(capsmed("-q", "train", "-c", str(config), "-d", dataset, "-m", entry,
+                                   "--threads", str(threads), processes=n), check=True,
+                           env={**env, "OMP_NUM_THREADS": str(threads)})
+            wall = time.perf_counter() - t0
+            subprocess.run(capsmed("-q", "evaluate", "-c", str(config), "-d", dataset, "-m", entry,
+                                   "-s", "test", "--threads", "2"), check=True, env=env)
+            results = Path(cfg["results"]) / dataset
+            record = json.loads((results / "models" / entry / "train.json").read_text())
+            metrics = json.loads((results / "eval" / entry / "test" / "metrics.json").read_text())
+            test = metrics.get("metrics", metrics).get("dice")
+            rows.append({"seed": seed, "processes": n, "threads_per_process": threads,
+                         "val_dice": record["best_metric"], "best_epoch": record["best_epoch"],
+                         "test_dice": test, "train_seconds": record["train_seconds"],
+                         "wall_s": round(wall, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    print("| seed | processes x threads | val Dice | test Dice | train s |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['seed']} | {r['processes']} x {r['threads_per_process']} | "
+              f"{r['val_dice']:.4f} | {r['test_dice']:.4f} | {r['train_seconds']:.0f} |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="unet")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quality", type=int, nargs="+", default=None, metavar="SEED")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="capsmed-bench-ddp-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.quality:
+        rows = quality(work, args.quality)
+        if args.out:
+            args.out.write_text(json.dumps({"quality": rows, "cpus": os.cpu_count()}, indent=1))
+        return
     config = make_config(work, args.model, args.epochs)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for stage in ("prepare", "preprocess", "split"):

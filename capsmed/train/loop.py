@@ -876,7 +876,8 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
             target = batch["label"].to(device).long()
         else:
             target = torch.as_tensor(batch["class"]).long().to(device)
-        set_learning_rate(run.opt, tcfg, step_progress(run, state, total_steps, t0))
+        progress = step_progress(run, state, total_steps, t0)  # rank 0's clock, every rank
+        set_learning_rate(run.opt, tcfg, progress)
         run.opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             # through the (DDP-wrapped) trainer, never model.forward_train: gradients sync there

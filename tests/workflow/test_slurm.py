@@ -387,13 +387,20 @@ def test_a_two_process_training_job_is_one_task_running_torchrun(slurm_cluster: 
     the SLURM plugin's pitfall #316 / #459); rank 0 alone writes the record and the log."""
     workdir = tmp_path / "slurm"
     workdir.mkdir()
-    target = workdir / "results" / "ddp_cls2d" / "models" / "seed_cnn" / "train.json"
-    args = ["--snakefile", str(SNAKEFILE), "--configfile", str(DDP_CONFIG),
-            "--config", f"results={workdir / 'results'}", "--profile", str(PROFILE),
-            "--slurm-init-seconds-before-status-checks", str(INIT_DELAY), str(target)]
+    results = workdir / "results"
+    target = results / "ddp_cls2d" / "models" / "seed_cnn" / "train.json"
+    common = ["--snakefile", str(SNAKEFILE), "--configfile", str(DDP_CONFIG),
+              "--config", f"results={results}"]
+    # the data locally (a SLURM job costs ~30 s of start-up here); the training through SLURM
+    _run_snakemake([*common, "--cores", "2", str(results / "ddp_cls2d" / "splits.json"),
+                    str(results / "ddp_cls2d" / "preprocessed" / "plan.json")],
+                   workdir=workdir, env=_client_env(), log_name="snakemake-ddp-data")
+    args = [*common, "--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks",
+            str(INIT_DELAY), str(target)]
     output = _run_snakemake(args, workdir=workdir, env=slurm_cluster.env,
                             log_name="snakemake-ddp", cluster=slurm_cluster)
     _check_jobs_went_through_slurm(slurm_cluster, output)
+    assert re.findall(r"^rule (\w+):", output, re.MULTILINE) == ["train"], output
     train_job = re.search(r"^rule train:.*?^Job \d+ has been submitted with SLURM jobid (\d+)",
                           output, re.MULTILINE | re.DOTALL)
     assert train_job, "no train job was submitted"
