@@ -7,28 +7,7 @@
 # as ONE job (one SLURM task) with threads = N x threads, cpus_per_task = the same, and gpu = N x
 # gpus. torchrun starts the N processes inside it; never N tasks that each start torchrun
 # (snakemake-executor-plugin-slurm #316, #459). Several nodes: see workflow/profiles/slurm/README.md.
-from capsmed.config import train_config
-
-
-def train_processes(wildcards) -> int:
-    """train.processes of this model on this dataset (global < dataset < model)."""
-    return int(train_config(config, wildcards.dataset, wildcards.model).get("processes", 1))
-
-
-def train_threads(wildcards) -> int:
-    """Threads of the whole training job: threads per process times processes."""
-    return config["threads"] * train_processes(wildcards)
-
-
-def train_launcher(wildcards) -> str:
-    """capsmed, or torchrun starting train.processes capsmed processes on this node."""
-    n = train_processes(wildcards)
-    if n == 1:
-        return CAPSMED
-    torchrun = f"--standalone --nproc_per_node {n}"
-    if "CAPSMED_COMMAND" in os.environ:  # a capsmed on PATH (e.g. --sdm conda): torchrun there
-        return f"torchrun {torchrun} --no-python {CAPSMED}"
-    return f"{sys.executable} -m torch.distributed.run {torchrun} -m capsmed"
+# train_processes, train_threads and train_launcher live in common.smk.
 
 
 rule train:
