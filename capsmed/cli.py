@@ -44,11 +44,15 @@ logger = logging.getLogger("capsmed")
 def _setup_logging(verbose: int, log_file: str | None) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    rank = os.environ.get("RANK", "0")
+    if rank != "0":  # under torchrun rank 0 logs; the others say only what goes wrong
+        level, log_file = max(level, logging.WARNING), None
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
     logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s "
+                        + ("" if rank == "0" else f"[rank {rank}] ") + "%(name)s: %(message)s")
     for noisy in ("matplotlib", "PIL", "numba", "monai.data.nvimgcodec_pydicom_plugin"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -155,8 +159,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from capsmed.train.loop import train_model, trained_model_dir
 
     cfg = _config(args)
-    train_model(cfg, args.dataset, args.model, threads=args.threads, max_epochs=args.max_epochs,
-                fold=args.fold, fraction=args.fraction)
+    record = train_model(cfg, args.dataset, args.model, threads=args.threads,
+                         max_epochs=args.max_epochs, fold=args.fold, fraction=args.fraction)
+    if "rank" in record:  # a torchrun process other than rank 0 writes nothing
+        return 0
     # the inference settings beside best.pt, so capsmed predict finds them from the model alone
     record_settings(trained_model_dir(cfg, args.dataset, args.model, args.fold, args.fraction),
                     config_settings(cfg, args.dataset))
@@ -339,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"capsmed {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument("--log", help="also append log lines to this file")
+    # --log-file: the spelling torchrun's own parser lets through (--log is ambiguous to it)
+    parser.add_argument("--log", "--log-file", dest="log",
+                        help="also append log lines to this file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser, dataset: bool = True) -> None:

@@ -373,9 +373,10 @@ SUBSET_KEYS = ("fractions", "minority_fraction", "minority_class")
 def hashed_train_config(tcfg: dict[str, Any]) -> dict[str, Any]:
     """The training settings that determine a trained model (its hash and resume identity).
 
-    Leaves out :data:`SUBSET_KEYS`, ``spatial_augment`` while it has its default ``true`` and
-    ``rotate_augment`` / ``scale_augment`` while 0, so that a model's hash is the one it had before
-    these keys existed (no model retrains for them); other values change it.
+    Leaves out :data:`SUBSET_KEYS`, ``spatial_augment`` while it has its default ``true``,
+    ``rotate_augment`` / ``scale_augment`` while 0 and ``processes`` while 1, so that a model's
+    hash is the one it had before these keys existed (no model retrains for them); other values
+    change it.
     """
     out = {k: v for k, v in tcfg.items() if k not in SUBSET_KEYS}
     if out.get("spatial_augment", True) is True:
@@ -383,6 +384,8 @@ def hashed_train_config(tcfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("rotate_augment", "scale_augment"):  # off (0): as before the keys existed
         if not out.get(key):
             out.pop(key, None)
+    if out.get("processes", 1) == 1:  # one process: as before train.processes existed
+        out.pop("processes", None)
     return out
 
 

@@ -22,6 +22,12 @@ and a share of the minority class) into ``models/{model}[/fold{k}]/fraction-{lab
 the same validation cases, with the same recipe and the same budget rule as the ordinary model
 (:data:`BUDGET_RULE`): its ``epochs`` and ``max_minutes``, whichever ends first. ``train.json``
 records the subset, the number of training cases and which bound ended the run (``budget``).
+
+Under ``torchrun`` the same function trains on every process with DistributedDataParallel
+(:mod:`capsmed.train.distributed`): rank 0 keeps the clock and writes every file, validation is
+sharded, and ``train.batch_size`` is the global batch. The world size is part of the resume
+identity (a run of 2 processes resumes only with 2), and the same world size and seed give the
+same metrics.
 """
 
 from __future__ import annotations
@@ -67,6 +73,13 @@ from capsmed.infer.runtime import (
 )
 from capsmed.infer.settings import config_settings, record_settings
 from capsmed.paths import Layout, read_json
+from capsmed.train.distributed import (
+    Distributed,
+    TrainStep,
+    close_distributed,
+    init_distributed,
+    unused_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,12 +110,13 @@ RESUME_PARTS = {
     "cases": "the training / validation cases",
     "data": "the cases' files (size or modification time)",
     "validation": "the validation's sliding-window overlap",
+    "world_size": "the number of training processes (torchrun's world size)",
 }
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of one epoch's data order and augmentation."""
-    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seed of one epoch's data order and augmentation (on process ``rank`` under torchrun)."""
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31 - 1)
 
 
 def model_input_items(cases: list[dict], task: str) -> list[dict]:
@@ -237,19 +251,22 @@ def make_optimizer(params, tcfg: dict) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=0.9, nesterov=True)
 
 
-def set_learning_rate(opt: torch.optim.Optimizer, tcfg: dict, step: int, total_steps: int,
-                      seconds: float) -> float:
+def set_learning_rate(opt: torch.optim.Optimizer, tcfg: dict, progress: float) -> float:
     """Set the learning rate for the next step from the elapsed fraction of training.
 
     See :mod:`capsmed.train.recipe`: the schedule ends with ``epochs`` or with ``max_minutes``,
     whichever comes first.
 
+    Args:
+        opt: The optimiser.
+        tcfg: The training settings.
+        progress: The elapsed fraction (:func:`step_progress`, rank 0's under torchrun).
+
     Returns:
         The learning rate set.
     """
-    from capsmed.train.recipe import lr_factor, training_progress
+    from capsmed.train.recipe import lr_factor
 
-    progress = training_progress(step, total_steps, seconds, tcfg.get("max_minutes"))
     lr = tcfg["learning_rate"] * lr_factor(tcfg["scheduler"], progress)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -321,21 +338,49 @@ def _classification_metric(y_true: np.ndarray, probs: np.ndarray) -> float:
     return float((probs.argmax(1) == y_true).mean())
 
 
+def _in_case_order(shards: list[list[Any]]) -> list[Any]:
+    """Undo :meth:`Distributed.shard`: rank ``r``'s ``k``-th item was case ``r + k N``."""
+    out = []
+    for k in range(max((len(s) for s in shards), default=0)):
+        out.extend(s[k] for s in shards if k < len(s))
+    return out
+
+
 def validate_epoch(model, loss_fn, val_loader, plan: dict, patch: list[int], device: torch.device,
-                   sw_batch_size: int, overlap: float) -> tuple[float, float]:
+                   sw_batch_size: int, overlap: float, dist: Distributed | None = None
+                   ) -> tuple[float, float]:
     """Validation loss (classification only, else NaN) and metric (mean Dice / AUC).
 
     Segmentation runs MONAI ``sliding_window_inference`` over whole preprocessed images and scores
-    the mean foreground Dice with ``DiceMetric``.
+    the mean foreground Dice with ``DiceMetric`` (its mean over cases and classes).
+
+    Args:
+        model: The evaluated weights.
+        loss_fn: The training loss (classification's validation loss).
+        val_loader: This process's validation cases (its shard under torchrun).
+        plan: The preprocessing plan.
+        patch: The sliding window's size.
+        device: Where the model runs.
+        sw_batch_size: Windows per forward.
+        overlap: The sliding window's overlap.
+        dist: The training processes; each scores its shard and the scores of every case are
+            gathered on every rank, in case order, so the result is that of one process.
+
+    Returns:
+        ``(loss, metric)``, the same on every rank.
     """
     from monai.inferers import sliding_window_inference
     from monai.metrics import DiceMetric
+    from monai.metrics.utils import do_metric_reduction
     from monai.networks.utils import one_hot
+
+    dist = dist or Distributed()
 
     model.eval()
     with torch.no_grad():
         if plan["task"] == "segmentation":
             dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+            rows = []  # per case: Dice of each foreground class (1, C - 1)
             for batch in val_loader:
                 image = batch["image"].to(device)
                 label = batch["label"].to(device)
@@ -345,8 +390,9 @@ def validate_epoch(model, loss_fn, val_loader, plan: dict, patch: list[int], dev
                 )
                 n = scores.shape[1]
                 pred = one_hot(scores.argmax(1, keepdim=True), n)
-                dice(pred, one_hot(label.long(), n))
-            value = float(dice.aggregate().item())
+                rows.append(dice(pred, one_hot(label.long(), n)).cpu())
+            rows = _in_case_order(dist.gather(rows))
+            value = float(do_metric_reduction(torch.cat(rows), "mean")[0].item())
             return math.nan, value
         losses, ys, ps = [], [], []
         for batch in val_loader:
@@ -356,7 +402,10 @@ def validate_epoch(model, loss_fn, val_loader, plan: dict, patch: list[int], dev
             losses.append(float(loss_fn(outputs, target, image)) * len(target))
             ps.append(model.probabilities(outputs["scores"]).float().cpu().numpy())
             ys.append(target.cpu().numpy())
-        y, p = np.concatenate(ys), np.concatenate(ps)
+        shards = dist.gather((losses, ys, ps))
+        losses = [v for shard in shards for v in shard[0]]
+        y = np.concatenate([v for shard in shards for v in shard[1]])
+        p = np.concatenate([v for shard in shards for v in shard[2]])
         return sum(losses) / len(y), _classification_metric(y, p)
 
 
@@ -398,6 +447,9 @@ class TrainingRun:
             learning-curve model).
         subset: A learning-curve model's subset (label, kind, share, minority class, training
             cases and the fold's), None for the ordinary model.
+        dist: The training processes (one without torchrun).
+        trainer: The training forward and loss (:class:`TrainStep`), wrapped in
+            ``DistributedDataParallel`` under torchrun; made by :func:`make_trainer`.
     """
 
     dataset: str
@@ -421,6 +473,8 @@ class TrainingRun:
     cache_dir: Path
     base: dict
     subset: dict | None = None
+    dist: Distributed = field(default_factory=Distributed)
+    trainer: Any = None
 
     @property
     def task(self) -> str:
@@ -447,6 +501,11 @@ class TrainingRun:
         """``dataset/model`` (``dataset/model/fraction-{label}``) for messages."""
         name = f"{self.dataset}/{self.model_name}"
         return name if self.subset is None else f"{name}/fraction-{self.subset['label']}"
+
+    @property
+    def rank_batch_size(self) -> int:
+        """Cases per batch on this process: ``batch_size`` split over the processes."""
+        return self.tcfg["batch_size"] // self.dist.world_size
 
 
 @dataclass
@@ -623,7 +682,7 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
     tcfg = train_config(cfg, dataset, model_name)
     seed = int(cfg["seed"])
     n_threads = configure_threads(threads or cfg["threads"])
-    device = select_device(cfg["device"])
+    dist, device = init_distributed(select_device(cfg["device"]))
     cases_doc = read_json(layout.cases(dataset), "case list")
     splits = read_json(layout.splits(dataset), "splits")
     plan = read_json(layout.plan(dataset), "preprocessing plan")
@@ -639,6 +698,20 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
     train_cases = stage_cases(cases_doc, splits, "train", fold)
     if not train_cases:
         raise CapsmedError(f"dataset {dataset}: no training cases in fold {fold}")
+    label = f"{dataset}/{model_name}"
+    if tcfg["batch_size"] % dist.world_size:
+        raise CapsmedError(
+            f"{label}: train.batch_size {tcfg['batch_size']} is the global batch and must be "
+            f"divisible by the {dist.world_size} training processes")
+    if tcfg.get("processes", 1) != dist.world_size:
+        logger.warning("%s: train.processes is %d but %d process(es) train (torchrun's world "
+                       "size decides; the workflow's train rule starts train.processes)", label,
+                       tcfg.get("processes", 1), dist.world_size)
+    cache = dataset_config(cfg, dataset)["preprocess"]["cache"]
+    if dist.active and cache == "memory":
+        logger.info("%s: preprocess.cache memory would hold a copy per process; the %d processes "
+                    "share the disk cache instead", label, dist.world_size)
+        cache = "disk"
     subset = None
     if fraction is not None:
         train_cases, subset = subset_items(cfg, dataset, model_name, fraction, train_cases, task,
@@ -668,18 +741,18 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
     if subset is not None:
         base["subset"] = subset
     icfg = inference_config(cfg, dataset)
-    base["resume_identity"] = resume_identity(base, tcfg, icfg, train_items, val_items)
+    base["resume_identity"] = resume_identity(base, tcfg, icfg, train_items, val_items,
+                                              world_size=dist.world_size)
     return TrainingRun(
         dataset=dataset, model_name=model_name, tcfg=tcfg, icfg=icfg,
         plan=plan, patch=patch, seed=seed, fold=fold, device=device, n_threads=n_threads,
         model=model, loss_fn=loss_fn, opt=opt, ema=ema, train_items=train_items,
-        val_items=val_items, model_dir=model_dir,
-        cache=dataset_config(cfg, dataset)["preprocess"]["cache"],
-        cache_dir=layout.cache(dataset), base=base, subset=subset)
+        val_items=val_items, model_dir=model_dir, cache=cache,
+        cache_dir=layout.cache(dataset), base=base, subset=subset, dist=dist)
 
 
 def resume_identity(base: dict, tcfg: dict, icfg: dict, train_items: list[dict],
-                    val_items: list[dict]) -> dict[str, str]:
+                    val_items: list[dict], world_size: int = 1) -> dict[str, str]:
     """What a resumed run must share with the run that wrote ``last.pt``, part by part.
 
     Each part is a :func:`capsmed.config.config_hash` (see :data:`RESUME_PARTS`): ``model``
@@ -690,21 +763,27 @@ def resume_identity(base: dict, tcfg: dict, icfg: dict, train_items: list[dict],
     paths, classes; a learning-curve subset differs here), ``data`` (:func:`data_digest` of their
     files) and ``validation`` (the sliding-window ``overlap`` the validation metric uses). Left
     out, because they change memory or speed only: threads, device, ``preprocess.cache``,
-    ``inference.sw_batch_size``, and the
-    inference settings validation does not use.
+    ``inference.sw_batch_size``, and the inference settings validation does not use.
+    ``world_size`` (the number of processes that actually train; ``train.processes`` is only
+    what the workflow starts) is a part of its own when above 1, so that a checkpoint of one
+    process, written before the part existed, still resumes.
 
     Returns:
-        ``{part: hash}`` for every key of :data:`RESUME_PARTS`.
+        ``{part: hash}`` for every key of :data:`RESUME_PARTS` (``world_size`` only above 1).
     """
     model = {"model": base["model"], "names": base["names"], "seed": base["seed"]}
-    return {
+    identity = {
         "model": config_hash(model),
-        "train": config_hash(hashed_train_config(tcfg)),
+        "train": config_hash({k: v for k, v in hashed_train_config(tcfg).items()
+                              if k != "processes"}),
         "plan": config_hash(base["plan"]),
         "cases": config_hash({"train": train_items, "val": val_items}),
         "data": data_digest(train_items + val_items),
         "validation": config_hash({"overlap": icfg["overlap"]}),
     }
+    if world_size > 1:
+        identity["world_size"] = config_hash({"world_size": int(world_size)})
+    return identity
 
 
 def resume(run: TrainingRun) -> TrainingState:
@@ -726,7 +805,7 @@ def resume(run: TrainingRun) -> TrainingState:
                        "from scratch", run.last_path, run.label)
         return TrainingState()
     changed = [text for part, text in RESUME_PARTS.items()
-               if saved.get(part) != run.base["resume_identity"][part]]
+               if saved.get(part) != run.base["resume_identity"].get(part)]
     if changed:
         logger.warning("%s: %s changed since it was written; training %s from scratch",
                        run.last_path, "; ".join(changed), run.label)
@@ -745,13 +824,14 @@ def training_data(run: TrainingRun) -> tuple[Any, Any]:
 
     Returns:
         ``(train_ds, val_loader)``; the training loader is made per epoch (:func:`train_epoch`).
+        Under torchrun the validation loader holds this process's shard of the cases.
     """
     from monai.data import DataLoader
 
     sample_plan = {**run.plan, "patch_size": run.patch,
                    "samples_per_case": run.tcfg["samples_per_case"]}
-    train_ds, val_ds = build_datasets(sample_plan, run.train_items, run.val_items, run.cache,
-                                      run.cache_dir, run.tcfg["augment"],
+    train_ds, val_ds = build_datasets(sample_plan, run.train_items, run.dist.shard(run.val_items),
+                                      run.cache, run.cache_dir, run.tcfg["augment"],
                                       run.tcfg.get("spatial_augment", True),
                                       run.tcfg.get("rotate_augment", 0.0),
                                       run.tcfg.get("scale_augment", 0.0))
@@ -774,12 +854,86 @@ def last_epoch(run: TrainingRun, state: TrainingState, max_epochs: int | None) -
     return tcfg["epochs"] if max_epochs is None else min(tcfg["epochs"], max_epochs)
 
 
+def make_trainer(run: TrainingRun) -> torch.nn.Module:
+    """The training forward and loss of the run: :class:`TrainStep`, in DDP under torchrun.
+
+    Under torchrun, parameters the loss leaves unused (:func:`unused_parameters`) switch on DDP's
+    ``find_unused_parameters``; without them DDP skips that search.
+    """
+    step = TrainStep(run.model, run.loss_fn)
+    if not run.dist.active:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    shape = (run.rank_batch_size, int(run.base["model"]["in_channels"]), *run.patch)
+    unused = unused_parameters(step, shape, run.task, run.device)
+    if unused:
+        logger.info("%s: %d parameter tensors get no gradient from this loss (%s%s); DDP looks "
+                    "for unused parameters every step", run.label, len(unused),
+                    ", ".join(unused[:3]), ", ..." if len(unused) > 3 else "")
+    ids = [run.device.index] if run.device.type == "cuda" else None
+    return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=bool(unused))
+
+
+def step_progress(run: TrainingRun, state: TrainingState, total_steps: int,
+                  t0: float | None) -> float:
+    """The elapsed fraction of training before the next step, rank 0's on every rank.
+
+    Only rank 0 reads the clock (``time.perf_counter()``, once per step); other ranks receive
+    the fraction, so every process follows the same learning rate whatever its own timing.
+
+    Args:
+        run: The run.
+        state: The state (steps taken, training seconds of earlier epochs).
+        total_steps: Steps of the whole schedule.
+        t0: The clock at the epoch's start (rank 0; None elsewhere).
+
+    Returns:
+        :func:`capsmed.train.recipe.training_progress` in [0, 1].
+    """
+    from capsmed.train.recipe import training_progress
+
+    return run.dist.float_from_main(lambda: training_progress(
+        state.step, total_steps, state.train_seconds + time.perf_counter() - t0,
+        run.tcfg.get("max_minutes")))
+
+
+def train_loader(run: TrainingRun, train_ds: Any, epoch: int) -> Any:
+    """The epoch's training loader: shuffled by the epoch's seed; a shard per process.
+
+    One process shuffles with a generator seeded by :func:`epoch_seed`. Under torchrun a
+    ``DistributedSampler`` (seeded by ``seed``, ``set_epoch(epoch)``) deals each process an equal
+    shard of every epoch's permutation (padded by repeating cases when the cases do not divide),
+    in batches of :attr:`TrainingRun.rank_batch_size`.
+    """
+    from monai.data import DataLoader
+
+    if run.dist.active:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, num_replicas=run.dist.world_size,
+                                     rank=run.dist.rank, shuffle=True, seed=run.seed)
+        sampler.set_epoch(epoch)
+        return DataLoader(train_ds, batch_size=run.rank_batch_size, sampler=sampler,
+                          num_workers=0)
+    gen = torch.Generator().manual_seed(epoch_seed(run.seed, epoch))
+    return DataLoader(train_ds, batch_size=run.tcfg["batch_size"], shuffle=True, num_workers=0,
+                      generator=gen)
+
+
+def steps_per_epoch(run: TrainingRun, train_ds: Any) -> int:
+    """Optimiser steps of one epoch (of each process's shard under torchrun)."""
+    shard = math.ceil(len(train_ds) / run.dist.world_size)
+    return math.ceil(shard / run.rank_batch_size)
+
+
 def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: int, total_steps: int,
-                t0: float) -> float:
+                t0: float | None) -> float:
     """One pass over the training data; updates weights, EMA and ``state.step``.
 
-    The epoch re-seeds every random source from ``seed`` and ``epoch`` (:func:`epoch_seed`), so
-    its data order and augmentation do not depend on earlier epochs having run in this process.
+    The epoch re-seeds every random source from ``seed`` and ``epoch`` (:func:`epoch_seed`, and
+    the rank under torchrun), so its data order and augmentation do not depend on earlier epochs
+    having run in this process.
 
     Args:
         run: The run.
@@ -787,29 +941,28 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
         train_ds: The training dataset.
         epoch: The epoch number (from 1).
         total_steps: Steps of the whole schedule (``epochs`` times steps per epoch).
-        t0: ``time.perf_counter()`` at the epoch's start (time-budgeted schedules).
+        t0: ``time.perf_counter()`` at the epoch's start (time-budgeted schedules); rank 0's
+            only (None on other ranks).
 
     Returns:
-        The mean training loss per sample.
+        The mean training loss per sample (over every process).
 
     Raises:
         CapsmedError: A non-finite loss, naming epoch and batch.
     """
-    from monai.data import DataLoader
     from monai.utils import set_determinism
 
     tcfg, device = run.tcfg, run.device
-    eseed = epoch_seed(run.seed, epoch)
+    eseed = epoch_seed(run.seed, epoch, run.dist.rank)
     set_determinism(seed=eseed)
     if hasattr(train_ds, "transform") and hasattr(train_ds.transform, "set_random_state"):
         train_ds.transform.set_random_state(seed=eseed)
-    gen = torch.Generator().manual_seed(eseed)
-    loader = DataLoader(train_ds, batch_size=tcfg["batch_size"], shuffle=True, num_workers=0,
-                        generator=gen)
+    loader = train_loader(run, train_ds, epoch)
+    trainer = run.trainer if run.trainer is not None else make_trainer(run)
     run.model.train()
     total, count = 0.0, 0
     batches = loader
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and run.dist.main:
         from tqdm import tqdm
 
         batches = tqdm(loader, desc=f"{run.model_name} epoch {epoch}", leave=False)
@@ -819,18 +972,14 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
             target = batch["label"].to(device).long()
         else:
             target = torch.as_tensor(batch["class"]).long().to(device)
-        set_learning_rate(run.opt, tcfg, state.step, total_steps,
-                          state.train_seconds + time.perf_counter() - t0)
+        progress = step_progress(run, state, total_steps, t0)  # rank 0's clock, every rank
+        set_learning_rate(run.opt, tcfg, progress)
         if hasattr(run.loss_fn, "set_progress"):  # losses with a schedule (the spread loss)
-            from capsmed.train.recipe import training_progress
-
-            run.loss_fn.set_progress(training_progress(
-                state.step, total_steps, state.train_seconds + time.perf_counter() - t0,
-                tcfg.get("max_minutes")))
+            run.loss_fn.set_progress(progress)
         run.opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            outputs = run.model.forward_train(image, target)
-            loss = run.loss_fn(outputs, target, image)
+            # through the (DDP-wrapped) trainer, never model.forward_train: gradients sync there
+            loss = trainer(image, target)
         if not torch.isfinite(loss):
             raise CapsmedError(
                 f"{run.label}: loss is {loss.item()} at epoch {epoch}, batch {b}; "
@@ -843,6 +992,7 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
             run.ema.update_parameters(run.model)
         total += float(loss.detach()) * image.shape[0]
         count += image.shape[0]
+    total, count = run.dist.sum([total, count])
     return total / max(count, 1)
 
 
@@ -866,7 +1016,7 @@ def validation_due(run: TrainingRun, epoch: int, seconds: float) -> bool:
 def validate(run: TrainingRun, val_loader: Any) -> tuple[float, float]:
     """:func:`validate_epoch` of the run's evaluated weights with its validation settings."""
     return validate_epoch(run.eval_model, run.loss_fn, val_loader, run.plan, run.patch, run.device,
-                          run.icfg["sw_batch_size"], run.icfg["overlap"])
+                          run.icfg["sw_batch_size"], run.icfg["overlap"], run.dist)
 
 
 def save_checkpoints(run: TrainingRun, state: TrainingState, improved: bool) -> None:
@@ -941,12 +1091,13 @@ def training_record(run: TrainingRun, state: TrainingState) -> dict[str, Any]:
         "best_metric": state.best_metric, "metric_name": base["metric_name"], "seed": run.seed,
         "versions": base["versions"], "config_hash": base["config_hash"], "checkpoint": "best.pt",
         "checkpoint_sha256": sha256_file(run.best_path), "device": str(run.device),
-        "threads": run.n_threads, "patch_size": run.patch, "fold": run.fold,
+        "threads": run.n_threads, "processes": run.dist.world_size, "patch_size": run.patch,
+        "fold": run.fold,
         "stop_reason": state.stop_reason, "data_digest": base["resume_identity"]["data"],
         "train_cases": len(run.train_items), "val_cases": len(run.val_items),
         "budget": {"rule": BUDGET_RULE, "binding": BINDING.get(state.stop_reason or ""),
                    "epochs": tcfg["epochs"], "max_minutes": tcfg.get("max_minutes"),
-                   "steps_per_epoch": math.ceil(len(run.train_items) / tcfg["batch_size"]),
+                   "steps_per_epoch": steps_per_epoch(run, run.train_items),
                    "steps": state.step},
         "subset": run.subset,
     }
@@ -979,36 +1130,53 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
 
     Returns:
         The training record written to ``train.json`` (or the partial state when ``max_epochs``
-        cut the run short).
+        cut the run short). Under torchrun, ranks other than 0 write nothing and return
+        ``{"rank", "epoch", "stop_reason", "partial"}`` of their own state.
 
     Raises:
-        CapsmedError: On missing inputs, a model that does not fit the task, or a non-finite loss
-            (naming epoch and batch; the last good checkpoint is kept).
+        CapsmedError: On missing inputs, a model that does not fit the task, a batch size that the
+            processes do not divide, or a non-finite loss (naming epoch and batch; the last good
+            checkpoint is kept).
     """
     run = prepare_training(cfg, dataset, model_name, threads=threads, fold=fold,
                            fraction=fraction)
+    try:
+        return _train(cfg, run, max_epochs)
+    finally:
+        if run.dist.active:
+            close_distributed()
+
+
+def _train(cfg: dict, run: TrainingRun, max_epochs: int | None) -> dict[str, Any]:
+    """:func:`train_model` after :func:`prepare_training`."""
     state = resume(run)
     train_ds, val_loader = training_data(run)
-    logger.info("%s: %d parameters, %d train / %d val cases, device %s, %d threads", run.label,
+    run.trainer = make_trainer(run)
+    dist, main = run.dist, run.dist.main
+    logger.info("%s: %d parameters, %d train / %d val cases, device %s, %d threads%s", run.label,
                 sum(p.numel() for p in run.model.parameters()), len(run.train_items),
-                len(run.val_items), run.device, run.n_threads)
-    steps_per_epoch = math.ceil(len(train_ds) / run.tcfg["batch_size"])
-    total_steps = max(1, run.tcfg["epochs"] * steps_per_epoch)
+                len(run.val_items), run.device, run.n_threads,
+                f" per process, {dist.world_size} processes" if dist.active else "")
+    total_steps = max(1, run.tcfg["epochs"] * steps_per_epoch(run, train_ds))
     stop_after = last_epoch(run, state, max_epochs)
     if state.stop_reason is not None:
         logger.info("%s: stopped after epoch %d (%s); nothing left to train", run.label,
                     state.epoch, state.stop_reason)
     for epoch in range(state.epoch + 1, stop_after + 1):
-        t0 = time.perf_counter()
+        # rank 0 reads the clock and decides; the other ranks follow (never their own clocks)
+        t0 = time.perf_counter() if main else None
         train_loss = train_epoch(run, state, train_ds, epoch, total_steps, t0)
         lr = run.opt.param_groups[0]["lr"]
-        due = validation_due(run, epoch, state.train_seconds + time.perf_counter() - t0)
+        due = dist.from_main(lambda e=epoch, t=t0: validation_due(
+            run, e, state.train_seconds + time.perf_counter() - t))
         val_loss, val_metric = validate(run, val_loader) if due else (math.nan, math.nan)
+        seconds = dist.float_from_main(lambda t=t0: time.perf_counter() - t)
         improved = state.finish_epoch({
             "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-            "val_metric": val_metric, "lr": lr, "seconds": time.perf_counter() - t0})
-        state.stop_reason = stop_reason(run, state, validated=due)
-        save_checkpoints(run, state, improved)
+            "val_metric": val_metric, "lr": lr, "seconds": seconds})
+        state.stop_reason = dist.from_main(lambda d=due: stop_reason(run, state, validated=d))
+        if main:
+            save_checkpoints(run, state, improved)
         logger.info("%s epoch %d: train loss %.4f, val %s %.4f (best %.4f @ %d), %.1fs",
                     run.label, epoch, train_loss, run.base["metric_name"], val_metric,
                     state.best_metric, state.best_epoch, state.history[-1]["seconds"])
@@ -1018,10 +1186,13 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
             if state.stop_reason != "epochs":
                 logger.info("%s: %s", run.label, _stop_message(run, state))
             break
+    if not main:
+        return {"rank": dist.rank, "epoch": state.epoch, "stop_reason": state.stop_reason,
+                "partial": state.stop_reason is None}
     if state.stop_reason is None:
         return {"partial": True, "epoch": state.epoch}
     record = training_record(run, state)
     # the inference settings beside best.pt, so capsmed predict finds them from the model alone
-    record_settings(run.model_dir, config_settings(cfg, dataset))
+    record_settings(run.model_dir, config_settings(cfg, run.dataset))
     atomic_write_json(run.model_dir / "train.json", record)
     return record

@@ -379,3 +379,40 @@ def test_demo_pipeline_through_slurm_matches_local(slurm_cluster: SlurmCluster,
     local_results, local_output = _run("local", SNAKEFILE, args, tmp_path, slurm_cluster)
     _check_same_jobs(slurm_output, local_output)
     _compare_results(slurm_results, local_results)
+
+
+DDP_CONFIG = REPO / "tests" / "workflow" / "ddp_config.yaml"
+
+
+def test_a_two_process_training_job_is_one_task_running_torchrun(slurm_cluster: SlurmCluster,
+                                                                  tmp_path: Path) -> None:
+    """train.processes 2: the train rule is ONE SLURM job of one task with 2 CPUs (2 x threads),
+    inside which torchrun starts the 2 training processes (never 2 tasks each starting torchrun,
+    the SLURM plugin's pitfall #316 / #459); rank 0 alone writes the record and the log."""
+    workdir = tmp_path / "slurm"
+    workdir.mkdir()
+    results = workdir / "results"
+    target = results / "ddp_cls2d" / "models" / "seed_cnn" / "train.json"
+    common = ["--snakefile", str(SNAKEFILE), "--configfile", str(DDP_CONFIG),
+              "--config", f"results={results}"]
+    # the data locally (a SLURM job costs ~30 s of start-up here); the training through SLURM
+    _run_snakemake([*common, "--cores", "2", str(results / "ddp_cls2d" / "splits.json"),
+                    str(results / "ddp_cls2d" / "preprocessed" / "plan.json")],
+                   workdir=workdir, env=_client_env(), log_name="snakemake-ddp-data")
+    args = [*common, "--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks",
+            str(INIT_DELAY), str(target)]
+    output = _run_snakemake(args, workdir=workdir, env=slurm_cluster.env,
+                            log_name="snakemake-ddp", cluster=slurm_cluster)
+    _check_jobs_went_through_slurm(slurm_cluster, output)
+    assert re.findall(r"^rule (\w+):", output, re.MULTILINE) == ["train"], output
+    train_job = re.search(r"^rule train:.*?^Job \d+ has been submitted with SLURM jobid (\d+)",
+                          output, re.MULTILINE | re.DOTALL)
+    assert train_job, "no train job was submitted"
+    job = slurm_cluster.query("scontrol", "show", "job", train_job.group(1))
+    assert re.search(r"\bNumTasks=1\b", job), job
+    assert re.search(r"\bNumCPUs=2\b", job), job
+    assert "torch.distributed.run --standalone --nproc_per_node 2" in output
+    record = json.loads(target.read_text())
+    assert record["processes"] == 2 and record["stop_reason"] == "epochs"
+    log = (workdir / "results" / "ddp_cls2d" / "logs" / "train_seed_cnn.log").read_text()
+    assert "process 0 of 2" in log and "[rank 1]" not in log and "process 1 of 2" not in log

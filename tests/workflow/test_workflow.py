@@ -49,6 +49,20 @@ def test_dry_run_plans_the_default_demo(repo_root, tmp_path):
     assert "The run involves checkpoint jobs" in out
 
 
+def test_train_processes_make_one_torchrun_job(repo_root, tmp_path):
+    """train.processes 2 (tests/workflow/ddp_config.yaml, threads 1): the train job is one job
+    running torchrun with 2 processes of 1 thread, asking for 2 threads and 2 CPUs per task."""
+    res = _run(["-n", "-p", "--snakefile", str(repo_root / "Snakefile"), "--directory",
+                str(tmp_path), "--configfile", str(repo_root / "tests/workflow/ddp_config.yaml"),
+                "--config", "results=results", "--cores", "2",
+                "results/ddp_cls2d/models/seed_cnn/train.json"], cwd=repo_root, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = res.stdout.split("rule train:")[1].split("Job stats:")[0]
+    assert re.search(r"^\s+threads: 2$", job, re.M) and "cpus_per_task=2" in job, job
+    assert re.search(r"-m torch\.distributed\.run --standalone --nproc_per_node 2 -m capsmed "
+                     r"--log-file \S+ train .* --threads 1$", job, re.M), job
+
+
 def test_invalid_config_stops_before_any_job(repo_root, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("datasets:\n  x:\n    source: nowhere\n    task: segmentation\n")

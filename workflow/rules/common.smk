@@ -18,6 +18,7 @@ from capsmed.config import (
     model_config_hash,
     path_fold,
     resolve_fold,
+    train_config,
     trained_folds,
     validate_config,
 )
@@ -86,6 +87,28 @@ def dataset_digest(wildcards) -> str:
 def train_digest(wildcards) -> str:
     """The trained model's config hash, the same that its checkpoints record."""
     return model_config_hash(config, wildcards.dataset, wildcards.model)
+
+
+# Data-parallel training (train.processes; the train rule in train.smk).
+def train_processes(wildcards) -> int:
+    """train.processes of this model on this dataset (global < dataset < model)."""
+    return int(train_config(config, wildcards.dataset, wildcards.model).get("processes", 1))
+
+
+def train_threads(wildcards) -> int:
+    """Threads of the whole training job: threads per process times processes."""
+    return config["threads"] * train_processes(wildcards)
+
+
+def train_launcher(wildcards) -> str:
+    """capsmed, or torchrun starting train.processes capsmed processes on this node."""
+    n = train_processes(wildcards)
+    if n == 1:
+        return CAPSMED
+    torchrun = f"--standalone --nproc_per_node {n}"
+    if "CAPSMED_COMMAND" in os.environ:  # a capsmed on PATH (e.g. --sdm conda): torchrun there
+        return f"torchrun {torchrun} --no-python {CAPSMED}"
+    return f"{sys.executable} -m torch.distributed.run {torchrun} -m capsmed"
 
 
 def eval_digest(wildcards) -> str:

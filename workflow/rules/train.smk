@@ -1,6 +1,13 @@
 # Train one model on one dataset (one fold of it, where folds are used). Checkpoints (last.pt,
 # best.pt) are not declared outputs, so that Snakemake never deletes them: a killed run resumes from
 # last.pt when the rule runs again.
+#
+# train.processes N > 1 (global, per dataset or per model): the job runs
+#   python -m torch.distributed.run --standalone --nproc_per_node N -m capsmed train ...
+# as ONE job (one SLURM task) with threads = N x threads, cpus_per_task = the same, and gpu = N x
+# gpus. torchrun starts the N processes inside it; never N tasks that each start torchrun
+# (snakemake-executor-plugin-slurm #316, #459). Several nodes: see workflow/profiles/slurm/README.md.
+# train_processes, train_threads and train_launcher live in common.smk.
 
 
 rule train:
@@ -12,23 +19,24 @@ rule train:
     log:
         f"{RESULTS}/{{dataset}}/logs/train_{{model}}.log",
     params:
-        capsmed=CAPSMED,
+        capsmed=train_launcher,
         config=CONFIG_FILE,
         digest=train_digest,
         fold=fold_arg,
+        threads=lambda wildcards, threads: max(1, threads // train_processes(wildcards)),
     conda:
         "../../environment.yml"
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{model}}.tsv"
-    threads: config["threads"]
+    threads: train_threads
     resources:
         mem_mb=config["resources"]["train_mem_mb"],
         runtime=config["resources"]["train_runtime"],
-        cpus_per_task=config["threads"],
-        gpu=config["gpus"],
+        cpus_per_task=train_threads,
+        gpu=lambda wildcards: config["gpus"] * train_processes(wildcards),
     shell:
-        "{params.capsmed} --log {log} train -c {params.config} -d {wildcards.dataset} "
-        "-m {wildcards.model} --threads {threads}{params.fold}"
+        "{params.capsmed} --log-file {log} train -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model} --threads {params.threads}{params.fold}"
 
 
 # Cross-validation: the same, per fold (datasets with split.folds > 1).
@@ -50,10 +58,11 @@ use rule train as train_fraction with:
     log:
         f"{RESULTS}/{{dataset}}/logs/train_{{model}}_fraction-{{fraction}}.log",
     params:
-        capsmed=CAPSMED,
+        capsmed=train_launcher,
         config=CONFIG_FILE,
         digest=fraction_train_digest,
         fold=lambda w: f" --fraction {w.fraction}",
+        threads=lambda wildcards, threads: max(1, threads // train_processes(wildcards)),
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{model}}_fraction-{{fraction}}.tsv"
 
@@ -64,9 +73,10 @@ use rule train as train_fraction_fold with:
     log:
         f"{RESULTS}/{{dataset}}/logs/train_{{model}}_fold{{fold}}_fraction-{{fraction}}.log",
     params:
-        capsmed=CAPSMED,
+        capsmed=train_launcher,
         config=CONFIG_FILE,
         digest=fraction_train_digest,
         fold=lambda w: f" --fold {w.fold} --fraction {w.fraction}",
+        threads=lambda wildcards, threads: max(1, threads // train_processes(wildcards)),
     benchmark:
         f"{RESULTS}/{{dataset}}/benchmarks/train_{{model}}_fold{{fold}}_fraction-{{fraction}}.tsv"
