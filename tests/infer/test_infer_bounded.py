@@ -1,0 +1,151 @@
+"""Bounded-memory segmentation: MONAI's sliding window stitched slab by slab gives the same result."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from capsmed.data.transforms import build_preprocess_transforms
+from capsmed.errors import CapsmedError
+from capsmed.infer.bounded import memory_need_mb
+from capsmed.infer.engine import predict_segmentation_case, predict_segmentation_case_plain
+from capsmed.infer.stream import stream_segment, window_starts
+from capsmed.models import get_model
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    return get_model("unet", spatial_dims=3, in_channels=1, out_channels=3, channels=[4, 8],
+                     strides=[2], num_res_units=0).eval()
+
+
+def _body_image(shape, seed=0):
+    """CT-like: air (-1000 HU) around an ellipsoid body of soft tissue with denser organs."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    body = sum((g / 0.6) ** 2 for g in grid) < 1
+    img = np.full(shape, -1000.0, np.float32)
+    img[body] = 40 + 30 * rng.standard_normal(int(body.sum()))
+    img[body & (grid[0] > 0.1)] += 150
+    return img
+
+
+def _collect(shape):
+    out = {}
+
+    def sink(z0, z1, mean, passes, ev):
+        for key, value in (("mean", mean), ("ev", ev)):
+            if value is not None:
+                out.setdefault(key, torch.zeros((value.shape[0], *shape)))[:, z0:z1] = value
+        out.setdefault("slabs", []).append((z0, z1))
+    return out, sink
+
+
+def test_window_starts_are_monai_s():
+    starts = window_starts([37, 29, 23], [16, 16, 16], 0.25)
+    assert starts[0] == (0, 0, 0) and starts[-1] == (21, 13, 7)
+    assert [s[0] for s in starts] == sorted(s[0] for s in starts)  # first axis outermost
+    assert len(starts) == 3 * 2 * 2
+
+
+@pytest.mark.parametrize("overlap,mode", [(0.25, "gaussian"), (0.5, "constant")])
+def test_stream_is_monai_sliding_window_slab_by_slab(overlap, mode):
+    model = _unet()
+    image = torch.rand(1, 1, 41, 19, 23)
+
+    def f(x):
+        return model.probabilities(model(x)).float()
+
+    with torch.no_grad():
+        ref = sliding_window_inference(image, [16, 16, 16], 2, f, overlap=overlap, mode=mode)
+    out, sink = _collect(image.shape[2:])
+    res = stream_segment([f], image, [16, 16, 16], sink, overlap=overlap, mode=mode,
+                         sw_batch_size=2, slab=16)
+    assert torch.equal(out["mean"], ref[0])  # the same sums in the same order
+    assert len(out["slabs"]) > 1 and out["slabs"][-1][1] == 41 and res["skipped"] == 0
+
+
+def test_flipped_passes_and_skipped_background_windows_match_the_full_sweep():
+    model = _unet(1)
+    image = torch.zeros(1, 1, 45, 21, 26)  # background 0 around a body: whole windows skipped
+    image[:, :, 5:20, 3:15, 4:20] = torch.rand(1, 1, 15, 12, 16)
+
+    def f(x):
+        return model.probabilities(model(x)).float()
+
+    flips = [(), (0,), (1, 2)]
+    with torch.no_grad():
+        runs = [torch.flip(sliding_window_inference(torch.flip(image, [2 + a for a in ax]),
+                                                    [16, 16, 16], 2, f, overlap=0.25),
+                           [2 + a for a in ax]) for ax in flips]
+    ref = torch.stack(runs).mean(0)
+    out, sink = _collect(image.shape[2:])
+    res = stream_segment([f] * 3, image, [16, 16, 16], sink, flips=flips, sw_batch_size=2)
+    assert res["skipped"] > 0
+    torch.testing.assert_close(out["mean"], ref[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out["mean"].argmax(0), ref[0].argmax(0))
+
+
+def _study(tmp_path, shape, zooms):
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(_body_image(shape), np.diag([*zooms, 1.0])), path)
+    return str(path)
+
+
+def _plan(spacing):
+    return {"task": "segmentation", "spatial_dims": 3, "patch_size": [16, 16, 16],
+            "normalization": "ct", "ct_window": [-200.0, 300.0], "spacing": spacing,
+            "crop_foreground": True, "size_divisible": 1, "num_classes": 3, "in_channels": 1}
+
+
+@pytest.mark.parametrize("tta", [False, True])
+@pytest.mark.parametrize("spacing", [None, [1.3, 0.9, 1.6]])
+def test_bounded_prediction_is_the_plain_path_s(tmp_path, tta, spacing):
+    study = _study(tmp_path, (35, 27, 21), (1.0, 1.1, 1.5))
+    plan = _plan(spacing)
+    pre = build_preprocess_transforms(plan)
+    model = _unet(2)
+    icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "largest_component": tta,
+            "mode": "gaussian", "evidence": True}
+    ref = predict_segmentation_case_plain(model, {"image": study}, plan, pre,
+                                          torch.device("cpu"), icfg)
+    out = predict_segmentation_case(model, {"image": study}, plan, pre, torch.device("cpu"),
+                                    {**icfg, "memory_mb": 4000})
+    assert out["pred"].dtype == np.uint8 and out["pred"].shape == (35, 27, 21)
+    assert len(np.unique(ref["pred"])) > 1
+    np.testing.assert_array_equal(out["pred"], ref["pred"])
+    np.testing.assert_allclose(out["probs"], ref["probs"], atol=1e-3)
+    np.testing.assert_allclose(out["evidence"], ref["evidence"], atol=1e-3)
+    assert out["probs"].dtype == out["evidence"].dtype == np.float16
+    if tta:
+        np.testing.assert_allclose(out["uncertainty"], ref["uncertainty"], atol=1e-5)
+        if spacing is None:  # the passes' maps are inverted exactly where nothing resamples
+            np.testing.assert_array_equal(out["pass_counts"], ref["pass_counts"])
+        else:  # by nearest neighbour instead of through their probabilities
+            np.testing.assert_allclose(out["pass_counts"], ref["pass_counts"], rtol=0.05)
+    else:
+        assert out["uncertainty"] is None
+        np.testing.assert_array_equal(out["pass_counts"], ref["pass_counts"])
+
+
+def test_a_study_over_the_budget_fails_with_one_line(tmp_path):
+    study = _study(tmp_path, (35, 27, 21), (1.0, 1.0, 1.0))
+    plan = _plan(None)
+    icfg = {"overlap": 0.25, "sw_batch_size": 2, "tta": True, "memory_mb": 100}
+    with pytest.raises(CapsmedError, match=r"ct\.nii\.gz: needs about \d+ MB .* but "
+                                           r"inference\.memory_mb is 100 MB") as err:
+        predict_segmentation_case(_unet(), {"image": study}, plan,
+                                  build_preprocess_transforms(plan), torch.device("cpu"), icfg)
+    assert "\n" not in str(err.value)
+
+
+def test_memory_need_grows_with_the_volume_not_with_passes_times_classes():
+    args = {"in_channels": 1, "n_classes": 4, "evidence": True, "resample": False,
+            "roi": [64, 64, 64], "slab": 112, "sw_batch_size": 2}
+    one = memory_need_mb([512, 512, 300], [512, 512, 300], passes=1, **args)
+    four = memory_need_mb([512, 512, 300], [512, 512, 300], passes=4, **args)
+    # the band grows with the passes, the whole-volume maps only by a byte per pass and voxel
+    assert four["reduced"] - one["reduced"] == pytest.approx(4 * 512 * 512 * 300 / 2 ** 20,
+                                                             abs=0.2)
+    assert four["total"] < 4096
