@@ -129,7 +129,7 @@ def stream_segment(forwards: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     cap = min(cap, size[0])
     weight = compute_importance_map(tuple(roi), mode=mode, sigma_scale=0.125, device=device,
                                     dtype=torch.float32)[None, None]
-    background = image[0, :, (0,) * len(size)].reshape(1, -1, *([1] * len(size)))
+    background = image[(0, slice(None), *([0] * len(size)))].reshape(1, -1, *([1] * len(size)))
     autocast = autocast or contextlib.nullcontext
 
     passes = []
