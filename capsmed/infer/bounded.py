@@ -84,8 +84,8 @@ def memory_need_mb(orig_shape: Sequence[int], pre_shape: Sequence[int], *, in_ch
         sw_batch_size: Windows per forward call.
 
     Returns:
-        ``{"base", "preprocess", "image", "band", "windows", "reduced", "outputs", "total"}``
-        in MB; ``total`` is the largest of the three phases (preprocess, sliding window,
+        ``{"base", "preprocess", "image", "band", "windows", "reduced", "outputs", "inversion",
+        "total"}`` in MB; ``total`` is the largest of the three phases (preprocess, sliding window,
         inversion) on top of ``base``.
     """
     mb = 1024.0 ** 2
@@ -96,20 +96,21 @@ def memory_need_mb(orig_shape: Sequence[int], pre_shape: Sequence[int], *, in_ch
     channels = [c] * passes
     if evidence:
         channels[0] = 2 * c
-    band = 1.5 * band_bytes(pre_shape, roi, channels, slab)  # half again while a band shifts
+    band = 1.1 * band_bytes(pre_shape, roi, channels, slab)  # a tenth more while a band shifts
     windows = sw_batch_size * _prod(roi) * 4 * (ACTIVATION_VALUES_PER_VOXEL + 2 * c + in_channels)
     per_voxel = (4 * c if resample else 1 + (4 if passes > 1 else 0)) + (passes if passes > 1
                                                                         else 0)
     per_voxel += 2 * 2 * c if evidence else 0
     reduced = per_voxel * v_pre
     out_per_voxel = 1 + (4 if passes > 1 else 0) + (2 * 2 * c if evidence else 0)
-    outputs = out_per_voxel * v_orig + 2 * 4 * (v_pre + v_orig)  # one class in flight, twice
-    if resample:
-        outputs += 4 * 2 * v_orig  # running maximum and entropy
-    phases = [preprocess, image + band + windows + reduced, image + reduced + outputs]
+    outputs = out_per_voxel * v_orig
+    # maps are inverted one class at a time and freed: the reduced maps turn into the outputs,
+    # with one class in flight (float32, in both grids, twice while MONAI copies it)
+    flight = 2 * 4 * (v_pre + v_orig) + (4 * 2 * v_orig if resample else 0)
+    phases = [preprocess, image + band + windows + reduced, max(reduced, outputs) + flight]
     parts = {"base": BASE_MB, "preprocess": preprocess / mb, "image": image / mb,
              "band": band / mb, "windows": windows / mb, "reduced": reduced / mb,
-             "outputs": outputs / mb}
+             "outputs": outputs / mb, "inversion": flight / mb}
     parts["total"] = BASE_MB + max(phases) / mb
     return {k: round(float(v), 1) for k, v in parts.items()}
 
@@ -181,8 +182,8 @@ class _Reduced:
         self.label = None if resample else np.zeros(self.shape, np.uint8)
         self.unc = np.zeros(self.shape, np.float32) if passes > 1 and not resample else None
         self.pass_labels = np.zeros((passes, *self.shape), np.uint8) if passes > 1 else None
-        self.probs: np.ndarray | None = None
-        self.evidence: np.ndarray | None = None
+        self.probs: list[np.ndarray] | None = None  # one map per class, freed as inverted
+        self.evidence: list[np.ndarray] | None = None
         self.n_classes = 0
 
     def __call__(self, z0: int, z1: int, mean: torch.Tensor, passes: list[torch.Tensor],
@@ -192,8 +193,9 @@ class _Reduced:
         if self.resample or self.keep_maps:
             if self.probs is None:
                 dtype = np.float32 if self.resample else np.float16
-                self.probs = np.zeros((m.shape[0], *self.shape), dtype)
-            self.probs[:, z0:z1] = m.numpy()
+                self.probs = [np.zeros(self.shape, dtype) for _ in range(m.shape[0])]
+            for c, arr in enumerate(self.probs):
+                arr[z0:z1] = m[c].numpy()
         if self.label is not None:
             self.label[z0:z1] = m.argmax(0).numpy()
         if self.unc is not None:
@@ -202,21 +204,28 @@ class _Reduced:
             self.pass_labels[k, z0:z1] = p.cpu().argmax(0).numpy()
         if ev is not None:
             if self.evidence is None:
-                self.evidence = np.zeros((ev.shape[0], *self.shape), np.float16)
-            self.evidence[:, z0:z1] = ev.cpu().numpy()
+                self.evidence = [np.zeros(self.shape, np.float16) for _ in range(ev.shape[0])]
+            for c, arr in enumerate(self.evidence):
+                arr[z0:z1] = ev[c].cpu().numpy()
 
 
-def _invert(data: dict, array: np.ndarray, preprocess: Any, nearest: bool) -> np.ndarray:
-    """``(C, *S)`` array in preprocessed space -> ``(C, *S_orig)`` ndarray, one channel at a time."""
+def _invert_one(data: dict, array: np.ndarray, preprocess: Any, nearest: bool) -> np.ndarray:
+    """One ``(*S)`` map in preprocessed space -> ``(*S_orig)`` ndarray of the same dtype."""
     from capsmed.infer.engine import invert_to_original
 
+    inv = invert_to_original(data, "pred", torch.from_numpy(array[None]), preprocess,
+                             nearest=nearest)
+    return np.asarray(inv.detach().cpu().numpy()[0], dtype=array.dtype)
+
+
+def _invert(data: dict, maps: list[np.ndarray], preprocess: Any, nearest: bool) -> np.ndarray:
+    """Maps in preprocessed space -> ``(C, *S_orig)``, inverted and freed one at a time."""
     out = None
-    for c in range(array.shape[0]):
-        inv = invert_to_original(data, "pred", torch.from_numpy(array[c:c + 1]), preprocess,
-                                 nearest=nearest)
-        inv = np.asarray(inv.detach().cpu().numpy()[0], dtype=array.dtype)
+    for c in range(len(maps)):
+        inv = _invert_one(data, maps[c], preprocess, nearest)
+        maps[c] = None
         if out is None:
-            out = np.empty((array.shape[0], *inv.shape), array.dtype)
+            out = np.empty((len(maps), *inv.shape), inv.dtype)
         out[c] = inv
     return out
 
@@ -296,6 +305,13 @@ def predict_bounded(model: torch.nn.Module, item: dict, plan: dict, preprocess: 
                          evidence_pass=0 if evidence and not flips[0] else None,
                          autocast=autocast)
     run.update(windows=res["windows"], skipped=res["skipped"])
+    from monai.data import MetaTensor
+
+    # the inversion reads only the image's metadata and transform trace: free its voxels
+    data = dict(data)
+    data["image"] = MetaTensor(torch.zeros(1), meta=dict(image.meta),
+                               applied_operations=list(image.applied_operations))
+    del image
     largest = bool(inference.get("largest_component"))
 
     def labels_of(label: np.ndarray, n: int) -> np.ndarray:
@@ -304,10 +320,12 @@ def predict_bounded(model: torch.nn.Module, item: dict, plan: dict, preprocess: 
     unc = probs_out = None
     if resample:
         probs = reduced.probs
-        n_classes = probs.shape[0]
+        reduced.probs = None
+        n_classes = len(probs)
         pred = best = h = None
         for c in range(n_classes):
-            pc = _invert(data, probs[c:c + 1], preprocess, nearest=False)[0]
+            pc = _invert_one(data, probs[c], preprocess, nearest=False)
+            probs[c] = None
             if best is None:
                 best, pred = pc.copy(), np.zeros(pc.shape, np.uint8)
             else:
@@ -321,18 +339,17 @@ def predict_bounded(model: torch.nn.Module, item: dict, plan: dict, preprocess: 
                 if probs_out is None:
                     probs_out = np.empty((n_classes, *pc.shape), np.float16)
                 probs_out[c] = pc
-        del best, probs
-        reduced.probs = None
+        del best
         if h is not None:
             unc = (h / np.log(n_classes) if n_classes > 1 else np.zeros_like(h))
             unc = unc.clip(0.0, 1.0).astype(np.float32)
         pred = labels_of(pred, n_classes)
     else:
         n_classes = reduced.n_classes
-        pred = _invert(data, reduced.label[None], preprocess, nearest=True)[0]
+        pred = _invert_one(data, reduced.label, preprocess, nearest=True)
         reduced.label = None
         if reduced.unc is not None:
-            unc = _invert(data, reduced.unc[None], preprocess, nearest=True)[0]
+            unc = _invert_one(data, reduced.unc, preprocess, nearest=True)
             reduced.unc = None
         if evidence:
             probs_out = _invert(data, reduced.probs, preprocess, nearest=True)
@@ -343,7 +360,7 @@ def predict_bounded(model: torch.nn.Module, item: dict, plan: dict, preprocess: 
         counts.append(np.bincount(pred.ravel(), minlength=n_classes)[:n_classes])
     else:
         for k in range(len(flips)):
-            labels = _invert(data, reduced.pass_labels[k][None], preprocess, nearest=True)[0]
+            labels = _invert_one(data, reduced.pass_labels[k], preprocess, nearest=True)
             labels = labels_of(labels, n_classes)
             counts.append(np.bincount(labels.ravel(), minlength=n_classes)[:n_classes])
         reduced.pass_labels = None
