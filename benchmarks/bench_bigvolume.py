@@ -35,7 +35,7 @@ import resource
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +182,7 @@ def main() -> None:
         if all("error" not in rec.get(s, {"error": 1}) for s in ("bounded", "plain")):
             rec["agreement"] = compare(np.load(preds[0]), np.load(preds[1]))
         rows.append(rec)
-        doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        doc = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                "machine": f"{platform.machine()}, {args.threads} threads",
                "command": " ".join(sys.argv), "model": f"{args.model} (untrained, seed 0)",
                "tta": args.tta, "spacing": spacing, "rows": rows}
