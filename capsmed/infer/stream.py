@@ -43,9 +43,7 @@ Sink = Callable[[int, int, torch.Tensor, list[torch.Tensor], "torch.Tensor | Non
 
 
 def scan_interval(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:
-    """MONAI's scan interval: ``int(roi * (1 - overlap))`` (at least 1); ``roi`` where it fills
-    the axis.
-    """
+    """MONAI's scan interval per axis: ``int(roi * (1 - overlap))``, at least 1; ``roi`` if it fills."""
     return tuple(int(r) if int(r) == int(s) else max(int(r * (1 - overlap)), 1)
                  for s, r in zip(image_size, roi, strict=True))
 
