@@ -32,7 +32,8 @@ array over every voxel is built), then ``RandCropByPosNegLabeld`` to ``patch_siz
 use ``monai.data.DataLoader``/``list_data_collate``), then ``RandFlipd`` on each axis,
 ``RandRotate90d`` in a plane whose two patch axes are equal, ``RandScaleIntensityd`` and
 ``RandShiftIntensityd``. Ultrasound (plan ``modality`` ``US``) keeps its top-down geometry:
-flips on every axis but the first (vertical) one, no 90-degree turns, and ``RandAffined`` (rotation up to 10 degrees, scaling 10%, shifts 5%) with ``RandAdjustContrastd``.
+flips on every axis but the first (vertical) one, no 90-degree turns, and ``RandAffined``
+(rotation up to 10 degrees, scaling 10%, shifts 5%) with ``RandAdjustContrastd``.
 """
 
 from __future__ import annotations
