@@ -11,6 +11,13 @@ Cases (forward + backward, gradients for the input and every parameter):
   a broadcast ``matmul`` making the full votes tensor, softmax over J, standard autograd.
 * ``dense_detached``: the same with stop-gradient through the routing logits (XifengGuo's
   ``x_hat_detached``) against ``DenseCapsule(detach_logits=True)``.
+* ``em_conv2d``: ConvMatrixCapsule 2D (EM routing), 4 x 16 matrix capsules at 14^2 -> 16 types,
+  kernel 3, stride 2 (the paper's ConvCaps1 at half width), 3 EM iterations. Reference: the same
+  math written as the public PyTorch port does (yl-1993/Matrix-Capsules-EM-PyTorch: windows by
+  index lists, poses ``repeat``-ed and multiplied by ``matmul`` of 4x4 matrices, a plain loop of
+  broadcast E and M steps, standard autograd), with Gritzman's schedule and cost scale.
+* ``em_class``: ClassMatrixCapsule (coordinate addition), 32 x 16 types at 4^2 -> 10 classes,
+  3 EM iterations; reference as above with the weights ``repeat``-ed over positions.
 
 Timing: both implementations get the same weights and input; repeats are interleaved (alternating
 which goes first), each repeat is one forward + backward of ``(out * seed).sum()``; the table shows
@@ -41,6 +48,7 @@ import ctypes
 import datetime as dt
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -57,7 +65,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from capsmed.layers import ConvCapsule, DenseCapsule  # noqa: E402
+from capsmed.layers import (  # noqa: E402
+    ClassMatrixCapsule,
+    ConvCapsule,
+    ConvMatrixCapsule,
+    DenseCapsule,
+)
 
 OUT_DIR = ROOT / "benchmarks" / "out"
 
@@ -144,6 +157,103 @@ class PortDenseCapsule(nn.Module):
         return outputs  # (B, J, Dout)
 
 
+def _port_em(v, a_in, beta_u, beta_a, iters, final_lambda=0.01, eps=1e-9):
+    # plain EM loop, broadcast E and M steps (yl-1993 layout), Gritzman's lambda and cost scale.
+    # v (b, I, J, 16), a_in (b, I, 1) -> mu (b, J, 16), a (b, J)
+    b, n_in, n_out, _ = v.shape
+    scale = 100.0 * n_out / n_in
+    r = torch.full((b, n_in, n_out), 1.0 / n_out, device=v.device, dtype=v.dtype)
+    for it in range(iters):
+        lam = final_lambda * (1 - 0.95 ** (it + 1))
+        rr = (r * a_in).unsqueeze(-1)
+        r_sum = rr.sum(dim=1, keepdim=True)
+        mu = (rr * v).sum(dim=1, keepdim=True) / (r_sum + eps)
+        var = (rr * (v - mu) ** 2).sum(dim=1, keepdim=True) / (r_sum + eps) + eps
+        cost = ((beta_u.view(1, 1, n_out, 1) + 0.5 * torch.log(var)) * r_sum * scale).sum(
+            dim=3, keepdim=True)
+        a_out = torch.sigmoid(lam * (beta_a.view(1, 1, n_out, 1) - cost))
+        if it < iters - 1:
+            ln_p = -((v - mu) ** 2) / (2 * var) - 0.5 * torch.log(2 * math.pi * var)
+            ln_ap = ln_p.sum(dim=3) + torch.log(a_out.view(b, 1, n_out) + eps)
+            r = F.softmax(ln_ap, dim=2)
+    return mu.squeeze(1), a_out.view(b, n_out)
+
+
+def _unpack(x):
+    # benchmark input (B, I, 17, *S): 16 pose entries and an activation logit per capsule
+    return x[:, :, :16], torch.sigmoid(x[:, :, 16])
+
+
+def _pack(poses, acts):
+    return torch.cat([poses, acts.unsqueeze(2)], dim=2)
+
+
+class PortConvMatrixCapsule2D(nn.Module):
+    """yl-1993-style ConvCaps: index-list unfold, repeat + 4x4 matmul votes, plain EM loop."""
+
+    def __init__(self, n_in, n_out, k, stride, iters):
+        super().__init__()
+        self.n_in, self.n_out, self.k, self.stride, self.iters = n_in, n_out, k, stride, iters
+        self.weight = nn.Parameter(torch.randn(1, k * k * n_in, n_out, 4, 4))
+        self.beta_u = nn.Parameter(torch.zeros(n_out))
+        self.beta_a = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        poses, acts = _unpack(x)
+        b, i, _, h, w = poses.shape
+        k, s, j = self.k, self.stride, self.n_out
+        x = torch.cat([poses.permute(0, 3, 4, 1, 2).reshape(b, h, w, i * 16),
+                       acts.permute(0, 2, 3, 1)], dim=3)  # (b, h, w, I*16 + I)
+        idxs = [[r + kk for kk in range(k)] for r in range(0, h - k + 1, s)]
+        x = x[:, idxs, :, :]
+        idxs = [[c + kk for kk in range(k)] for c in range(0, w - k + 1, s)]
+        x = x[:, :, :, idxs, :].permute(0, 1, 3, 2, 4, 5).contiguous()  # (b, oh, ow, k, k, c)
+        oh, ow = x.shape[1], x.shape[2]
+        p = x[..., : i * 16].reshape(b * oh * ow, k * k * i, 1, 4, 4).repeat(1, 1, j, 1, 1)
+        a = x[..., i * 16:].reshape(b * oh * ow, k * k * i, 1)
+        v = torch.matmul(p, self.weight).view(b * oh * ow, k * k * i, j, 16)
+        mu, a_out = _port_em(v, a, self.beta_u, self.beta_a, self.iters)
+        mu = mu.view(b, oh, ow, j, 16).permute(0, 3, 4, 1, 2)
+        return _pack(mu, a_out.view(b, oh, ow, j).permute(0, 3, 1, 2))
+
+
+class PortClassMatrixCapsule2D(nn.Module):
+    """yl-1993-style class capsules: weights repeat-ed over positions, coordinate addition, EM."""
+
+    def __init__(self, n_in, n_out, iters):
+        super().__init__()
+        self.n_in, self.n_out, self.iters = n_in, n_out, iters
+        self.weight = nn.Parameter(torch.randn(1, n_in, n_out, 4, 4))
+        self.beta_u = nn.Parameter(torch.zeros(n_out))
+        self.beta_a = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        poses, acts = _unpack(x)
+        b, i, _, h, w = poses.shape
+        j = self.n_out
+        p = poses.permute(0, 3, 4, 1, 2).reshape(b, h * w * i, 1, 4, 4).repeat(1, 1, j, 1, 1)
+        wt = self.weight.repeat(1, h * w, 1, 1, 1)
+        v = torch.matmul(p, wt).view(b, h, w, i, j, 16)
+        coord = torch.zeros(h, w, 16)
+        coord[:, :, 3] = ((torch.arange(w) + 0.5) / w).view(1, w)
+        coord[:, :, 7] = ((torch.arange(h) + 0.5) / h).view(h, 1)
+        v = (v + coord.view(1, h, w, 1, 1, 16)).view(b, h * w * i, j, 16)
+        a = acts.permute(0, 2, 3, 1).reshape(b, h * w * i, 1)
+        mu, a_out = _port_em(v, a, self.beta_u, self.beta_a, self.iters)
+        return _pack(mu, a_out)
+
+
+class _PackedEM(nn.Module):
+    """Ours behind the benchmark's one-tensor interface."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return _pack(*self.layer(*_unpack(x)))
+
+
 # ----------------------------------------------------------------------------- cases
 def build_case(name: str, device: str):
     """Return (ours, reference, input) with identical weights."""
@@ -166,6 +276,21 @@ def build_case(name: str, device: str):
         with torch.no_grad():
             ours.weight.copy_(ref.weight[0])
         x = torch.rand(64, 1152, 8) * 0.3
+    elif name in ("em_conv2d", "em_class"):
+        if name == "em_conv2d":
+            ref = PortConvMatrixCapsule2D(16, 16, 3, 2, 3)
+            layer = ConvMatrixCapsule(2, 16, 16, kernel_size=3, stride=2, routing_iterations=3)
+            x = torch.randn(4, 16, 17, 14, 14)
+        else:
+            ref = PortClassMatrixCapsule2D(32, 10, 3)
+            layer = ClassMatrixCapsule(2, 32, 10, routing_iterations=3)
+            x = torch.randn(32, 32, 17, 4, 4)
+        with torch.no_grad():
+            layer.weight.copy_(ref.weight[0])
+            ref.beta_u.copy_(layer.beta_u)
+            ref.beta_a.copy_(layer.beta_a)
+        ours = _PackedEM(layer)
+        x[:, :, :16] *= 0.5
     else:
         raise ValueError(f"unknown case {name!r}")
     return ours.to(device), ref.to(device), x.to(device)
@@ -307,12 +432,14 @@ CASE_TITLES = {
     "conv3d": "ConvCapsule 3D, 2x16x4 @32^3 -> 16x8, s2, 3 it, cosine",
     "dense": "DenseCapsule 64x1152x8 -> 10x16, 3 it",
     "dense_detached": "DenseCapsule 64x1152x8 -> 10x16, 3 it, detached logits",
+    "em_conv2d": "ConvMatrixCapsule 2D, 4x16 @14^2 -> 16, k3 s2, 3 EM it",
+    "em_class": "ClassMatrixCapsule 32x32 @4^2 -> 10, coord. add., 3 EM it",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["conv3d", "dense", "dense_detached"],
+    ap.add_argument("--cases", nargs="+", default=list(CASE_TITLES),
                     choices=list(CASE_TITLES))
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, nargs="+", default=None,

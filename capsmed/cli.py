@@ -9,7 +9,11 @@ Every Snakemake rule is one of these calls, so any stage can be run by hand::
     capsmed split      -c config/config.yaml -d demo_seg3d
     capsmed train      -c config/config.yaml -d demo_seg3d -m capsunet
     capsmed evaluate   -c config/config.yaml -d demo_seg3d -m capsunet -s test
+    capsmed train      -c config/config.yaml -d demo_seg3d -m capsunet --fraction 0.5   (learning curve)
+    capsmed evaluate   -c config/config.yaml -d demo_seg3d -m capsunet -s test --fraction 0.5
     capsmed crossval   -c config/config.yaml -d DATASET -m capsunet   (datasets with split.folds > 1)
+    capsmed evaluate-shift -c config/config.yaml -d demo_seg3d -m capsunet --shift rotation
+    capsmed generalisation -c config/config.yaml -d demo_seg3d
     capsmed report     -c config/config.yaml -d demo_seg3d -m capsunet -s test
     capsmed report-studies -c config/config.yaml -d demo_seg3d -m capsunet
     capsmed report-dataset -c config/config.yaml -d demo_seg3d
@@ -145,18 +149,15 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) one model on one dataset."""
-    from capsmed.config import resolve_fold
     from capsmed.infer.settings import config_settings, record_settings
-    from capsmed.paths import Layout
-    from capsmed.train.loop import train_model
+    from capsmed.train.loop import train_model, trained_model_dir
 
     cfg = _config(args)
     train_model(cfg, args.dataset, args.model, threads=args.threads, max_epochs=args.max_epochs,
-                fold=args.fold)
+                fold=args.fold, fraction=args.fraction)
     # the inference settings beside best.pt, so capsmed predict finds them from the model alone
-    record_settings(Layout(Path(cfg["results"])).model_dir(
-        args.dataset, args.model, resolve_fold(cfg, args.dataset, args.fold)[1]),
-        config_settings(cfg, args.dataset))
+    record_settings(trained_model_dir(cfg, args.dataset, args.model, args.fold, args.fraction),
+                    config_settings(cfg, args.dataset))
     return 0
 
 
@@ -166,7 +167,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     evaluate_stage(cfg, args.dataset, args.model, args.stage, threads=args.threads, fold=args.fold,
-                   case=args.case, from_cases=args.from_cases)
+                   case=args.case, from_cases=args.from_cases, fraction=args.fraction)
+    return 0
+
+
+def cmd_evaluate_shift(args: argparse.Namespace) -> int:
+    """Evaluate one model on the test cases under one shift, at each severity."""
+    from capsmed.evaluate.shift import evaluate_shift
+
+    cfg = _config(args)
+    evaluate_shift(cfg, args.dataset, args.model, args.shift, severities=args.severity or None,
+                   threads=args.threads, fold=args.fold)
+    return 0
+
+
+def cmd_generalisation(args: argparse.Namespace) -> int:
+    """Corruption errors and learning curves of a dataset's models: generalisation.json."""
+    from capsmed.evaluate.generalisation import summarise_generalisation
+    from capsmed.infer.runtime import atomic_write_json
+    from capsmed.paths import Layout
+
+    cfg = _config(args)
+    doc = summarise_generalisation(cfg, args.dataset)
+    atomic_write_json(Layout(Path(cfg["results"])).generalisation(args.dataset), doc)
     return 0
 
 
@@ -279,6 +302,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 FOLD_HELP = "cross-validation fold (default: the config's split.fold)"
+FRACTION_HELP = ("a learning-curve model: its subset label from train.fractions (e.g. 0.25) or "
+                 "train.minority_fraction (minority0.25); folder models/MODEL/fraction-LABEL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,7 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None,
                    help="stop after this epoch (training resumes on the next call)")
     p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+    p.add_argument("--fraction", default=None, help=FRACTION_HELP)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate-shift",
+                       help="evaluate a model on the test cases under one shift (severities 1-5)")
+    with_config(p)
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("--shift", required=True,
+                   help="a shift of the dataset's list, or 'none' (the clean reference)")
+    p.add_argument("--severity", type=int, action="append", default=[],
+                   help="one severity (repeatable; default: the config's shift.severities)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+    p.set_defaults(func=cmd_evaluate_shift)
+
+    p = sub.add_parser("generalisation",
+                       help="corruption errors (mCE) and learning curves of a dataset's models")
+    with_config(p)
+    p.set_defaults(func=cmd_generalisation)
 
     p = sub.add_parser("crossval", help="one model's validation metrics over all folds")
     with_config(p)
@@ -345,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--threads", type=int, default=None)
             p.add_argument("--fold", type=int, default=None, help=FOLD_HELP)
+            p.add_argument("--fraction", default=None,
+                           help=FRACTION_HELP + " (test stage only: eval/MODEL/fraction-LABEL/test)")
             how = p.add_mutually_exclusive_group()
             how.add_argument("--case", default=None,
                              help="evaluate only this case (its id or file name) into "

@@ -189,8 +189,21 @@ def _check_semantics(cfg: dict[str, Any], source: str) -> None:
                 )
             else:
                 ds["path"] = ds["path"].replace("{data_root}", str(cfg["data_root"]).rstrip("/"))
+        if ds["task"] == "segmentation":
+            problems += _subset_problems(cfg, name, f"{source}: datasets.{name}")
     if problems:
         raise CapsmedError("\n".join(problems))
+
+
+def _subset_problems(cfg: dict[str, Any], dataset: str, where: str) -> list[str]:
+    """The class-imbalance keys set for a segmentation dataset (merged over its models)."""
+    problems = []
+    for key in ("minority_fraction", "minority_class"):
+        if any(train_config(cfg, dataset, m).get(key) not in (None, [])
+               for m in cfg["datasets"][dataset].get("models", [])):
+            problems.append(f"{where}: train.{key} is for classification datasets, but the task "
+                            "is segmentation")
+    return problems
 
 
 def _set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
@@ -352,32 +365,156 @@ def dataset_hash(cfg: dict[str, Any], dataset: str) -> str:
     return config_hash(_dataset_inputs(cfg, dataset))
 
 
-def model_config_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
+#: Training keys that choose which learning-curve models are trained besides a model, not how it
+#: trains: left out of its hash (:func:`hashed_train_config`).
+SUBSET_KEYS = ("fractions", "minority_fraction", "minority_class")
+
+
+def hashed_train_config(tcfg: dict[str, Any]) -> dict[str, Any]:
+    """The training settings that determine a trained model (its hash and resume identity).
+
+    Leaves out :data:`SUBSET_KEYS`, ``spatial_augment`` while it has its default ``true`` and
+    ``rotate_augment`` / ``scale_augment`` while 0, so that a model's hash is the one it had before
+    these keys existed (no model retrains for them); other values change it.
+    """
+    out = {k: v for k, v in tcfg.items() if k not in SUBSET_KEYS}
+    if out.get("spatial_augment", True) is True:
+        out.pop("spatial_augment", None)
+    for key in ("rotate_augment", "scale_augment"):  # off (0): as before the keys existed
+        if not out.get(key):
+            out.pop(key, None)
+    return out
+
+
+def model_config_hash(cfg: dict[str, Any], dataset: str, model: str,
+                      fraction: str | None = None) -> str:
     """Hash of everything that determines a trained model.
 
     That is the dataset's inputs (:func:`dataset_hash`), the model, its arguments and its merged
-    training settings. ``split.fold`` is not part of it: each fold's model lives in its own
-    folder. The Snakefile's train params and the checkpoints' ``config_hash`` both use this one
-    definition.
+    training settings (:func:`hashed_train_config`). ``split.fold`` is not part of it: each fold's
+    model lives in its own folder. The Snakefile's train params and the checkpoints'
+    ``config_hash`` both use this one definition.
+
+    Args:
+        cfg: Validated configuration.
+        dataset: Dataset name.
+        model: Model name.
+        fraction: A learning-curve model (:func:`subset_spec`'s label, e.g. ``"0.25"`` or
+            ``"minority0.25"``): its subset (kind, share, and the minority class of a minority
+            subset) is added. None: the ordinary model.
+
+    Raises:
+        CapsmedError: ``fraction`` is not a subset the config asks for (:func:`subset_spec`).
     """
     relevant = {
         **_dataset_inputs(cfg, dataset),
         "model": model,
         **({"class": model_class(cfg, model)} if model_class(cfg, model) != model else {}),
         "args": model_args(cfg, model),
-        "train": train_config(cfg, dataset, model),
+        "train": hashed_train_config(train_config(cfg, dataset, model)),
     }
+    if fraction is not None:
+        spec = subset_spec(cfg, dataset, model, fraction)
+        relevant["subset"] = {k: spec[k] for k in ("kind", "value", "minority_class")}
     return config_hash(relevant)
 
 
-def evaluation_hash(cfg: dict[str, Any], dataset: str, model: str) -> str:
+def evaluation_hash(cfg: dict[str, Any], dataset: str, model: str,
+                    fraction: str | None = None) -> str:
     """Hash of what determines a model's evaluation: the trained model, inference, evaluate.
 
     Inference settings that change only memory and time (:data:`INFERENCE_RUNTIME_KEYS`) are left
-    out, so changing them reruns nothing.
+    out, so changing them reruns nothing. ``fraction``: a learning-curve model's test stage
+    (:func:`model_config_hash`).
     """
     icfg = {k: v for k, v in inference_config(cfg, dataset).items()
             if k not in INFERENCE_RUNTIME_KEYS}
-    return config_hash({"model": model_config_hash(cfg, dataset, model),
+    return config_hash({"model": model_config_hash(cfg, dataset, model, fraction),
                         "inference": icfg,
                         "evaluate": cfg["evaluate"]})
+
+
+#: Prefix of the label of a class-imbalance subset (``train.minority_fraction``).
+MINORITY_PREFIX = "minority"
+
+
+def fraction_label(value: float, minority: bool = False) -> str:
+    """The label of a learning-curve subset, as paths and ``--fraction`` write it.
+
+    ``fraction_label(0.25)`` -> ``"0.25"`` (``models/MODEL/fraction-0.25``);
+    ``fraction_label(0.25, minority=True)`` -> ``"minority0.25"``
+    (``models/MODEL/fraction-minority0.25``). The number is Python's shortest ``float`` form, the
+    way YAML's ``0.25`` reads back (``1`` -> ``"1.0"``).
+    """
+    return f"{MINORITY_PREFIX if minority else ''}{float(value)!r}"
+
+
+def parse_fraction(label: str) -> tuple[str, float]:
+    """``(kind, share)`` of a subset label.
+
+    ``"0.25"`` -> ``("fraction", 0.25)``, ``"minority0.25"`` -> ``("minority", 0.25)``.
+
+    Raises:
+        CapsmedError: the label is not a number (optionally after ``minority``), or the number is
+            outside (0, 1].
+    """
+    text = str(label).strip()
+    kind = "minority" if text.startswith(MINORITY_PREFIX) else "fraction"
+    number = text[len(MINORITY_PREFIX):] if kind == "minority" else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise CapsmedError(f"fraction {label!r}: expected a share such as 0.25, or minority0.25 "
+                           "for the class-imbalance subset") from None
+    if not 0.0 < value <= 1.0:
+        raise CapsmedError(f"fraction {label!r}: the share must lie in (0, 1]")
+    return kind, value
+
+
+def fraction_labels(cfg: dict[str, Any], dataset: str, model: str) -> list[str]:
+    """The learning-curve models the config asks for besides the ordinary one, by label.
+
+    ``train.fractions`` (labels ``"0.1"``, ...) then ``train.minority_fraction`` (``"minority0.1"``,
+    ...), merged for this dataset and model, in the config's order; 1.0 is left out (that is the
+    ordinary model, never trained again). These are the values of the Snakefile's ``{fraction}``
+    wildcard and of ``capsmed train/evaluate --fraction``.
+    """
+    tcfg = train_config(cfg, dataset, model)
+    labels = [fraction_label(v) for v in tcfg.get("fractions") or [] if float(v) < 1.0]
+    labels += [fraction_label(v, minority=True) for v in tcfg.get("minority_fraction") or []
+               if float(v) < 1.0]
+    return list(dict.fromkeys(labels))
+
+
+def subset_spec(cfg: dict[str, Any], dataset: str, model: str, fraction: str) -> dict[str, Any]:
+    """The training subset of a learning-curve model, checked against the config.
+
+    Args:
+        cfg: Validated configuration.
+        dataset: Dataset name.
+        model: Model name.
+        fraction: Its label (:func:`fraction_label`; ``"0.250"`` reads as ``"0.25"``).
+
+    Returns:
+        ``{"label", "kind", "value", "minority_class"}``: the canonical label (its folder is
+        ``fraction-{label}``), ``"fraction"`` or ``"minority"``, the share, and
+        ``train.minority_class`` for a minority subset (None otherwise, and None when the rarer
+        class is meant).
+
+    Raises:
+        CapsmedError: a malformed label, the share 1.0 (the ordinary model), or a share that the
+            dataset's ``train.fractions`` / ``train.minority_fraction`` does not list.
+    """
+    kind, value = parse_fraction(fraction)
+    minority = kind == "minority"
+    label = fraction_label(value, minority)
+    if value == 1.0:
+        raise CapsmedError(f"dataset {dataset}, model {model}: fraction {fraction} is the "
+                           "ordinary model, trained and evaluated without --fraction")
+    tcfg = train_config(cfg, dataset, model)
+    key = "minority_fraction" if minority else "fractions"
+    if label not in fraction_labels(cfg, dataset, model):
+        raise CapsmedError(f"dataset {dataset}, model {model}: fraction {fraction} is not in "
+                           f"train.{key} ({tcfg.get(key) or []})")
+    return {"label": label, "kind": kind, "value": value,
+            "minority_class": tcfg.get("minority_class") if minority else None}

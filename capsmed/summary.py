@@ -77,5 +77,36 @@ def build_summary(cfg: dict[str, Any]) -> dict[str, Any]:
         for page in ("comparison", "qc"):
             path = layout.reports(ds) / f"{page}.html"
             entry[page] = str(path.relative_to(layout.results))
+        entry.update(generalisation_sections(layout, ds))
         out["datasets"][ds] = entry
+    return out
+
+
+def generalisation_sections(layout: Layout, ds: str) -> dict[str, Any]:
+    """A dataset's ``generalisation`` and ``learning_curve`` entries (DESIGN.md section 2).
+
+    Read from ``generalisation.json`` (:mod:`capsmed.evaluate.generalisation` writes it): per model
+    ``mce``, ``relative_mce`` and ``shifts: {shift: {severity: {metric: value}}}``, the reference
+    model, and the page's path; the learning curve as ``{model: {fraction: {metric: value}}}``.
+    Empty when the dataset has no such file.
+    """
+    doc = read_json(layout.generalisation(ds), required=False)
+    if not doc:
+        return {}
+    metric = doc["metric"]
+    out: dict[str, Any] = {}
+    if doc.get("models"):
+        out["generalisation"] = {
+            "reference": doc.get("reference"), "metric": metric,
+            "report": str(layout.generalisation_report(ds).relative_to(layout.results)),
+            "models": {model: {
+                "mce": m.get("mce"), "relative_mce": m.get("relative_mce"),
+                "shifts": {shift: {sev: {metric: v[metric]} for sev, v in per.items()}
+                           for shift, per in m["shifts"].items()}}
+                for model, m in doc["models"].items()}}
+    curve = doc.get("learning_curve") or {}
+    if curve.get("models"):
+        out["learning_curve"] = {"metric": metric, "models": {
+            model: {frac: {metric: v[metric]} for frac, v in per.items()}
+            for model, per in curve["models"].items()}}
     return out

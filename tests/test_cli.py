@@ -95,3 +95,32 @@ def test_bad_dataset_stops_prepare_with_message_on_console_and_in_log(tmp_path, 
     assert "missing_image.nii.gz" in err and "Traceback" not in err
     assert "missing_image.nii.gz" in log.read_text()
     assert not (tmp_path / "results" / "bad" / "data" / "cases.json").exists()
+
+
+def test_train_and_evaluate_a_fraction_model(tmp_path, capsys):
+    """capsmed train/evaluate --fraction: the learning-curve model and its test stage in their own
+    folders (models/MODEL/fraction-F, eval/MODEL/fraction-F/test), the ordinary ones untouched."""
+    import csv
+    import json
+
+    from tests.pipeline_helpers import prepare_all, tiny_config, write_config
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 1, "batch_size": 8,
+                                                   "fractions": [0.5]})
+    path = write_config(cfg, tmp_path / "c.yaml")
+    prepare_all(path)
+    base = ("-q", "-c", path, "-d", "ds", "-m", "seed_cnn")
+    assert run_cli(base[0], "train", *base[1:], "--fraction", "0.5") == 0
+    assert run_cli(base[0], "evaluate", *base[1:], "-s", "test", "--fraction", "0.5") == 0
+    results = tmp_path / "results" / "ds"
+    assert (results / "models/seed_cnn/fraction-0.5/best.pt").is_file()
+    assert (results / "models/seed_cnn/fraction-0.5/inference.json").is_file()
+    assert not (results / "models/seed_cnn/best.pt").exists()
+    doc = json.loads((results / "eval/seed_cnn/fraction-0.5/test/metrics.json").read_text())
+    splits = json.loads((results / "splits.json").read_text())
+    with open(results / "eval/seed_cnn/fraction-0.5/test/cases.csv") as fh:
+        assert sorted(r["case_id"] for r in csv.DictReader(fh)) == sorted(splits["test"])
+    assert doc["fraction"] == "0.5" and doc["stage"] == "test"
+    assert not (results / "eval/seed_cnn/test").exists()
+    assert run_cli(base[0], "train", *base[1:], "--fraction", "1.0") == 2
+    assert "fraction 1.0 is the ordinary model" in capsys.readouterr().err

@@ -3,6 +3,7 @@ import yaml
 
 from capsmed.config import (
     deep_merge,
+    evaluation_hash,
     load_config,
     model_config_hash,
     path_fold,
@@ -177,7 +178,8 @@ def test_schema_properties_are_well_formed(repo_root):
     schema = yaml.safe_load((repo_root / "workflow" / "schemas" / "config.schema.yaml").read_text())
     keywords = {"type", "description", "default", "enum", "minimum", "maximum", "exclusiveMinimum",
                 "exclusiveMaximum", "items", "minItems", "maxItems", "properties", "required",
-                "additionalProperties", "$ref", "propertyNames", "minProperties", "pattern"}
+                "additionalProperties", "$ref", "propertyNames", "minProperties", "pattern",
+                "uniqueItems"}
 
     def check(props, where, overlay=False):
         for name, sub in props.items():
@@ -195,7 +197,7 @@ def test_schema_properties_are_well_formed(repo_root):
 def test_one_definition_of_the_same_trained_model(repo_root):
     """split.fold only picks the reported fold: no hash of data or model depends on it, and the
     Snakefile's params use capsmed's hash functions rather than its own."""
-    from capsmed.config import dataset_hash, evaluation_hash
+    from capsmed.config import dataset_hash
 
     cfg = validate_config({"datasets": {"d": _ds(split={"folds": 3, "fold": 0})}})
     moved = validate_config({"datasets": {"d": _ds(split={"folds": 3, "fold": 2,
@@ -232,3 +234,93 @@ def test_model_variants_are_checked_through_their_model():
     cfg["datasets"]["d"]["models"] = ["nope"]
     assert any("unknown model 'nope'; accepted: " in p and "variants in models: bad, capsunet_1iter"
                in p for p in config_problems(cfg, "c.yaml"))
+
+
+# --- learning curves: train.fractions, train.minority_fraction, train.spatial_augment ------------
+
+
+def _cls_ds(**train):
+    return _ds(task="classification", spatial_dims=2, synthetic={"size": [16, 16]},
+               models=["seed_cnn"], train=train)
+
+
+def test_subset_keys_leave_the_ordinary_models_hash_alone():
+    plain = validate_config({"datasets": {"d": _cls_ds()}})
+    curves = validate_config({"datasets": {"d": _cls_ds(fractions=[0.1, 0.5, 1.0],
+                                                         minority_fraction=[0.25],
+                                                         minority_class=1)}})
+    for fn in (model_config_hash, evaluation_hash):
+        assert fn(plain, "d", "seed_cnn") == fn(curves, "d", "seed_cnn")
+    # a fraction model has its own hash, and the minority class is part of a minority model's
+    assert model_config_hash(curves, "d", "seed_cnn", "0.1") != model_config_hash(
+        curves, "d", "seed_cnn")
+    assert model_config_hash(curves, "d", "seed_cnn", "0.1") != model_config_hash(
+        curves, "d", "seed_cnn", "0.5")
+    other_class = deep_merge(curves, {"datasets": {"d": {"train": {"minority_class": 0}}}})
+    assert model_config_hash(curves, "d", "seed_cnn", "0.1") == model_config_hash(
+        other_class, "d", "seed_cnn", "0.1")
+    assert model_config_hash(curves, "d", "seed_cnn", "minority0.25") != model_config_hash(
+        other_class, "d", "seed_cnn", "minority0.25")
+    assert evaluation_hash(curves, "d", "seed_cnn", "0.5") != evaluation_hash(
+        curves, "d", "seed_cnn")
+
+
+def test_spatial_augment_off_changes_the_hash_and_on_hashes_as_before():
+    cfg = validate_config({"datasets": {"d": _ds()}})
+    assert cfg["train"]["spatial_augment"] is True
+    off = deep_merge(cfg, {"train": {"spatial_augment": False}})
+    assert model_config_hash(cfg, "d", "unet") != model_config_hash(off, "d", "unet")
+    # the default hashes as a config from before the key existed
+    from capsmed.config import hashed_train_config, train_config
+
+    tcfg = train_config(cfg, "d", "unet")
+    assert "spatial_augment" not in hashed_train_config(tcfg)
+    assert hashed_train_config(train_config(off, "d", "unet"))["spatial_augment"] is False
+
+
+def test_fraction_labels_and_subset_spec():
+    from capsmed.config import fraction_label, fraction_labels, parse_fraction, subset_spec
+
+    cfg = validate_config({"datasets": {"d": _cls_ds(fractions=[0.1, 0.25, 1.0],
+                                                     minority_fraction=[0.5, 1])}})
+    assert fraction_labels(cfg, "d", "seed_cnn") == ["0.1", "0.25", "minority0.5"]
+    assert fraction_label(1) == "1.0" and fraction_label(0.5, minority=True) == "minority0.5"
+    assert parse_fraction("minority0.5") == ("minority", 0.5)
+    assert subset_spec(cfg, "d", "seed_cnn", "0.250") == {
+        "label": "0.25", "kind": "fraction", "value": 0.25, "minority_class": None}
+    assert subset_spec(cfg, "d", "seed_cnn", "minority0.5")["kind"] == "minority"
+    assert fraction_labels(validate_config({"datasets": {"d": _ds()}}), "d", "unet") == []
+
+
+def test_fraction_label_errors():
+    from capsmed.config import parse_fraction, subset_spec
+
+    cfg = validate_config({"datasets": {"d": _cls_ds(fractions=[0.25])}})
+    with pytest.raises(CapsmedError, match=r"fraction 'half': expected a share such as 0.25"):
+        parse_fraction("half")
+    with pytest.raises(CapsmedError, match=r"fraction '1.5': the share must lie in \(0, 1\]"):
+        parse_fraction("1.5")
+    with pytest.raises(CapsmedError, match=r"dataset d, model seed_cnn: fraction 0.5 is not in "
+                                           r"train.fractions \(\[0.25\]\)"):
+        subset_spec(cfg, "d", "seed_cnn", "0.5")
+    with pytest.raises(CapsmedError, match="fraction 1.0 is the ordinary model"):
+        subset_spec(cfg, "d", "seed_cnn", "1.0")
+
+
+def test_fractions_out_of_range_are_schema_errors():
+    with pytest.raises(CapsmedError, match=r"datasets.d.train.fractions.0: 0 is less than or "
+                                           r"equal to the minimum of 0"):
+        validate_config({"datasets": {"d": _ds(train={"fractions": [0, 0.5]})}})
+    with pytest.raises(CapsmedError, match=r"datasets.d.train.fractions.1: 1.5 is greater than "
+                                           r"the maximum of 1"):
+        validate_config({"datasets": {"d": _ds(train={"fractions": [0.5, 1.5]})}})
+
+
+def test_minority_keys_on_a_segmentation_dataset_are_errors():
+    with pytest.raises(CapsmedError, match=r"config: datasets.d: train.minority_fraction is for "
+                                           r"classification datasets, but the task is "
+                                           r"segmentation"):
+        validate_config({"datasets": {"d": _ds(train={"minority_fraction": [0.5]})}})
+    with pytest.raises(CapsmedError, match=r"datasets.d: train.minority_class is for "
+                                           r"classification datasets"):
+        validate_config({"datasets": {"d": _ds()}, "train": {"minority_class": 1}})

@@ -8,7 +8,8 @@ Public API (PLAN.md, "Data API"), importable from here or from the submodules:
 - :func:`capsmed.data.transforms.build_transforms`,
   :func:`capsmed.data.transforms.build_preprocess_transforms`,
   :func:`capsmed.data.transforms.build_augment_transforms`
-- :func:`capsmed.data.splits.make_splits`, :func:`capsmed.data.splits.load_or_create_splits`
+- :func:`capsmed.data.splits.make_splits`, :func:`capsmed.data.splits.load_or_create_splits`,
+  :func:`capsmed.data.splits.fraction_cases` (learning-curve subsets)
 - :func:`capsmed.data.shifts.apply_shift`, :func:`capsmed.data.shifts.default_shifts`,
   :func:`capsmed.data.shifts.shift_settings`
 
@@ -33,6 +34,7 @@ _EXPORTS = {
     "make_splits": "splits",
     "load_or_create_splits": "splits",
     "fold_cases": "splits",
+    "fraction_cases": "splits",
     "apply_shift": "shifts",
     "default_shifts": "shifts",
     "shift_settings": "shifts",

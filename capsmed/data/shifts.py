@@ -669,8 +669,10 @@ def is_binary_intensity(stats: Mapping[str, Any], rtol: float = 1e-3) -> bool:
 def shift_kind(plan: Mapping[str, Any]) -> str:
     """The kind of image a preprocessing plan describes.
 
-    ``mask`` when the plan's intensity statistics are those of a two-valued image
-    (:func:`is_binary_intensity`; AdrenalMNIST3D records no modality); else ``ct`` for modality
+    ``mask`` when the plan's intensity statistics are those of a two-valued image whose lower
+    value is 0, background and shape (:func:`is_binary_intensity`; AdrenalMNIST3D records no
+    modality; a segmentation's statistics come from its labelled voxels, which hold no
+    background, so two-valued structures do not count); else ``ct`` for modality
     CT, ``us`` for ultrasound (:func:`capsmed.data.transforms.is_ultrasound`'s names), ``image2d``
     for other 2D images and ``mr`` for other 3D images (MRI, ``other``, the synthetic demo).
 
@@ -679,7 +681,8 @@ def shift_kind(plan: Mapping[str, Any]) -> str:
             ``intensity``).
     """
     modality = str(plan.get("modality") or "").upper()
-    if is_binary_intensity(plan.get("intensity") or {}):
+    stats = plan.get("intensity") or {}
+    if is_binary_intensity(stats) and float(stats.get("min", 1.0)) == 0.0:
         return "mask"
     if modality == "CT":
         return "ct"
@@ -842,8 +845,8 @@ def shift_settings(cfg: Mapping[str, Any], dataset: str, plan: Mapping[str, Any]
 
     Returns:
         ``{"enabled": bool, "shifts": [names], "severities": [sorted, unique ints in 1..5],
-        "tta": bool}``; ``shifts`` is :func:`default_shifts` of the plan when the config's is
-        null, and empty when ``enabled`` is false.
+        "tta": bool, "reference": model entry or None}``; ``shifts`` is :func:`default_shifts`
+        of the plan when the config's is null, and empty when ``enabled`` is false.
 
     Raises:
         CapsmedError: one line naming the dataset and the first unknown or unsuitable shift, or a
@@ -875,4 +878,5 @@ def shift_settings(cfg: Mapping[str, Any], dataset: str, plan: Mapping[str, Any]
         severities.append(int(severity))
     enabled = bool(merged.get("enabled", True))
     return {"enabled": enabled, "shifts": list(dict.fromkeys(names)) if enabled else [],
-            "severities": sorted(set(severities)), "tta": bool(merged.get("tta", False))}
+            "severities": sorted(set(severities)), "tta": bool(merged.get("tta", False)),
+            "reference": merged.get("reference")}

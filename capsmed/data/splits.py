@@ -232,3 +232,122 @@ def fold_cases(cases_doc: Mapping[str, Any], ids: Sequence[str]) -> list[dict]:
             f"splits.json names cases missing from cases.json: {', '.join(missing[:5])}; "
             "the dataset changed since the split was written")
     return [by_id[i] for i in ids]
+
+
+def _round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def minority_class_of(cases: Sequence[Mapping[str, Any]]) -> int:
+    """The rarer class of ``cases`` (fewest cases; the lower index on a tie)."""
+    counts: dict[int, int] = {}
+    for c in cases:
+        counts[int(c["class"])] = counts.get(int(c["class"]), 0) + 1
+    return min(counts, key=lambda k: (counts[k], k))
+
+
+def _subset_order(groups: list[str], strata: list[int], seed: int) -> list[str]:
+    """One fixed order of the patients, whose every prefix is stratified (see fraction_cases)."""
+    order = np.random.default_rng(seed).permutation(len(groups))
+    by_stratum: dict[int, list[int]] = {}
+    for pos in order:
+        by_stratum.setdefault(strata[pos], []).append(int(pos))
+    keys = {}
+    for members in by_stratum.values():
+        for rank, pos in enumerate(members):
+            keys[pos] = rank / len(members)
+    tie = {int(pos): i for i, pos in enumerate(order)}
+    return [groups[p] for p in sorted(keys, key=lambda p: (keys[p], tie[p]))]
+
+
+def fraction_cases(cases: Sequence[Mapping[str, Any]], fraction: float, *, seed: int, task: str,
+                   minority: bool = False, minority_class: int | None = None,
+                   where: str = "training cases") -> list[dict]:
+    """A learning-curve subset of a fold's training cases: nested, grouped, stratified.
+
+    Cases are grouped by patient (``patient_id``, else ``case_id``, as :func:`make_splits` groups
+    them): a patient's cases are in or out together. The patients are put in one fixed order per
+    ``seed`` (a ``numpy`` permutation of the sorted patient ids) and a subset is the shortest
+    prefix of that order that holds ``n = max(1, floor(fraction * N + 1/2))`` of the ``N`` cases,
+    so the subsets of one seed are nested: the 0.1 subset lies inside the 0.25 one, which lies
+    inside the 0.5 one. With one case per patient, a subset has exactly ``n`` cases (7 cases at
+    0.5: 4).
+
+    Classification is stratified: within each class (of a patient: its most frequent class, the
+    lower index on a tie) the patients keep the permutation's order, the ``r``-th of ``n_c`` gets
+    the key ``r / n_c``, and the order sorts by key (ties by permutation position). Every prefix
+    then holds each class in proportion (to within one patient), and the first ones hold one
+    patient of every class: a classification subset holds at least one case per class.
+
+    ``minority``: the class-imbalance subset. Every case of the other classes is kept, and of the
+    minority class (``minority_class``, default :func:`minority_class_of` the cases) the shortest
+    prefix of its patients, in the permutation's order, with ``max(1, floor(fraction * N_min +
+    1/2))`` of its ``N_min`` cases (nested likewise); a patient's minority cases go in or out
+    together.
+
+    Args:
+        cases: The fold's training cases (``case_id``, optional ``patient_id``, ``class`` for
+            classification).
+        fraction: The share in (0, 1]; 1 keeps every case.
+        seed: The config's seed.
+        task: ``segmentation`` or ``classification``.
+        minority: Make the class-imbalance subset (classification only).
+        minority_class: The class thinned out by ``minority`` (None: the rarer one).
+        where: What the cases are, for messages (e.g. ``"dataset X, fold 0"``).
+
+    Returns:
+        The chosen cases, in the order of ``cases``.
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1], no cases, or ``minority`` for segmentation.
+        CapsmedError: ``minority_class`` is not a class of the cases.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1]; got {fraction}")
+    if not cases:
+        raise ValueError("fraction_cases needs at least one case")
+    classify = task == "classification"
+    if minority and not classify:
+        raise ValueError("the minority subset is for classification; the task is " + task)
+
+    def patient(c: Mapping[str, Any]) -> str:
+        return str(c.get("patient_id") or c["case_id"])
+
+    if minority:
+        classes = sorted({int(c["class"]) for c in cases})
+        chosen = minority_class_of(cases) if minority_class is None else int(minority_class)
+        if chosen not in classes:
+            raise CapsmedError(f"{where}: train.minority_class {chosen} is not a class of the "
+                               f"training cases (classes {', '.join(map(str, classes))})")
+        pool = [c for c in cases if int(c["class"]) == chosen]
+    else:
+        pool = list(cases)
+    members: dict[str, list[Mapping[str, Any]]] = {}
+    for c in pool:
+        members.setdefault(patient(c), []).append(c)
+    groups = sorted(members)
+    if classify and not minority:
+        strata = []
+        for g in groups:
+            counts: dict[int, int] = {}
+            for c in members[g]:
+                counts[int(c["class"])] = counts.get(int(c["class"]), 0) + 1
+            strata.append(max(counts, key=lambda k: (counts[k], -k)))
+    else:
+        strata = [0] * len(groups)
+    target = max(1, _round_half_up(fraction * len(pool)))
+    need_strata = len(set(strata)) if classify and not minority else 1
+    keep: set[str] = set()
+    count = 0
+    for i, g in enumerate(_subset_order(groups, strata, seed)):
+        if count >= target and i >= need_strata:
+            break
+        keep.add(g)
+        count += len(members[g])
+    chosen_ids = {c["case_id"] for g in keep for c in members[g]}
+    if minority:  # every case of the other classes
+        chosen_ids |= {c["case_id"] for c in cases if int(c["class"]) != chosen}
+    out = [dict(c) for c in cases if c["case_id"] in chosen_ids]
+    logger.info("%s: %s subset %s: %d of %d cases", where, "minority" if minority else "fraction",
+                fraction, len(out), len(cases))
+    return out

@@ -34,12 +34,16 @@ use ``monai.data.DataLoader``/``list_data_collate``), then ``RandFlipd`` on each
 ``RandShiftIntensityd``. Ultrasound (plan ``modality`` ``US``) keeps its top-down geometry:
 flips on every axis but the first (vertical) one, no 90-degree turns, and ``RandAffined``
 (rotation up to 10 degrees, scaling 10%, shifts 5%) with ``RandAdjustContrastd``.
+With ``spatial=False`` (``train.spatial_augment: false``) every spatial step but the crop is left out
+(no flips, turns, rotations, scalings or shifts); the crop stays, so patches of one size still batch,
+and so do the intensity changes.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -320,11 +324,19 @@ def _rotation_axes(patch: list[int]) -> tuple[int, int] | None:
     return None
 
 
-def build_augment_transforms(plan: Mapping[str, Any]) -> Compose:
+def build_augment_transforms(plan: Mapping[str, Any], spatial: bool = True,
+                             rotate_degrees: float = 0.0, scale: float = 0.0) -> Compose:
     """Random augmentation applied after :func:`build_preprocess_transforms` during training.
 
     Args:
         plan: from :func:`capsmed.data.fingerprint.make_plan`.
+        spatial: add the spatial augmentation (flips, 90-degree turns, ultrasound's
+            ``RandAffined``); False keeps only the patch crop (segmentation) and the intensity
+            changes (``train.spatial_augment: false``).
+        rotate_degrees: With ``spatial``, also rotate by up to this many degrees about each axis
+            (``train.rotate_augment``; MONAI ``RandAffined``, probability 0.5; 0: none).
+        scale: With ``spatial``, also scale each axis by a factor in ``[1 - scale, 1 + scale]``
+            (``train.scale_augment``, in the same ``RandAffined``; 0: none).
 
     Returns:
         A ``Compose`` of MONAI randomizable transforms. Segmentation: input ``{"image": (C, *S),
@@ -346,7 +358,10 @@ def build_augment_transforms(plan: Mapping[str, Any]) -> Compose:
                                         neg=1, num_samples=int(plan.get("samples_per_case", 1)),
                                         allow_smaller=True, fg_indices_key="fg_locations",
                                         bg_indices_key="bg_locations"))
-    if is_ultrasound(plan):
+    if not spatial:
+        if is_ultrasound(plan):
+            t.append(RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.8, 1.25)))
+    elif is_ultrasound(plan):
         # Ultrasound has a fixed top-down geometry (transducer at the top of the image, acoustic
         # shadowing below lesions): no vertical flips or 90-degree turns; left-right flips, small
         # rotations, scalings and shifts, and contrast changes instead.
@@ -362,12 +377,19 @@ def build_augment_transforms(plan: Mapping[str, Any]) -> Compose:
         axes = _rotation_axes(patch)
         if axes is not None:
             t.append(RandRotate90d(keys=keys, prob=0.5, max_k=3, spatial_axes=axes))
+    if spatial and (rotate_degrees or scale):
+        t.append(RandAffined(keys=keys, prob=0.5,
+                             rotate_range=[math.radians(float(rotate_degrees))]
+                             * (1 if dims == 2 else 3),
+                             scale_range=[float(scale)] * dims,
+                             mode=["bilinear", "nearest"][: len(keys)], padding_mode="border"))
     t.append(RandScaleIntensityd(keys="image", factors=0.1, prob=0.5))
     t.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5))
     return Compose(t)
 
 
-def build_transforms(plan: Mapping[str, Any], train: bool) -> Compose:
+def build_transforms(plan: Mapping[str, Any], train: bool, spatial: bool = True,
+                     rotate_degrees: float = 0.0, scale: float = 0.0) -> Compose:
     """The full pipeline: preprocessing, then augmentation when ``train``.
 
     ``CacheDataset``/``PersistentDataset`` cache everything up to the first random transform,
@@ -376,6 +398,9 @@ def build_transforms(plan: Mapping[str, Any], train: bool) -> Compose:
     Args:
         plan: from :func:`capsmed.data.fingerprint.make_plan`.
         train: add the random augmentation.
+        spatial: with ``train``, its spatial part too (:func:`build_augment_transforms`).
+        rotate_degrees: with ``train``, random rotations up to this many degrees.
+        scale: with ``train``, random scalings by up to this share.
 
     Returns:
         A flat ``Compose`` (see :func:`build_preprocess_transforms` and
@@ -383,5 +408,7 @@ def build_transforms(plan: Mapping[str, Any], train: bool) -> Compose:
     """
     steps = list(build_preprocess_transforms(plan).transforms)
     if train:
-        steps += list(build_augment_transforms(plan).transforms)
+        steps += list(build_augment_transforms(plan, spatial=spatial,
+                                               rotate_degrees=rotate_degrees,
+                                               scale=scale).transforms)
     return Compose(steps)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from capsmed.config import resolve_fold
+from capsmed.config import resolve_fold, subset_spec
 from capsmed.errors import CapsmedError
 from capsmed.infer.study_files import save_classification_panels, save_segmentation_maps
 from capsmed.paths import Layout, safe_name
@@ -343,7 +343,7 @@ def _training_label_boxes(layout: Layout, dataset: str, cases_doc: dict, splits:
 
 def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
                    threads: int | None = None, fold: int | None = None, case: str | None = None,
-                   from_cases: bool = False) -> dict[str, Any]:
+                   from_cases: bool = False, fraction: str | None = None) -> dict[str, Any]:
     """Evaluate one trained model on one dataset stage, or on one case of it.
 
     By default every case of the stage is predicted in this process. For a cluster, the work can
@@ -361,13 +361,17 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         fold: Cross-validation fold (default ``split.fold``): its model and its stage cases.
         case: Only this case (its id, or the file-safe name of its id); writes its case file.
         from_cases: Aggregate the case files of every case of the stage instead of predicting.
+        fraction: A learning-curve model's subset label (``"0.25"``, ``"minority0.25"``): its
+            model (``models/{model}[/fold{k}]/fraction-{label}``) on the ordinary test cases,
+            written to ``eval/{model}[/fold{k}]/fraction-{label}/test``; test stage only.
 
     Returns:
         The content written to ``metrics.json`` (or, with ``case``, to the case file).
 
     Raises:
-        CapsmedError: On an unknown stage or case, a case file that is missing or unreadable, or
-            a prediction whose shape differs from its label's.
+        CapsmedError: On an unknown stage or case, a case file that is missing or unreadable, a
+            prediction whose shape differs from its label's, or a ``fraction`` with a stage other
+            than test or one the config does not list.
     """
     import torch
 
@@ -387,12 +391,17 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
         raise CapsmedError(f"stage must be train, val or test, got {stage!r}")
     if case is not None and from_cases:
         raise CapsmedError("evaluate: give either a case or from_cases, not both")
+    if fraction is not None and stage != "test":
+        raise CapsmedError(f"evaluate: a learning-curve model (fraction {fraction}) is evaluated "
+                           f"on the test stage only, not {stage}")
     layout = Layout(Path(cfg["results"]))
     icfg = config_settings(cfg, dataset)
     configure_threads(threads or cfg["threads"])
     device = select_device(cfg["device"])
     fold_index, path_fold = resolve_fold(cfg, dataset, fold)
-    ckpt_path = layout.model_dir(dataset, model_name, path_fold) / "best.pt"
+    label = None if fraction is None else subset_spec(cfg, dataset, model_name, fraction)["label"]
+    ckpt_path = (layout.model_dir(dataset, model_name, path_fold) if label is None else
+                 layout.fraction_model_dir(dataset, model_name, label, path_fold)) / "best.pt"
     ckpt = load_checkpoint(ckpt_path)
     record_settings(ckpt_path.parent, icfg)  # what capsmed predict reads beside best.pt
     ckpt_sha = sha256_file(ckpt_path)
@@ -401,7 +410,8 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
     splits = read_json(layout.splits(dataset), "splits")
     cases = stage_cases(cases_doc, splits, stage, fold_index)
     label_boxes = _training_label_boxes(layout, dataset, cases_doc, splits, fold_index)
-    out_dir = layout.eval_dir(dataset, model_name, stage, path_fold)
+    out_dir = (layout.eval_dir(dataset, model_name, stage, path_fold) if label is None else
+               layout.fraction_eval_dir(dataset, model_name, label, path_fold))
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     if case is not None:
@@ -431,7 +441,7 @@ def evaluate_stage(cfg: dict, dataset: str, model_name: str, stage: str, *,
             return doc
 
     identity = {"dataset": dataset, "model": model_name, "stage": stage, "fold": fold_index,
-                "task": task}
+                "task": task, **({} if label is None else {"fraction": label})}
     doc, fields = _stage_document(rows, names, cfg, identity,
                                   {"checkpoint_sha256": ckpt_sha, "inference": icfg},
                                   peak, device_name)

@@ -6,7 +6,8 @@ A checkpoint is a dict of tensors and plain Python values:
 "in_channels", "out_channels", "args"}, "state_dict" (the evaluated weights: the EMA average when
 ``train.ema_decay`` is set), "task", "plan", "labels" | "classes", "config_hash", "seed",
 "versions", "label_codes" (the labels' SNOMED CT codes, or None), "epoch", "step", "best_metric",
-"best_epoch", "metric_name", "history", "resume_identity"}`` (the hashes of model, training
+"best_epoch", "metric_name", "history", "resume_identity", "subset"}`` (``subset``: the training
+share of a learning-curve model, None for the ordinary one) (the hashes of model, training
 settings, plan, cases, data digest and validation that a resume must share) and, in ``last.pt``
 only, ``"stop_reason"`` (None while training goes on, else ``epochs``, ``time_budget`` or
 ``early_stop``), the ``"optimizer"`` state and, with EMA, ``"train_state_dict"`` (the raw weights)

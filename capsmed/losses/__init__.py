@@ -1,4 +1,4 @@
-"""Capsule losses (margin, reconstruction) and ``build_loss``, which picks a model's training loss.
+"""Capsule losses (margin, spread, reconstruction) and ``build_loss``, which picks the training loss.
 
 Dice and cross entropy come from MONAI (``monai.losses``).
 """
@@ -9,10 +9,12 @@ from capsmed.losses.factory import (
     CapsuleSegmentationLoss,
     ClassificationLoss,
     SegmentationLoss,
+    SpreadClassificationLoss,
     build_loss,
 )
 from capsmed.losses.margin import MarginLoss, as_one_hot
 from capsmed.losses.reconstruction import MaskedReconstructionLoss, ReconstructionLoss
+from capsmed.losses.spread import SpreadLoss
 
 __all__ = [
     "LOSS_WEIGHT_KEYS",
@@ -23,6 +25,8 @@ __all__ = [
     "MaskedReconstructionLoss",
     "ReconstructionLoss",
     "SegmentationLoss",
+    "SpreadClassificationLoss",
+    "SpreadLoss",
     "as_one_hot",
     "build_loss",
 ]

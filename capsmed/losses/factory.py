@@ -9,6 +9,9 @@ Choices, per ``(model.task, model.output_kind)``:
 - classification, logits: cross entropy (``ce_weight``).
 - classification, capsule lengths: margin loss (``margin_weight``) plus, when the model has a
   decoder, the CapsNet reconstruction loss (``reconstruction_weight`` on the summed squared error).
+- classification, matrix-capsule activations (models with ``class_loss = "spread"``, EM routing):
+  the spread loss of Hinton et al. 2018 (``spread_weight``), margin from ``spread_m_min`` (0.2) to
+  ``spread_m_max`` (0.9) with the elapsed fraction of training (``loss.set_progress``).
 - segmentation, logits: MONAI ``DiceCELoss(softmax=True, to_onehot_y=True)`` with
   ``lambda_dice=dice_weight`` and ``lambda_ce=ce_weight``; models with coarse class capsules
   (3D-UCaps) add the margin loss on those capsules against the area-downsampled one-hot label
@@ -40,6 +43,7 @@ from torch import nn
 from capsmed.layers.tensors import plain_tensor
 from capsmed.losses.margin import MarginLoss, as_one_hot
 from capsmed.losses.reconstruction import MaskedReconstructionLoss, ReconstructionLoss
+from capsmed.losses.spread import SpreadLoss
 
 if TYPE_CHECKING:  # pragma: no cover
     from capsmed.models.base import CapsmedModel
@@ -50,6 +54,7 @@ __all__ = [
     "CapsuleSegmentationLoss",
     "ClassificationLoss",
     "SegmentationLoss",
+    "SpreadClassificationLoss",
     "build_loss",
 ]
 
@@ -64,6 +69,9 @@ LOSS_WEIGHT_KEYS: dict[str, float] = {
     "dice_weight": 1.0,
     "ce_weight": 1.0,
     "margin_weight": 1.0,
+    "spread_m_min": 0.2,
+    "spread_m_max": 0.9,
+    "spread_weight": 1.0,
 }
 
 
@@ -242,6 +250,55 @@ class CapsuleClassificationLoss(_TermsLoss):
         return self._total(terms)
 
 
+class SpreadClassificationLoss(_TermsLoss):
+    """Spread loss on class activations (matrix capsules, Hinton et al. 2018).
+
+    Args:
+        spread: the spread loss (its reduction is ignored: per-sample values are averaged here).
+        spread_weight: scale of the loss.
+        class_weights: per-class weights ``(C,)`` (weighted mean over the batch, as cross
+            entropy's ``weight``), or None.
+
+    """
+
+    def __init__(self, spread: SpreadLoss, spread_weight: float = 1.0,
+                 class_weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.spread = spread
+        self.spread_weight = spread_weight
+        self.register_buffer("class_weights", class_weights, persistent=False)
+
+    def set_progress(self, progress: float) -> None:
+        """Pass the elapsed fraction of training to the spread loss (anneals its margin)."""
+        self.spread.set_progress(progress)
+
+    def forward(
+        self, outputs: dict[str, torch.Tensor], target: torch.Tensor, image: torch.Tensor
+    ) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            outputs: ``{"scores": activations (B, C), ...}``.
+            target: class indices ``(B,)`` / ``(B, 1)`` or one-hot ``(B, C)``.
+            image: input batch (unused).
+
+        Returns:
+            Scalar loss.
+
+        """
+        acts = _scores(outputs)
+        target = plain_tensor(target)
+        if target.dim() == 2 and target.shape[1] == 1 and acts.shape[1] != 1:
+            target = target[:, 0]
+        per_item = self.spread.forward_items(acts, target)
+        if self.class_weights is None:
+            value = per_item.mean()
+        else:
+            w = (as_one_hot(target, acts) * self.class_weights.to(acts)).sum(dim=1)
+            value = (w * per_item).sum() / w.sum().clamp_min(1e-12)
+        return self._total({"spread": self.spread_weight * value})
+
+
 class SegmentationLoss(_TermsLoss):
     """MONAI Dice + cross entropy on segmentation logits, with optional capsule terms (3D-UCaps).
 
@@ -374,6 +431,13 @@ def _resolve_weights(model: CapsmedModel, weights: dict[str, Any]) -> dict[str, 
             raise ValueError(f"{key} must be >= 0; got {resolved[key]}")
     if not 0.0 < resolved["margin_m_plus"] <= 1.0:
         raise ValueError(f"margin_m_plus must lie in (0, 1]; got {resolved['margin_m_plus']}")
+    if resolved["spread_weight"] < 0:
+        raise ValueError(f"spread_weight must be >= 0; got {resolved['spread_weight']}")
+    if not 0.0 < resolved["spread_m_min"] <= resolved["spread_m_max"] <= 1.0:
+        raise ValueError(
+            f"spread margins must satisfy 0 < spread_m_min <= spread_m_max <= 1; got "
+            f"{resolved['spread_m_min']} and {resolved['spread_m_max']}"
+        )
     if not 0.0 <= resolved["margin_m_minus"] < resolved["margin_m_plus"]:
         raise ValueError(
             f"margin_m_minus must lie in [0, margin_m_plus={resolved['margin_m_plus']}); "
@@ -394,7 +458,8 @@ def build_loss(
         **weights: optional overrides, any of ``margin_m_plus`` (0.9), ``margin_m_minus`` (0.1),
             ``margin_lambda`` (0.5), ``reconstruction_weight`` (0.0005 for CapsNet on 28^2 inputs,
             the model's default otherwise; 0 switches the term off), ``dice_weight`` (1),
-            ``ce_weight`` (1), ``margin_weight`` (1; 0.1 for 3D-UCaps). ``None`` means the default.
+            ``ce_weight`` (1), ``margin_weight`` (1; 0.1 for 3D-UCaps), ``spread_m_min`` (0.2),
+            ``spread_m_max`` (0.9), ``spread_weight`` (1). ``None`` means the default.
             Weights that do not apply to the model are accepted and ignored, so that one config
             section can serve every model.
         class_weights: classification only: per-class weights ``(C,)`` of the cross entropy or
@@ -430,6 +495,10 @@ def build_loss(
 
     if task == "classification" and kind == "logits":
         loss: nn.Module = ClassificationLoss(w["ce_weight"], class_weights)
+    elif task == "classification" and getattr(model, "class_loss", "margin") == "spread":
+        loss = SpreadClassificationLoss(
+            SpreadLoss(w["spread_m_min"], w["spread_m_max"]), w["spread_weight"], class_weights
+        )
     elif task == "classification":
         recon = None
         if has_decoder and w["reconstruction_weight"] > 0:

@@ -15,7 +15,7 @@ from capsmed.models.registry import (
 )
 
 # Importing the model modules registers them.
-from capsmed.models import baselines, capsnet, capsunet, segcaps, ucaps  # noqa: E402,F401  isort: skip
+from capsmed.models import baselines, capsnet, capsunet, emcaps, segcaps, ucaps  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "MODEL_REGISTRY",

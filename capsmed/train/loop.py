@@ -14,6 +14,14 @@ changed. Settings that change only memory or speed (threads, ``preprocess.cache`
 spent, early stopping) records why in ``last.pt`` and ``train.json`` (``stop_reason``), and started
 again trains no further epoch. The epoch a run stops at is always validated, so ``last.pt`` and
 ``best.pt`` both hold validated weights.
+
+Learning curves (``train_model(..., fraction="0.25")``, ``capsmed train --fraction 0.25``): the
+model is trained on a subset of the fold's training cases (:func:`capsmed.data.splits.fraction_cases`:
+nested, grouped by patient, stratified by class; ``"minority0.25"`` keeps the other classes whole
+and a share of the minority class) into ``models/{model}[/fold{k}]/fraction-{label}``, validated on
+the same validation cases, with the same recipe and the same budget rule as the ordinary model
+(:data:`BUDGET_RULE`): its ``epochs`` and ``max_minutes``, whichever ends first. ``train.json``
+records the subset, the number of training cases and which bound ended the run (``budget``).
 """
 
 from __future__ import annotations
@@ -35,11 +43,13 @@ import torch
 from capsmed.config import (
     config_hash,
     dataset_config,
+    hashed_train_config,
     inference_config,
     model_args,
     model_class,
     model_config_hash,
     resolve_fold,
+    subset_spec,
     train_config,
 )
 from capsmed.data.splits import stage_cases
@@ -68,6 +78,16 @@ HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_metric", "lr", "second
 #: Why a run ended (``stop_reason`` in ``last.pt`` and ``train.json``): every epoch done, the time
 #: budget ``max_minutes`` spent, or ``patience`` validations without improvement.
 STOP_REASONS = ("epochs", "time_budget", "early_stop")
+
+#: How a run's length is set, for a learning-curve subset as for the ordinary model (``train.json``'s
+#: ``budget.rule``). Where ``epochs`` binds, a model trained on a share f of the cases takes about f
+#: of the ordinary model's optimiser steps; where ``max_minutes`` binds, the same wall-clock time.
+BUDGET_RULE = ("the configured epochs and max_minutes, whichever ends first (patience may stop "
+               "earlier); an epoch is one pass over the training cases the model is given, "
+               "ceil(cases / batch_size) steps")
+
+#: ``stop_reason`` -> the bound that ended a run (``train.json``'s ``budget.binding``).
+BINDING = {"epochs": "epochs", "time_budget": "max_minutes", "early_stop": "patience"}
 
 #: The parts of a run's resume identity (:func:`resume_identity`), as the log names a changed one.
 RESUME_PARTS = {
@@ -163,10 +183,14 @@ def _as_cached(item: Any) -> Any:
 
 
 def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], cache: str,
-                   cache_dir: Path, augment: bool):
+                   cache_dir: Path, augment: bool, spatial_augment: bool = True,
+                   rotate_degrees: float = 0.0, scale: float = 0.0):
     """MONAI datasets for training (deterministic part cached) and validation.
 
     The disk cache keys an item by its paths and its files' size and mtime (:func:`_cache_key`).
+    ``spatial_augment`` False (``train.spatial_augment``) keeps the crop and the intensity
+    augmentation but no flips, turns, rotations or scalings; ``rotate_degrees`` and ``scale``
+    (``train.rotate_augment``, ``train.scale_augment``) add random rotations and scalings.
 
     Returns:
         ``(train_ds, val_ds)``.
@@ -180,7 +204,8 @@ def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], c
         build_transforms,
     )
 
-    train_tf = build_transforms(plan, train=augment)
+    options = {"spatial": spatial_augment, "rotate_degrees": rotate_degrees, "scale": scale}
+    train_tf = build_transforms(plan, train=augment, **options)
     val_tf = build_preprocess_transforms(plan)
     if cache == "disk":
         # PersistentDataset stores plain tensors (its track_meta=False) but hands out the MetaTensors
@@ -190,7 +215,7 @@ def build_datasets(plan: dict, train_items: list[dict], val_items: list[dict], c
         # cache does, so an item is the same whether it was read or computed.
         plain = Lambda(func=_as_cached)
         pre = list(val_tf.transforms) + [plain]
-        post = list(build_augment_transforms(plan).transforms) if augment else []
+        post = (list(build_augment_transforms(plan, **options).transforms) if augment else [])
         sub = Path(cache_dir) / config_hash(plan)
         sub.mkdir(parents=True, exist_ok=True)
         return (PersistentDataset(train_items, Compose(pre + post), cache_dir=sub,
@@ -369,7 +394,10 @@ class TrainingRun:
         cache: ``preprocess.cache`` of the dataset.
         cache_dir: The dataset's preprocessing cache folder.
         base: The fields every checkpoint of this run starts with (format, model, plan, names,
-            config hash, resume identity, seed, versions, metric name, dataset).
+            config hash, resume identity, seed, versions, metric name, dataset; ``subset`` for a
+            learning-curve model).
+        subset: A learning-curve model's subset (label, kind, share, minority class, training
+            cases and the fold's), None for the ordinary model.
     """
 
     dataset: str
@@ -392,6 +420,7 @@ class TrainingRun:
     cache: str
     cache_dir: Path
     base: dict
+    subset: dict | None = None
 
     @property
     def task(self) -> str:
@@ -415,8 +444,9 @@ class TrainingRun:
 
     @property
     def label(self) -> str:
-        """``dataset/model`` for messages."""
-        return f"{self.dataset}/{self.model_name}"
+        """``dataset/model`` (``dataset/model/fraction-{label}``) for messages."""
+        name = f"{self.dataset}/{self.model_name}"
+        return name if self.subset is None else f"{name}/fraction-{self.subset['label']}"
 
 
 @dataclass
@@ -515,8 +545,57 @@ def build_objective(model: torch.nn.Module, tcfg: dict, train_items: list[dict],
     return loss_fn, opt, ema
 
 
+def trained_model_dir(cfg: dict, dataset: str, model_name: str, fold: int | None = None,
+                      fraction: str | None = None) -> Path:
+    """Where a model is trained: ``models/{model}[/fold{k}]``, or ``.../fraction-{label}``.
+
+    ``fraction``: a learning-curve model's label (:func:`capsmed.config.subset_spec` checks it and
+    gives its canonical form, ``"0.250"`` -> ``"0.25"``).
+    """
+    layout = Layout(Path(cfg["results"]))
+    path_fold = resolve_fold(cfg, dataset, fold)[1]
+    if fraction is None:
+        return layout.model_dir(dataset, model_name, path_fold)
+    label = subset_spec(cfg, dataset, model_name, fraction)["label"]
+    return layout.fraction_model_dir(dataset, model_name, label, path_fold)
+
+
+def subset_items(cfg: dict, dataset: str, model_name: str, fraction: str, cases: list[dict],
+                 task: str, fold: int) -> tuple[list[dict], dict]:
+    """The training cases of a learning-curve model, and its ``subset`` record.
+
+    Args:
+        cfg: Validated configuration.
+        dataset: Dataset name.
+        model_name: Model name.
+        fraction: The subset's label (``"0.25"``, ``"minority0.25"``).
+        cases: The fold's training cases.
+        task: ``segmentation`` or ``classification``.
+        fold: The fold index (for messages).
+
+    Returns:
+        ``(cases, subset)``: the chosen cases (:func:`capsmed.data.splits.fraction_cases` with the
+        config's seed) and ``{"label", "kind", "value", "minority_class", "train_cases",
+        "fold_train_cases"}`` (the minority class resolved when the config leaves it to the data).
+
+    Raises:
+        CapsmedError: the label is not configured (:func:`capsmed.config.subset_spec`), or
+            ``train.minority_class`` is not a class of the training cases.
+    """
+    from capsmed.data.splits import fraction_cases, minority_class_of
+
+    spec = subset_spec(cfg, dataset, model_name, fraction)
+    minority = spec["kind"] == "minority"
+    chosen = fraction_cases(cases, spec["value"], seed=int(cfg["seed"]), task=task,
+                            minority=minority, minority_class=spec["minority_class"],
+                            where=f"dataset {dataset}, fold {fold}")
+    if minority and spec["minority_class"] is None:
+        spec["minority_class"] = minority_class_of(cases)
+    return chosen, {**spec, "train_cases": len(chosen), "fold_train_cases": len(cases)}
+
+
 def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int | None = None,
-                     fold: int | None = None) -> TrainingRun:
+                     fold: int | None = None, fraction: str | None = None) -> TrainingRun:
     """Read the stage's inputs and build the model, loss, optimiser and EMA from the config.
 
     Seeds every random source with the config's seed before the model is built, so its initial
@@ -528,13 +607,15 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
         model_name: Model name.
         threads: CPU threads (default: the config's).
         fold: Cross-validation fold (default ``split.fold``).
+        fraction: A learning-curve model's subset label (:func:`subset_items`); None: the
+            ordinary model on every training case of the fold.
 
     Returns:
         The run.
 
     Raises:
-        CapsmedError: On missing inputs, an unknown model, a model that does not fit the task, or
-            a fold without training cases.
+        CapsmedError: On missing inputs, an unknown model, a model that does not fit the task, a
+            fold without training cases, or a subset the config does not ask for.
     """
     from monai.utils import set_determinism
 
@@ -555,13 +636,19 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
     set_determinism(seed=seed)
     model, args, patch = resolve_model(cfg, dataset, model_name, plan, in_channels, out_channels)
     model.to(device)
-    train_items = model_input_items(stage_cases(cases_doc, splits, "train", fold), task)
-    val_items = model_input_items(stage_cases(cases_doc, splits, "val", fold), task)
-    if not train_items:
+    train_cases = stage_cases(cases_doc, splits, "train", fold)
+    if not train_cases:
         raise CapsmedError(f"dataset {dataset}: no training cases in fold {fold}")
+    subset = None
+    if fraction is not None:
+        train_cases, subset = subset_items(cfg, dataset, model_name, fraction, train_cases, task,
+                                           fold)
+    train_items = model_input_items(train_cases, task)
+    val_items = model_input_items(stage_cases(cases_doc, splits, "val", fold), task)
     loss_fn, opt, ema = build_objective(model, tcfg, train_items, out_channels, device,
                                         f"{dataset}/{model_name}")
-    model_dir = layout.model_dir(dataset, model_name, path_fold)
+    model_dir = (layout.model_dir(dataset, model_name, path_fold) if subset is None else
+                 layout.fraction_model_dir(dataset, model_name, subset["label"], path_fold))
     model_dir.mkdir(parents=True, exist_ok=True)
     base = {
         "format": CHECKPOINT_FORMAT,
@@ -569,13 +656,17 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
                   "spatial_dims": int(plan["spatial_dims"]),
                   "in_channels": in_channels, "out_channels": out_channels, "args": args},
         "task": task, "plan": {**plan, "patch_size": patch}, "names": names,
-        "config_hash": model_config_hash(cfg, dataset, model_name), "seed": seed,
+        "config_hash": model_config_hash(cfg, dataset, model_name,
+                                         None if subset is None else subset["label"]),
+        "seed": seed,
         "versions": package_versions(),
         "metric_name": "dice" if task == "segmentation" else "auc",
         "dataset": dataset,
         # the config's SNOMED CT codes of the labels, for the DICOM SEG of new studies
         "label_codes": cases_doc.get("label_codes"),
     }
+    if subset is not None:
+        base["subset"] = subset
     icfg = inference_config(cfg, dataset)
     base["resume_identity"] = resume_identity(base, tcfg, icfg, train_items, val_items)
     return TrainingRun(
@@ -584,7 +675,7 @@ def prepare_training(cfg: dict, dataset: str, model_name: str, *, threads: int |
         model=model, loss_fn=loss_fn, opt=opt, ema=ema, train_items=train_items,
         val_items=val_items, model_dir=model_dir,
         cache=dataset_config(cfg, dataset)["preprocess"]["cache"],
-        cache_dir=layout.cache(dataset), base=base)
+        cache_dir=layout.cache(dataset), base=base, subset=subset)
 
 
 def resume_identity(base: dict, tcfg: dict, icfg: dict, train_items: list[dict],
@@ -593,11 +684,13 @@ def resume_identity(base: dict, tcfg: dict, icfg: dict, train_items: list[dict],
 
     Each part is a :func:`capsmed.config.config_hash` (see :data:`RESUME_PARTS`): ``model``
     (registered class, config entry, arguments, channels, output names, seed), ``train`` (the
-    merged training settings), ``plan`` (the preprocessing plan as trained: spacing, patch size,
+    merged training settings as :func:`capsmed.config.hashed_train_config` gives them, like the
+    model's hash), ``plan`` (the preprocessing plan as trained: spacing, patch size,
     normalisation, crop, ...), ``cases`` (the training and validation cases of the fold: ids,
-    paths, classes), ``data`` (:func:`data_digest` of their files) and ``validation`` (the
-    sliding-window ``overlap`` the validation metric uses). Left out, because they change memory
-    or speed only: threads, device, ``preprocess.cache``, ``inference.sw_batch_size``, and the
+    paths, classes; a learning-curve subset differs here), ``data`` (:func:`data_digest` of their
+    files) and ``validation`` (the sliding-window ``overlap`` the validation metric uses). Left
+    out, because they change memory or speed only: threads, device, ``preprocess.cache``,
+    ``inference.sw_batch_size``, and the
     inference settings validation does not use.
 
     Returns:
@@ -606,7 +699,7 @@ def resume_identity(base: dict, tcfg: dict, icfg: dict, train_items: list[dict],
     model = {"model": base["model"], "names": base["names"], "seed": base["seed"]}
     return {
         "model": config_hash(model),
-        "train": config_hash(tcfg),
+        "train": config_hash(hashed_train_config(tcfg)),
         "plan": config_hash(base["plan"]),
         "cases": config_hash({"train": train_items, "val": val_items}),
         "data": data_digest(train_items + val_items),
@@ -658,7 +751,10 @@ def training_data(run: TrainingRun) -> tuple[Any, Any]:
     sample_plan = {**run.plan, "patch_size": run.patch,
                    "samples_per_case": run.tcfg["samples_per_case"]}
     train_ds, val_ds = build_datasets(sample_plan, run.train_items, run.val_items, run.cache,
-                                      run.cache_dir, run.tcfg["augment"])
+                                      run.cache_dir, run.tcfg["augment"],
+                                      run.tcfg.get("spatial_augment", True),
+                                      run.tcfg.get("rotate_augment", 0.0),
+                                      run.tcfg.get("scale_augment", 0.0))
     val_loader = DataLoader(val_ds, batch_size=1 if run.task == "segmentation" else 64,
                             shuffle=False, num_workers=0)
     return train_ds, val_loader
@@ -725,6 +821,12 @@ def train_epoch(run: TrainingRun, state: TrainingState, train_ds: Any, epoch: in
             target = torch.as_tensor(batch["class"]).long().to(device)
         set_learning_rate(run.opt, tcfg, state.step, total_steps,
                           state.train_seconds + time.perf_counter() - t0)
+        if hasattr(run.loss_fn, "set_progress"):  # losses with a schedule (the spread loss)
+            from capsmed.train.recipe import training_progress
+
+            run.loss_fn.set_progress(training_progress(
+                state.step, total_steps, state.train_seconds + time.perf_counter() - t0,
+                tcfg.get("max_minutes")))
         run.opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             outputs = run.model.forward_train(image, target)
@@ -841,12 +943,24 @@ def training_record(run: TrainingRun, state: TrainingState) -> dict[str, Any]:
         "checkpoint_sha256": sha256_file(run.best_path), "device": str(run.device),
         "threads": run.n_threads, "patch_size": run.patch, "fold": run.fold,
         "stop_reason": state.stop_reason, "data_digest": base["resume_identity"]["data"],
+        "train_cases": len(run.train_items), "val_cases": len(run.val_items),
+        "budget": {"rule": BUDGET_RULE, "binding": BINDING.get(state.stop_reason or ""),
+                   "epochs": tcfg["epochs"], "max_minutes": tcfg.get("max_minutes"),
+                   "steps_per_epoch": math.ceil(len(run.train_items) / tcfg["batch_size"]),
+                   "steps": state.step},
+        "subset": run.subset,
     }
 
 
 def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None = None,
-                max_epochs: int | None = None, fold: int | None = None) -> dict[str, Any]:
+                max_epochs: int | None = None, fold: int | None = None,
+                fraction: str | None = None) -> dict[str, Any]:
     """Train one model on one dataset from the config; resume from ``last.pt`` when present.
+
+    The run lasts the configured ``epochs`` or ``max_minutes``, whichever ends first
+    (:data:`BUDGET_RULE`, the recipe's rule, :mod:`capsmed.train.recipe`), for a learning-curve
+    subset as for the ordinary model; ``train.json`` records ``train_cases`` and ``budget``
+    (``binding``: ``epochs``, ``max_minutes`` or ``patience``, and the steps taken).
 
     Args:
         cfg: Validated configuration.
@@ -857,6 +971,11 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
             ``train.json`` is only written when training is complete.
         fold: Cross-validation fold (default ``split.fold``); with several folds the model is
             written to ``models/{model}/fold{fold}``.
+        fraction: Train the learning-curve model of this subset label (``"0.25"``: that share of
+            the fold's training cases; ``"minority0.25"``: the other classes whole and that share
+            of the minority class; see :func:`subset_items`) into
+            ``models/{model}[/fold{k}]/fraction-{label}``, with the same validation cases. None:
+            the ordinary model.
 
     Returns:
         The training record written to ``train.json`` (or the partial state when ``max_epochs``
@@ -866,7 +985,8 @@ def train_model(cfg: dict, dataset: str, model_name: str, *, threads: int | None
         CapsmedError: On missing inputs, a model that does not fit the task, or a non-finite loss
             (naming epoch and batch; the last good checkpoint is kept).
     """
-    run = prepare_training(cfg, dataset, model_name, threads=threads, fold=fold)
+    run = prepare_training(cfg, dataset, model_name, threads=threads, fold=fold,
+                           fraction=fraction)
     state = resume(run)
     train_ds, val_loader = training_data(run)
     logger.info("%s: %d parameters, %d train / %d val cases, device %s, %d threads", run.label,

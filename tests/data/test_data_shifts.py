@@ -270,10 +270,10 @@ def test_settings_defaults_come_from_the_schema():
 
     cfg = validate_config({"datasets": {"d": {"source": "synthetic", "task": "segmentation"}}})
     assert cfg["shift"] == {"enabled": True, "severities": [1, 2, 3, 4, 5], "shifts": None,
-                            "tta": False}
+                            "tta": False, "reference": None}
     settings = shift_settings(cfg, "d", PLAN_MR)
     assert settings == {"enabled": True, "shifts": default_shifts(PLAN_MR),
-                        "severities": [1, 2, 3, 4, 5], "tta": False}
+                        "severities": [1, 2, 3, 4, 5], "tta": False, "reference": None}
     assert shift_settings({}, "d", PLAN_MR) == settings
 
 
@@ -286,7 +286,8 @@ def test_dataset_block_overrides_the_global_one():
                            "datasets": {"d": {**ds, "shift": {"shifts": ["rotation", "noise"]}},
                                         "e": {**ds, "shift": {"enabled": False}}}})
     assert shift_settings(cfg, "d", PLAN_MR) == {"enabled": True, "shifts": ["rotation", "noise"],
-                                                 "severities": [1, 5], "tta": True}
+                                                 "severities": [1, 5], "tta": True,
+                                                 "reference": None}
     assert shift_settings(cfg, "e", PLAN_MR)["enabled"] is False
     assert shift_settings(cfg, "e", PLAN_MR)["shifts"] == []
     # the shifted stages do not touch a dataset's files

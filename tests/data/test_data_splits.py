@@ -137,3 +137,111 @@ def test_fold_cases():
     assert [c["case_id"] for c in fold_cases(doc, ["c003", "c001"])] == ["c003", "c001"]
     with pytest.raises(CapsmedError, match="missing from cases.json"):
         fold_cases(doc, ["zzz"])
+
+
+# --- learning-curve subsets (fraction_cases) -------------------------------------------------
+
+
+def _cases(n, classes=None, patients=None, task="classification"):
+    return _doc(n, task=task, classes=classes, patients=patients)["cases"]
+
+
+def _ids(cases):
+    return {c["case_id"] for c in cases}
+
+
+def test_fraction_subsets_are_nested_for_one_seed():
+    from capsmed.data.splits import fraction_cases
+
+    cases = _cases(61)
+    subsets = [_ids(fraction_cases(cases, f, seed=3, task="classification"))
+               for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    for small, large in zip(subsets, subsets[1:], strict=False):
+        assert small < large
+    assert subsets[-1] == _ids(cases)
+    other_seed = _ids(fraction_cases(cases, 0.25, seed=4, task="classification"))
+    assert other_seed != subsets[1]  # the order depends on the seed
+    # ... and not on the order the cases come in
+    assert _ids(fraction_cases(cases[::-1], 0.25, seed=3, task="classification")) == subsets[1]
+
+
+@pytest.mark.parametrize(("n", "fraction", "size"),
+                         [(7, 0.5, 4), (9, 0.5, 5), (10, 0.25, 3), (11, 0.1, 1), (3, 0.01, 1),
+                          (13, 0.3, 4)])
+def test_fraction_subset_sizes_round_half_up(n, fraction, size):
+    from capsmed.data.splits import fraction_cases
+
+    seg = fraction_cases(_cases(n, task="segmentation"), fraction, seed=0, task="segmentation")
+    assert len(seg) == size
+
+
+def test_fraction_subsets_keep_patients_together():
+    from capsmed.data.splits import fraction_cases
+
+    cases = _cases(40, patients=lambda j: j // 3, task="segmentation")  # 3 cases per patient
+    for f in (0.1, 0.25, 0.5):
+        chosen = fraction_cases(cases, f, seed=1, task="segmentation")
+        pats = {c["patient_id"] for c in chosen}
+        assert _ids(chosen) == {c["case_id"] for c in cases if c["patient_id"] in pats}
+        # the shortest prefix of patients reaching round(f * 40) cases
+        target = int(f * 40 + 0.5)
+        assert target <= len(chosen) < target + 3
+
+
+def test_fraction_subsets_are_stratified_by_class():
+    from capsmed.data.splits import fraction_cases
+
+    cases = _cases(80, classes=lambda j: int(j % 4 == 0))  # 20 of class 1, 60 of class 0
+    for f, expect in ((0.25, (15, 5)), (0.5, (30, 10)), (0.1, (6, 2))):
+        counts = Counter(c["class"] for c in fraction_cases(cases, f, seed=2,
+                                                             task="classification"))
+        assert abs(counts[0] - expect[0]) <= 1 and abs(counts[1] - expect[1]) <= 1
+        assert counts[0] + counts[1] == int(f * 80 + 0.5)
+
+
+def test_fraction_subset_holds_every_class():
+    from capsmed.data.splits import fraction_cases
+
+    cases = _cases(50, classes=lambda j: 2 if j == 7 else int(j % 2))  # class 2: one case
+    chosen = fraction_cases(cases, 0.02, seed=0, task="classification")
+    assert {c["class"] for c in chosen} == {0, 1, 2} and len(chosen) == 3
+    # segmentation needs only one case
+    assert len(fraction_cases(_cases(50, task="segmentation"), 0.02, seed=0,
+                              task="segmentation")) == 1
+
+
+def test_minority_subset_keeps_the_other_classes_and_thins_the_rarer_one():
+    from capsmed.data.splits import fraction_cases
+
+    cases = _cases(60, classes=lambda j: int(j % 4 == 0))  # 15 of class 1 (the rarer), 45 of 0
+    subsets = [fraction_cases(cases, f, seed=0, task="classification", minority=True)
+               for f in (0.2, 0.5, 1.0)]
+    for f, chosen in zip((0.2, 0.5, 1.0), subsets, strict=True):
+        counts = Counter(c["class"] for c in chosen)
+        assert counts[0] == 45 and counts[1] == int(f * 15 + 0.5)
+    assert _ids(subsets[0]) < _ids(subsets[1]) < _ids(subsets[2]) == _ids(cases)
+    named = fraction_cases(cases, 0.2, seed=0, task="classification", minority=True,
+                           minority_class=0)
+    counts = Counter(c["class"] for c in named)
+    assert counts == {1: 15, 0: 9}
+
+
+def test_minority_class_must_be_a_class_of_the_cases():
+    from capsmed.data.splits import fraction_cases
+
+    with pytest.raises(CapsmedError, match=r"dataset d: train.minority_class 5 is not a class of "
+                                           r"the training cases \(classes 0, 1\)"):
+        fraction_cases(_cases(20), 0.5, seed=0, task="classification", minority=True,
+                       minority_class=5, where="dataset d")
+
+
+def test_fraction_cases_argument_checks():
+    from capsmed.data.splits import fraction_cases
+
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]; got 1.5"):
+        fraction_cases(_cases(10), 1.5, seed=0, task="classification")
+    with pytest.raises(ValueError, match="needs at least one case"):
+        fraction_cases([], 0.5, seed=0, task="classification")
+    with pytest.raises(ValueError, match="minority subset is for classification"):
+        fraction_cases(_cases(10, task="segmentation"), 0.5, seed=0, task="segmentation",
+                       minority=True)

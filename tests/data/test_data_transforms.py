@@ -332,3 +332,64 @@ def test_patch_centres_come_from_sampled_locations_not_every_voxel():
     assert len(np.unique(d["fg_locations"])) == 12  # every voxel of the small structure drawn
     with pytest.raises(ValueError, match="samples must be at least 1, got 0"):
         RandClassLocationsd(samples=0)
+
+
+def test_spatial_augment_off_keeps_the_crop_and_drops_flips_and_turns():
+    """train.spatial_augment: false: the patch crop and intensity changes stay, flips and turns go;
+    a patch is then an unflipped, unturned block of the image (intensities scaled and shifted)."""
+    plan = _seg_plan(patch_size=[8, 8, 8], samples_per_case=3)
+    names = [type(t).__name__ for t in build_augment_transforms(plan, spatial=False).transforms]
+    assert names == ["RandClassLocationsd", "RandCropByPosNegLabeld", "RandScaleIntensityd",
+                     "RandShiftIntensityd"]
+    us = {"task": "classification", "spatial_dims": 2, "patch_size": [28, 28],
+          "normalization": "minmax", "modality": "US"}
+    us_names = [type(t).__name__ for t in build_augment_transforms(us, spatial=False).transforms]
+    assert "RandAffined" not in us_names and "RandFlipd" not in us_names
+    axes = torch.meshgrid(*[torch.arange(20.0)] * 3, indexing="ij")
+    image = (axes[0] + 10 * axes[1] + 100 * axes[2])[None]  # increasing along every axis
+    label = torch.zeros(1, 20, 20, 20, dtype=torch.int64)
+    label[:, 5:15, 5:15, 5:15] = 1
+    for spatial, expect_all_increasing in ((False, True), (True, False)):
+        tf = build_augment_transforms(plan, spatial=spatial)
+        tf.set_random_state(seed=0)
+        increasing = []
+        for _ in range(10):
+            patches = tf({"image": image.clone(), "label": label.clone()})
+            assert len(patches) == 3
+            for p in patches:
+                assert tuple(p["image"].shape) == (1, 8, 8, 8)
+                steps = [torch.diff(p["image"], dim=d) for d in (1, 2, 3)]
+                increasing.append(all(bool((s > 0).all()) for s in steps))
+        assert all(increasing) == expect_all_increasing
+    full = build_transforms(_seg_plan(), train=True, spatial=False)
+    assert "RandFlipd" not in [type(t).__name__ for t in full.transforms]
+
+
+def test_rotation_and_scale_augmentation_rotate_patches_by_the_asked_range():
+    """train.rotate_augment / scale_augment: one RandAffined with the asked ranges (radians)."""
+    import math
+
+    plan = _seg_plan(patch_size=[8, 8, 8])
+    names = [type(t).__name__ for t in build_augment_transforms(plan).transforms]
+    assert "RandAffined" not in names  # off by default for MR: flips and turns only
+    tf = build_augment_transforms(plan, rotate_degrees=30, scale=0.2)
+    (affine,) = [t for t in tf.transforms if type(t).__name__ == "RandAffined"]
+    grid = affine.rand_affine.rand_affine_grid
+    assert tuple(grid.rotate_range) == (math.radians(30),) * 3  # MONAI samples +-range
+    assert tuple(grid.scale_range) == (0.2,) * 3
+    assert "RandAffined" not in [type(t).__name__ for t in build_augment_transforms(
+        plan, spatial=False, rotate_degrees=30, scale=0.2).transforms]
+    full = build_transforms(plan, train=True, rotate_degrees=10)
+    assert "RandAffined" in [type(t).__name__ for t in full.transforms]
+
+
+def test_augmentation_keys_leave_existing_models_hashes_alone(tmp_path):
+    from capsmed.config import model_config_hash
+    from tests.pipeline_helpers import tiny_config
+
+    base = tiny_config(tmp_path)
+    off = tiny_config(tmp_path, train={"epochs": 3, "batch_size": 8, "rotate_augment": 0,
+                                       "scale_augment": 0})
+    on = tiny_config(tmp_path, train={"epochs": 3, "batch_size": 8, "rotate_augment": 15})
+    assert model_config_hash(base, "ds", "seed_cnn") == model_config_hash(off, "ds", "seed_cnn")
+    assert model_config_hash(base, "ds", "seed_cnn") != model_config_hash(on, "ds", "seed_cnn")

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from capsmed.errors import CapsmedError
 from capsmed.evaluate.run import evaluate_stage
 from capsmed.train.loop import train_model
 from tests.pipeline_helpers import prepare_all, run_cli, tiny_config, write_config
@@ -349,3 +350,10 @@ def test_study_pages_show_the_volumes_the_evaluation_wrote(trained_seg, tmp_path
         writer.writerows(rows)
     html = write_study_reports(results, "ds", "unet")[rows[0]["case_id"]].read_text("utf-8")
     assert html.count("n/a mL") == 2
+
+
+def test_a_fraction_model_is_evaluated_on_the_test_stage_only(tmp_path):
+    cfg = tiny_config(tmp_path / "results", train={"fractions": [0.5]})
+    with pytest.raises(CapsmedError, match=r"evaluate: a learning-curve model \(fraction 0.5\) is "
+                                           r"evaluated on the test stage only, not val"):
+        evaluate_stage(cfg, "ds", "seed_cnn", "val", fraction="0.5")

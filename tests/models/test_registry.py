@@ -6,7 +6,7 @@ import torch
 from capsmed.models import MODEL_REGISTRY, CapsmedModel, describe_models, get_model, list_models
 
 EXPECTED = {"capsnet", "efficient_capsnet", "rescapsnet", "densecapsnet", "segcaps", "ucaps",
-            "capsunet", "seed_cnn", "unet", "densenet"}
+            "capsunet", "emcapsnet", "emcapsunet", "seed_cnn", "unet", "densenet"}
 
 
 def test_list_models_has_every_model():

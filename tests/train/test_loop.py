@@ -553,3 +553,78 @@ def test_the_disk_cache_key_follows_the_files(tmp_path):
     image.write_bytes(b"y" * 11)
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the same time, another size
     assert data_digest([item]) != touched
+
+
+def _folder_stamps(folder):
+    """``{name: (size, mtime_ns)}`` of the files directly in ``folder``."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+            if p.is_file()}
+
+
+def test_a_fraction_model_trains_on_its_subset_in_its_own_folder(tmp_path):
+    """train.fractions: the nested subset's model lands in models/MODEL/fraction-F with the same
+    validation cases, budget rule and record; the ordinary model is left as it was."""
+    from pathlib import Path
+
+    from capsmed.config import model_config_hash
+    from capsmed.data.splits import fraction_cases, stage_cases
+    from capsmed.paths import Layout
+
+    cfg = tiny_config(tmp_path / "results", train={"epochs": 1, "batch_size": 8,
+                                                   "fractions": [0.5, 1.0],
+                                                   "minority_fraction": [0.5]})
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    layout = Layout(Path(cfg["results"]))
+    ordinary = train_model(cfg, "ds", "seed_cnn")
+    plain_dir = layout.model_dir("ds", "seed_cnn")
+    before = _folder_stamps(plain_dir)
+    record = train_model(cfg, "ds", "seed_cnn", fraction="0.5")
+    assert _folder_stamps(plain_dir) == before
+    fdir = layout.fraction_model_dir("ds", "seed_cnn", "0.5")
+    assert fdir == plain_dir / "fraction-0.5"
+    for name in ("best.pt", "last.pt", "train.json", "history.csv", "inference.json"):
+        assert (fdir / name).is_file(), name
+    cases = json.loads(layout.cases("ds").read_text())
+    splits = json.loads(layout.splits("ds").read_text())
+    train_cases = stage_cases(cases, splits, "train", 0)
+    expected = fraction_cases(train_cases, 0.5, seed=0, task="classification")
+    assert record["train_cases"] == len(expected) == math.floor(len(train_cases) * 0.5 + 0.5)
+    assert ordinary["train_cases"] == len(train_cases)
+    assert record["val_cases"] == ordinary["val_cases"] == len(splits["folds"][0]["val"])
+    assert record["subset"] == {"label": "0.5", "kind": "fraction", "value": 0.5,
+                                "minority_class": None, "train_cases": len(expected),
+                                "fold_train_cases": len(train_cases)}
+    assert ordinary["subset"] is None
+    assert record["budget"]["binding"] == ordinary["budget"]["binding"] == "epochs"
+    assert record["budget"]["steps"] == math.ceil(len(expected) / 8)
+    assert ordinary["budget"]["steps"] == math.ceil(len(train_cases) / 8)
+    assert record["budget"]["rule"] == ordinary["budget"]["rule"]
+    ckpt = load_checkpoint(fdir / "best.pt")
+    assert ckpt["config_hash"] == model_config_hash(cfg, "ds", "seed_cnn", "0.5")
+    assert ckpt["config_hash"] != ordinary["config_hash"]
+    assert ckpt["subset"]["label"] == "0.5"
+    # the minority variant: every case of the other class, half of the rarer one
+    minority = train_model(cfg, "ds", "seed_cnn", fraction="minority0.5")
+    rare = minority["subset"]["minority_class"]
+    n_rare = sum(int(c["class"]) == rare for c in train_cases)
+    assert minority["train_cases"] == len(train_cases) - n_rare + math.floor(n_rare * 0.5 + 0.5)
+    assert (plain_dir / "fraction-minority0.5" / "best.pt").is_file()
+    assert _folder_stamps(plain_dir) == before
+    with pytest.raises(CapsmedError, match="fraction 0.25 is not in train.fractions"):
+        train_model(cfg, "ds", "seed_cnn", fraction="0.25")
+
+
+def test_spatial_augment_off_trains_without_flips_but_with_the_crop(tmp_path):
+    from capsmed.train.loop import prepare_training, training_data
+
+    cfg = tiny_config(tmp_path / "results", task="segmentation",
+                      train={"epochs": 1, "batch_size": 2, "samples_per_case": 1,
+                             "spatial_augment": False})
+    prepare_all(write_config(cfg, tmp_path / "config.yaml"))
+    train_ds, _ = training_data(prepare_training(cfg, "ds", "unet"))
+    names = [type(t).__name__ for t in train_ds.transform.transforms]
+    assert "RandCropByPosNegLabeld" in names
+    assert not {"RandFlipd", "RandRotate90d", "RandAffined"} & set(names)
+    cfg_on = tiny_config(tmp_path / "results", task="segmentation")
+    on, _ = training_data(prepare_training(cfg_on, "ds", "unet"))
+    assert "RandFlipd" in [type(t).__name__ for t in on.transform.transforms]

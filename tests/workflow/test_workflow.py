@@ -40,10 +40,13 @@ def test_dry_run_plans_the_default_demo(repo_root, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout + res.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1], re.M))
-    # 2 datasets x 2 models, each evaluated and reported on 3 stages
+    # 2 datasets x 2 models, each evaluated and reported on 3 stages; the shifted stages' jobs
+    # join the plan once the preprocess checkpoint has written each dataset's plan
     assert counts == {"prepare": "2", "preprocess": "2", "split": "2", "train": "4",
                       "evaluate": "12", "report_stage": "12", "report_studies": "4",
-                      "report_dataset": "2", "summarize": "1", "all": "1", "total": "42"}
+                      "report_dataset": "2", "generalisation": "2", "summarize": "1", "all": "1",
+                      "total": "44"}
+    assert "The run involves checkpoint jobs" in out
 
 
 def test_invalid_config_stops_before_any_job(repo_root, tmp_path):
@@ -131,6 +134,20 @@ def test_tiny_demo_end_to_end(repo_root, tmp_path):
     for key in ("accuracy", "balanced_accuracy", "auc", "f1", "sensitivity", "specificity", "ece"):
         assert key in cls["models"]["capsnet"]["stages"]["test"]["metrics"]
     assert (results / "index.html").is_file()
+    # the shifted stages: every model under its dataset's shift, beside its clean reference
+    for name, shift, reference in (("demo_seg3d", "rotation", "unet"),
+                                   ("demo_cls2d", "noise", "seed_cnn")):
+        gen = summary["datasets"][name]["generalisation"]
+        assert gen["reference"] == reference and set(gen["models"]) == set(
+            summary["datasets"][name]["models"])
+        for model, entry in gen["models"].items():
+            assert list(entry["shifts"]) == [shift] and list(entry["shifts"][shift]) == ["3"]
+            assert (results / name / "eval" / model / "shift/none/s0/metrics.json").is_file()
+    # a learning curve: each classifier also trained on half of its training cases
+    curve = cls["learning_curve"]["models"]
+    assert set(curve) == {"capsnet", "seed_cnn"} and all(set(c) == {"0.5", "1.0"}
+                                                          for c in curve.values())
+    assert (results / "demo_cls2d/models/capsnet/fraction-0.5/best.pt").is_file()
     # segmentation study pages carry the viewer (one shared NiiVue copy) and the TTA uncertainty,
     # whose flag the validation stage calibrated
     assert len(list(results.rglob("niivue.umd.js"))) == 1
@@ -234,7 +251,7 @@ def test_dry_run_plans_every_fold_of_a_cross_validation(repo_root, tmp_path):
     assert _job_counts(out) == {
         "prepare": "1", "preprocess": "1", "split": "1", "train_fold": "3", "evaluate_fold": "5",
         "crossval": "1", "report_stage": "3", "report_studies": "1", "report_dataset": "1",
-        "summarize": "1", "all": "1", "total": "19"}
+        "generalisation": "1", "summarize": "1", "all": "1", "total": "20"}
     for k in range(3):
         assert f"results/cv_cls2d/eval/seed_cnn/fold{k}/val/metrics.json" in out
     for stage in ("train", "test"):

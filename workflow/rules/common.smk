@@ -11,14 +11,17 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from capsmed.config import (
+    config_hash,
     dataset_hash,
     evaluation_hash,
+    fraction_labels,
     model_config_hash,
     path_fold,
     resolve_fold,
     trained_folds,
     validate_config,
 )
+from capsmed.data.shifts import shift_settings
 from capsmed.data.splits import stage_case_ids
 from capsmed.evaluate.run import case_file
 from capsmed.fileio import read_json, write_text_if_changed
@@ -172,6 +175,50 @@ def fold_arg(wildcards) -> str:
     return f" --fold {wildcards.fold}" if "fold" in wildcards.keys() else ""
 
 
+# Shifted test stages (capsmed.evaluate.shift): one job per model, shift and severity, plus the
+# clean reference (shift "none", severity 0); the list of shifts follows the dataset's plan.
+def shift_list(ds: str) -> dict:
+    """The dataset's shift settings (capsmed.data.shifts.shift_settings), once its plan exists."""
+    plan = read_json(checkpoints.preprocess.get(dataset=ds).output.plan, "plan")
+    return shift_settings(config, ds, plan)
+
+
+def shift_metrics(ds: str) -> list:
+    """metrics.json of every shifted stage of every model of a dataset (empty when disabled)."""
+    shifts = shift_list(ds)
+    if not shifts["enabled"]:
+        return []
+    fold = path_fold(config, ds)
+    stages = [("none", 0)] + [(s, k) for s in shifts["shifts"] for k in shifts["severities"]]
+    return [str(LAYOUT.shift_dir(ds, model, shift, severity, fold) / "metrics.json")
+            for model in config["datasets"][ds]["models"] for shift, severity in stages]
+
+
+def shift_digest(wildcards) -> str:
+    """The shifted stages rerun when the model, inference, evaluation or shift settings change."""
+    ds = wildcards.dataset
+    shift = config_hash({"shift": config.get("shift"),
+                         "dataset": config["datasets"][ds].get("shift")})
+    return f"{evaluation_hash(config, ds, wildcards.model)}-{shift}"
+
+
+# Learning curves (train.fractions, train.minority_fraction): one model per share, as a wildcard.
+def fraction_train_digest(wildcards) -> str:
+    return model_config_hash(config, wildcards.dataset, wildcards.model, wildcards.fraction)
+
+
+def fraction_eval_digest(wildcards) -> str:
+    return evaluation_hash(config, wildcards.dataset, wildcards.model, wildcards.fraction)
+
+
+def fraction_metrics(ds: str) -> list:
+    """The test metrics.json of every learning-curve model of a dataset."""
+    fold = path_fold(config, ds)
+    return [str(LAYOUT.fraction_eval_dir(ds, model, label, fold) / "metrics.json")
+            for model in config["datasets"][ds]["models"]
+            for label in fraction_labels(config, ds, model)]
+
+
 def all_targets() -> list:
     out = [f"{RESULTS}/summary.json", f"{RESULTS}/index.html"]
     for ds in DATASETS:
@@ -186,3 +233,6 @@ wildcard_constraints:
     stage="|".join(STAGES),
     fold="[0-9]+",
     case="[A-Za-z0-9._-]+",
+    shift="[a-z][a-z0-9_]*",
+    severity="[0-5]",
+    fraction="(minority)?[0-9.]+",

@@ -99,3 +99,81 @@ rule crossval:
     shell:
         "{params.capsmed} --log {log} crossval -c {params.config} -d {wildcards.dataset} "
         "-m {wildcards.model}"
+
+
+# Shifted test stages: the test cases under one shift at one severity, through the test stage's
+# inference and metrics (capsmed evaluate-shift); shift "none" at severity 0 is the clean reference.
+rule evaluate_shift:
+    input:
+        reported_train,
+    output:
+        f"{RESULTS}/{{dataset,{ONE_FOLD}}}/eval/{{model}}/shift/{{shift}}/s{{severity}}/metrics.json",
+        f"{RESULTS}/{{dataset}}/eval/{{model}}/shift/{{shift}}/s{{severity}}/cases.csv",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/evaluate_shift_{{model}}_{{shift}}_s{{severity}}.log",
+    params:
+        capsmed=CAPSMED,
+        config=CONFIG_FILE,
+        digest=shift_digest,
+        fold=fold_arg,
+    conda:
+        "../../environment.yml"
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/evaluate_shift_{{model}}_{{shift}}_s{{severity}}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=config["resources"]["evaluate_mem_mb"],
+        runtime=config["resources"]["evaluate_runtime"],
+        cpus_per_task=config["threads"],
+    shell:
+        "{params.capsmed} --log {log} evaluate-shift -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model} --shift {wildcards.shift} --severity {wildcards.severity} "
+        "--threads {threads}{params.fold}"
+
+
+use rule evaluate_shift as evaluate_shift_fold with:
+    output:
+        f"{RESULTS}/{{dataset,{FOLDED}}}/eval/{{model}}/fold{{fold}}/shift/{{shift}}/s{{severity}}/metrics.json",
+        f"{RESULTS}/{{dataset}}/eval/{{model}}/fold{{fold}}/shift/{{shift}}/s{{severity}}/cases.csv",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/evaluate_shift_{{model}}_fold{{fold}}_{{shift}}_s{{severity}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/evaluate_shift_{{model}}_fold{{fold}}_{{shift}}_s{{severity}}.tsv"
+
+
+# Learning curves: a fraction's model on the ordinary test cases.
+rule evaluate_fraction:
+    input:
+        lambda w: str(LAYOUT.fraction_model_dir(w.dataset, w.model, w.fraction, _fold_of(w))
+                      / "train.json"),
+    output:
+        f"{RESULTS}/{{dataset,{ONE_FOLD}}}/eval/{{model}}/fraction-{{fraction}}/test/metrics.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/evaluate_{{model}}_fraction-{{fraction}}.log",
+    params:
+        capsmed=CAPSMED,
+        config=CONFIG_FILE,
+        digest=fraction_eval_digest,
+        fold=fold_arg,
+    conda:
+        "../../environment.yml"
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/evaluate_{{model}}_fraction-{{fraction}}.tsv"
+    threads: config["threads"]
+    resources:
+        mem_mb=config["resources"]["evaluate_mem_mb"],
+        runtime=config["resources"]["evaluate_runtime"],
+        cpus_per_task=config["threads"],
+    shell:
+        "{params.capsmed} --log {log} evaluate -c {params.config} -d {wildcards.dataset} "
+        "-m {wildcards.model} -s test --fraction {wildcards.fraction} --threads {threads}"
+        "{params.fold}"
+
+
+use rule evaluate_fraction as evaluate_fraction_fold with:
+    output:
+        f"{RESULTS}/{{dataset,{FOLDED}}}/eval/{{model}}/fold{{fold}}/fraction-{{fraction}}/test/metrics.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/evaluate_{{model}}_fold{{fold}}_fraction-{{fraction}}.log",
+    benchmark:
+        f"{RESULTS}/{{dataset}}/benchmarks/evaluate_{{model}}_fold{{fold}}_fraction-{{fraction}}.tsv"

@@ -19,7 +19,9 @@ rule prepare:
         "{params.capsmed} --log {log} prepare -c {params.config} -d {wildcards.dataset}"
 
 
-rule preprocess:
+# A checkpoint: the shifted stages' default list depends on the plan (modality, dimensionality,
+# intensities), so their jobs are known once it exists.
+checkpoint preprocess:
     input:
         rules.prepare.output,
     output:

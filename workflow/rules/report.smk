@@ -81,6 +81,29 @@ rule report_dataset:
         "{params.capsmed} --log {log} report-dataset -c {params.config} -d {wildcards.dataset}"
 
 
+# Corruption errors of the shifted stages and learning curves of every model of a dataset.
+rule generalisation:
+    input:
+        shifts=lambda w: shift_metrics(w.dataset),
+        fractions=lambda w: fraction_metrics(w.dataset),
+        metrics=lambda w: [
+            eval_metrics(w.dataset, model, "test", path_fold(config, w.dataset))
+            for model in models_of(w)
+        ],
+        model_lists=MODEL_LISTS,
+    output:
+        f"{RESULTS}/{{dataset}}/generalisation.json",
+    log:
+        f"{RESULTS}/{{dataset}}/logs/generalisation.log",
+    params:
+        capsmed=CAPSMED,
+        config=CONFIG_FILE,
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.capsmed} --log {log} generalisation -c {params.config} -d {wildcards.dataset}"
+
+
 rule summarize:
     input:
         stage_reports=[
@@ -96,6 +119,7 @@ rule summarize:
             if "test" in EVALUATED_STAGES
         ],
         dataset_reports=expand(f"{RESULTS}/{{dataset}}/reports/comparison.html", dataset=DATASETS),
+        generalisation=expand(f"{RESULTS}/{{dataset}}/generalisation.json", dataset=DATASETS),
         crossval=[path for ds in DATASETS for path in crossval_files(ds)],
         model_lists=MODEL_LISTS,
     output:
