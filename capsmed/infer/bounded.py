@@ -174,6 +174,21 @@ def runtime_settings(study: str, orig_shape: Sequence[int], pre_shape: Sequence[
             "need_mb": est["total"], "budget_mb": budget_mb}
 
 
+def argmax_classes(probs: torch.Tensor) -> np.ndarray:
+    """``(C, *S)`` -> ``(*S)`` uint8 index of the largest class, the first one on ties.
+
+    ``torch.argmax`` over the leading axis of a big slab is slow on a CPU (a strided reduction);
+    one comparison per class gives the same answer.
+    """
+    best = probs[0].clone()
+    index = torch.zeros(probs.shape[1:], dtype=torch.uint8)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        index[better] = c
+        torch.maximum(best, probs[c], out=best)
+    return index.numpy()
+
+
 class _Reduced:
     """What the sink keeps of each finished slab (see the module docstring)."""
 
@@ -197,11 +212,11 @@ class _Reduced:
             for c, arr in enumerate(self.probs):
                 arr[z0:z1] = m[c].numpy()
         if self.label is not None:
-            self.label[z0:z1] = m.argmax(0).numpy()
+            self.label[z0:z1] = argmax_classes(m)
         if self.unc is not None:
             self.unc[z0:z1] = normalised_entropy(m.numpy())
         for k, p in enumerate(passes):
-            self.pass_labels[k, z0:z1] = p.cpu().argmax(0).numpy()
+            self.pass_labels[k, z0:z1] = argmax_classes(p.cpu())
         if ev is not None:
             if self.evidence is None:
                 self.evidence = [np.zeros(self.shape, np.float16) for _ in range(ev.shape[0])]
@@ -296,7 +311,8 @@ def predict_bounded(model: torch.nn.Module, item: dict, plan: dict, preprocess: 
     def on_device(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
         return lambda x: fn(x.to(device)).to(stitch)
 
-    forwards = [on_device(with_evidence if evidence and k == 0 and not axes else probabilities)
+    plain, evident = on_device(probabilities), on_device(with_evidence)  # one each: shared batches
+    forwards = [evident if evidence and k == 0 and not axes else plain
                 for k, axes in enumerate(flips)]
     reduced = _Reduced(pre_shape, len(flips), resample, evidence)
     res = stream_segment(forwards, image.as_tensor().unsqueeze(0).to(stitch), roi, reduced,

@@ -138,7 +138,7 @@ def stream_segment(forwards: Sequence[Callable[[torch.Tensor], torch.Tensor]],
         passes.append({"dims": dims, "forward": forwards[p], "acc": None,
                        "cnt": torch.zeros((1, cap, *size[1:]), device=device),
                        "w": torch.flip(weight, dims) if dims else weight,
-                       "pending": [], "bg": None, "seconds": 0.0})
+                       "bg": None, "seconds": 0.0})
     events = []
     for p, axes in enumerate(flips):
         for s in starts:
@@ -151,38 +151,52 @@ def stream_segment(forwards: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     def window(orig: tuple[int, ...]) -> tuple[slice, ...]:
         return tuple(slice(o, o + r) for o, r in zip(orig, roi, strict=True))
 
-    def flush(ps: dict[str, Any], b0: int) -> None:
+    # passes that share a forward callable share a queue, so that a band's end leaves at most one
+    # short batch per callable (flipped windows are flipped one by one)
+    queues: dict[int, list[tuple[int, tuple[int, ...], bool]]] = {}
+
+    def flush(key: int, b0: int) -> None:
         nonlocal skipped
-        if not ps["pending"]:
+        pending = queues.get(key) or []
+        if not pending:
             return
         t0 = time.perf_counter()
-        run = [o for o, bg in ps["pending"] if not bg]
+        run = [(p, o) for p, o, bg in pending if not bg]
         out = None
         with torch.no_grad(), autocast():
             if run:
-                x = torch.cat([image[(slice(None), slice(None), *window(o))] for o in run])
-                if ps["dims"]:
-                    x = torch.flip(x, ps["dims"])
-                out = ps["forward"](x).float()
-                if ps["dims"]:
-                    out = torch.flip(out, ps["dims"])
-            if ps["bg"] is None and any(bg for _, bg in ps["pending"]):
-                const = background.expand(1, -1, *roi).contiguous()
-                ps["bg"] = ps["forward"](const).float()  # a constant input is its own flip
-                if ps["dims"]:
-                    ps["bg"] = torch.flip(ps["bg"], ps["dims"])
+                xs = []
+                for p, o in run:
+                    x = image[(slice(None), slice(None), *window(o))]
+                    xs.append(torch.flip(x, passes[p]["dims"]) if passes[p]["dims"] else x)
+                out = passes[run[0][0]]["forward"](torch.cat(xs)).float()
+            for p in sorted({p for p, _, bg in pending if bg}):
+                ps = passes[p]
+                if ps["bg"] is None:  # a constant input is its own flip
+                    const = background.expand(1, -1, *roi).contiguous()
+                    ps["bg"] = ps["forward"](const).float()
+                    if ps["dims"]:
+                        ps["bg"] = torch.flip(ps["bg"], ps["dims"])
         k = 0
-        for o, bg in ps["pending"]:
-            pred = ps["bg"] if bg else out[k:k + 1]
-            k += 0 if bg else 1
-            skipped += int(bg)
+        for p, o, bg in pending:
+            ps = passes[p]
+            if bg:
+                pred = ps["bg"]
+                skipped += 1
+            else:
+                pred = out[k:k + 1]
+                k += 1
+                if ps["dims"]:
+                    pred = torch.flip(pred, ps["dims"])
             if ps["acc"] is None:
                 ps["acc"] = torch.zeros((pred.shape[1], cap, *size[1:]), device=device)
             sl = (slice(o[0] - b0, o[0] - b0 + roi[0]), *window(o)[1:])
             ps["acc"][(slice(None), *sl)] += (pred * ps["w"])[0]
             ps["cnt"][(slice(None), *sl)] += ps["w"][0]
-        ps["pending"] = []
-        ps["seconds"] += time.perf_counter() - t0
+        queues[key] = []
+        share = (time.perf_counter() - t0) / len(pending)
+        for p, _, _ in pending:
+            passes[p]["seconds"] += share
 
     def finish(b0: int, b1: int) -> None:
         n = b1 - b0
@@ -205,18 +219,19 @@ def stream_segment(forwards: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     b0 = 0
     for z, p, orig in events:
         if z + roi[0] > b0 + cap:
-            for ps in passes:
-                flush(ps, b0)
+            for key in list(queues):
+                flush(key, b0)
             finish(b0, z)
             b0 = z
-        ps = passes[p]
+        key = id(passes[p]["forward"])
         bg = skip_background and bool(
             (image[(0, slice(None), *window(orig))] == background[0]).all())
-        ps["pending"].append((orig, bg))
-        if sum(not b for _, b in ps["pending"]) >= sw_batch_size:
-            flush(ps, b0)
-    for ps in passes:
-        flush(ps, b0)
+        queue = queues.setdefault(key, [])
+        queue.append((p, orig, bg))
+        if sum(not b for _, _, b in queue) >= sw_batch_size:
+            flush(key, b0)
+    for key in list(queues):
+        flush(key, b0)
     finish(b0, size[0])
     if skipped:
         logger.info("%d of %d windows outside the body not run", skipped, len(events))

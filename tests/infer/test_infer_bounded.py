@@ -201,3 +201,13 @@ def test_a_big_study_stays_inside_a_budget_the_whole_volume_path_exceeds(tmp_pat
     assert peaks["bounded"] <= budget < peaks["plain"], peaks
     np.testing.assert_array_equal(np.load(tmp_path / "bounded.npy"),
                                   np.load(tmp_path / "plain.npy"))
+
+
+def test_argmax_of_the_classes_takes_the_first_on_ties():
+    from capsmed.infer.bounded import argmax_classes
+
+    probs = torch.rand(4, 7, 5, 3)
+    probs[2, 0] = probs[1, 0]  # ties: the first class wins, as numpy's and torch's argmax
+    probs[3, 1] = probs[0, 1]
+    np.testing.assert_array_equal(argmax_classes(probs), probs.argmax(0).numpy())
+    assert argmax_classes(probs).dtype == np.uint8
