@@ -8,9 +8,10 @@
    line naming the study, the need and the budget, before anything big is read;
 2. the preprocessed image is segmented slab by slab (:func:`capsmed.infer.stream.stream_segment`),
    each finished slab reduced at once: the label map (uint8), the entropy of the mean (float32,
-   with TTA), each pass's label map (uint8, with TTA), evidence and probability maps (float16,
-   only when asked for). Where the plan resamples (``plan["spacing"]``), the mean probabilities
-   are kept (float32) instead of the label map, since labels cannot be resampled;
+   with TTA), each pass's label map (uint8, with TTA), evidence and probability maps (float16
+   on the 1/255 grid their files store, only when asked for). Where the plan resamples
+   (``plan["spacing"]``), the mean probabilities are kept (float32) instead of the label map,
+   since labels cannot be resampled;
 3. the results are inverted to the original grid one map (one class) at a time with MONAI
    ``Invertd``: label maps by nearest neighbour where the plan does not resample (there the
    inversion only crops, pads, flips and transposes, so this is the argmax of the inverted
@@ -21,8 +22,8 @@ What differs from the whole-volume reference
 (:func:`capsmed.infer.engine.predict_segmentation_case_plain`): nothing in the label map; where
 the plan resamples, each TTA pass's own label map (used only for the spread of the volumes) is
 inverted by nearest neighbour instead of through its probabilities, and the entropy is summed in
-float32 (differences of about 1e-7); the probability and evidence maps are float16 (written as
-uint8 over [0, 1] anyway).
+float32 (differences of about 1e-7); the probability and evidence maps are float16 on the 1/255 grid
+(:func:`on_file_grid`: the files hold uint8 over [0, 1] anyway, and get the same bytes).
 """
 
 from __future__ import annotations
@@ -189,6 +190,16 @@ def argmax_classes(probs: torch.Tensor) -> np.ndarray:
     return index.numpy()
 
 
+def on_file_grid(values: np.ndarray) -> np.ndarray:
+    """Maps in [0, 1] as float16 on the 1/255 grid their files store them on.
+
+    Rounding float32 values to the grid first makes the stored bytes those the float32 values
+    give (half precision alone would move values that differ by float rounding, such as the
+    outputs of two window batch sizes, across a step of the grid).
+    """
+    return (np.rint(np.asarray(values, dtype=np.float32) * 255.0) / 255.0).astype(np.float16)
+
+
 class _Reduced:
     """What the sink keeps of each finished slab (see the module docstring)."""
 
@@ -210,7 +221,7 @@ class _Reduced:
                 dtype = np.float32 if self.resample else np.float16
                 self.probs = [np.zeros(self.shape, dtype) for _ in range(m.shape[0])]
             for c, arr in enumerate(self.probs):
-                arr[z0:z1] = m[c].numpy()
+                arr[z0:z1] = m[c].numpy() if self.resample else on_file_grid(m[c].numpy())
         if self.label is not None:
             self.label[z0:z1] = argmax_classes(m)
         if self.unc is not None:
@@ -221,7 +232,7 @@ class _Reduced:
             if self.evidence is None:
                 self.evidence = [np.zeros(self.shape, np.float16) for _ in range(ev.shape[0])]
             for c, arr in enumerate(self.evidence):
-                arr[z0:z1] = ev[c].cpu().numpy()
+                arr[z0:z1] = on_file_grid(ev[c].cpu().numpy())
 
 
 def _invert_one(data: dict, array: np.ndarray, preprocess: Any, nearest: bool) -> np.ndarray:
@@ -354,7 +365,7 @@ def predict_bounded(model: torch.nn.Module, item: dict, plan: dict, preprocess: 
             if evidence:
                 if probs_out is None:
                     probs_out = np.empty((n_classes, *pc.shape), np.float16)
-                probs_out[c] = pc
+                probs_out[c] = on_file_grid(pc)
         del best
         if h is not None:
             unc = (h / np.log(n_classes) if n_classes > 1 else np.zeros_like(h))

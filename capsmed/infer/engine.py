@@ -285,9 +285,9 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
         or None, "pass_counts": (passes, C) voxels of each class in each pass's label map (one row
         without TTA), "pass_seconds": seconds of each network pass, "affine": (4, 4),
         "memory": the run-time settings and the estimated need}``; with ``evidence`` also
-        ``"evidence"`` and ``"probs"``, ``(C, *S_orig)`` float16: the evidence map of the
-        unflipped pass (:func:`evidence_kind`; nearest-neighbour resampled) and the mean
-        probabilities.
+        ``"evidence"`` and ``"probs"``, ``(C, *S_orig)`` float16 on the 1/255 grid of their
+        files: the evidence map of the unflipped pass (:func:`evidence_kind`; nearest-neighbour
+        resampled) and the mean probabilities.
 
     Raises:
         CapsmedError: The study needs more than ``memory_mb``, naming it, the need and the budget.
