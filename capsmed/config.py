@@ -277,7 +277,7 @@ def train_config(cfg: dict[str, Any], dataset: str, model: str) -> dict[str, Any
 
 #: Inference settings that change only memory and time, never a prediction: they are chosen where
 #: inference runs, and changing them reruns no evaluation (:mod:`capsmed.infer.settings`).
-INFERENCE_RUNTIME_KEYS = ("sw_batch_size",)
+INFERENCE_RUNTIME_KEYS = ("sw_batch_size", "memory_mb")
 
 
 def inference_config(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:

@@ -26,12 +26,14 @@ prediction back to the geometry of the original file.
 
 Random part (:func:`build_augment_transforms`), only through MONAI randomizable transforms
 (seed with ``monai.utils.set_determinism`` or ``Compose.set_random_state``): segmentation
-``RandCropByPosNegLabeld`` to ``patch_size`` (``samples_per_case`` patches, half centred on
-foreground: the output is a list of dicts, so use ``monai.data.DataLoader``/``list_data_collate``),
-then ``RandFlipd`` on each axis, ``RandRotate90d`` in a plane whose two patch axes are equal,
-``RandScaleIntensityd`` and ``RandShiftIntensityd``. Ultrasound (plan ``modality`` ``US``) keeps
-its top-down geometry: flips on every axis but the first (vertical) one, no 90-degree turns, and
-``RandAffined`` (rotation up to 10 degrees, scaling 10%, shifts 5%) with ``RandAdjustContrastd``.
+:class:`RandClassLocationsd` (sampled foreground and background locations, so that no index
+array over every voxel is built), then ``RandCropByPosNegLabeld`` to ``patch_size``
+(``samples_per_case`` patches, half centred on foreground: the output is a list of dicts, so
+use ``monai.data.DataLoader``/``list_data_collate``), then ``RandFlipd`` on each axis,
+``RandRotate90d`` in a plane whose two patch axes are equal, ``RandScaleIntensityd`` and
+``RandShiftIntensityd``. Ultrasound (plan ``modality`` ``US``) keeps its top-down geometry:
+flips on every axis but the first (vertical) one, no 90-degree turns, and ``RandAffined``
+(rotation up to 10 degrees, scaling 10%, shifts 5%) with ``RandAdjustContrastd``.
 With ``spatial=False`` (``train.spatial_augment: false``) every spatial step but the crop is left out
 (no flips, turns, rotations, scalings or shifts); the crop stays, so patches of one size still batch,
 and so do the intensity changes.
@@ -47,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from monai.data import ImageReader, NibabelReader, PydicomReader
 from monai.transforms import (
@@ -56,12 +59,14 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     NormalizeIntensityd,
     Orientationd,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
+    Randomizable,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -248,6 +253,69 @@ def is_ultrasound(plan: Mapping[str, Any]) -> bool:
     return str(plan.get("modality") or "").upper() in ("US", "ULTRASOUND")
 
 
+#: Locations sampled per kind (foreground, background) for the patch centres, as nnU-Net samples
+#: 10,000 locations per class.
+CLASS_LOCATIONS = 10_000
+
+
+class RandClassLocationsd(Randomizable, MapTransform):
+    """Sampled foreground and background locations of a label map, for ``RandCropByPosNegLabeld``.
+
+    Left to itself, ``RandCropByPosNegLabeld`` lists every foreground and every background voxel
+    (two int64 arrays over the whole volume: 8 bytes per voxel, 630 MB for a 512 x 512 x 300 CT)
+    on every call. This draws ``4 x samples`` voxel locations uniformly and keeps up to
+    ``samples`` of each kind; where fewer than ``samples // 10`` foreground locations turn up (a
+    small structure), it draws again inside the foreground's bounding box. Each kind's locations
+    are uniform over that kind's voxels, as the full lists give, so the patches follow the same
+    distribution; ``RandCropByPosNegLabeld`` reads them through its ``fg_indices_key`` and
+    ``bg_indices_key`` and removes them from the dict.
+
+    Args:
+        label_key: Key of the ``(1, *S)`` label map.
+        fg_key: Key to write the flat foreground locations ``(N,)`` int64 to.
+        bg_key: Key to write the flat background locations to.
+        samples: Locations kept per kind.
+    """
+
+    def __init__(self, label_key: str = "label", fg_key: str = "fg_locations",
+                 bg_key: str = "bg_locations", samples: int = CLASS_LOCATIONS) -> None:
+        if samples < 1:
+            raise ValueError(f"samples must be at least 1, got {samples}")
+        MapTransform.__init__(self, [label_key])
+        self.label_key, self.fg_key, self.bg_key, self.samples = label_key, fg_key, bg_key, samples
+
+    def randomize(self, data: Any = None) -> None:
+        """Draws happen in :meth:`__call__` (they depend on the label's size)."""
+
+    def _draw_in_box(self, labels: np.ndarray) -> np.ndarray:
+        """Flat foreground locations drawn inside the foreground's bounding box."""
+        fg = labels > 0
+        lo, hi = [], []
+        for axis in range(labels.ndim):
+            hits = np.flatnonzero(fg.any(axis=tuple(a for a in range(labels.ndim) if a != axis)))
+            lo.append(int(hits[0]))
+            hi.append(int(hits[-1]) + 1)
+        del fg
+        coords = [self.R.randint(a, b, size=4 * self.samples) for a, b in zip(lo, hi, strict=True)]
+        draws = np.ravel_multi_index(coords, labels.shape)
+        return draws[labels.reshape(-1)[draws] > 0]
+
+    def __call__(self, data: Mapping[Any, Any]) -> dict:
+        """Add the sampled locations of ``data[label_key]`` under ``fg_key`` and ``bg_key``."""
+        d = dict(data)
+        label = d[self.label_key]
+        labels = (label.detach().cpu().numpy() if isinstance(label, torch.Tensor)
+                  else np.asarray(label))[0]
+        flat = labels.reshape(-1)
+        draws = self.R.randint(0, flat.size, size=4 * self.samples)
+        is_fg = flat[draws] > 0
+        fg, bg = draws[is_fg][: self.samples], draws[~is_fg][: self.samples]
+        if len(fg) < max(self.samples // 10, 1) and flat.any():
+            fg = np.concatenate([fg, self._draw_in_box(labels)])[: self.samples]
+        d[self.fg_key], d[self.bg_key] = fg.astype(np.int64), bg.astype(np.int64)
+        return d
+
+
 def _rotation_axes(patch: list[int]) -> tuple[int, int] | None:
     """A pair of spatial axes whose patch sizes are equal (90 degree turns keep the shape)."""
     for a, b in itertools.combinations(range(len(patch)), 2):
@@ -285,9 +353,11 @@ def build_augment_transforms(plan: Mapping[str, Any], spatial: bool = True,
     keys = ["image", "label"] if seg else ["image"]
     t: list[Any] = []
     if seg:
+        t.append(RandClassLocationsd(label_key="label"))
         t.append(RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=patch, pos=1,
                                         neg=1, num_samples=int(plan.get("samples_per_case", 1)),
-                                        allow_smaller=True))
+                                        allow_smaller=True, fg_indices_key="fg_locations",
+                                        bg_indices_key="bg_locations"))
     if not spatial:
         if is_ultrasound(plan):
             t.append(RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.8, 1.25)))

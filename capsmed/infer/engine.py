@@ -187,9 +187,15 @@ def segmentation_flips(spatial_dims: int, inference: dict[str, Any]) -> list[tup
     return flip_sets(range(spatial_dims), inference.get("tta_flips", "axes"))
 
 
-def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device: torch.device,
-                              inference: dict[str, Any]) -> dict[str, Any]:
-    """Segment one study and map the result back to its original geometry.
+def predict_segmentation_case_plain(model, item: dict, plan: dict, preprocess,
+                                    device: torch.device, inference: dict[str, Any],
+                                    ) -> dict[str, Any]:
+    """Segment one study with whole-volume buffers (the reference for the bounded path).
+
+    MONAI ``sliding_window_inference`` over the whole image for every pass, every pass's map
+    kept, the mean probabilities inverted with ``Invertd`` and only then the argmax: what
+    :func:`predict_segmentation_case` replaced, kept as the reference that its tests and
+    ``benchmarks/bench_bigvolume.py`` compare with. Memory grows with passes x classes x volume.
 
     With ``inference["tta"]`` the image is also segmented flipped (:func:`segmentation_flips`);
     the uncertainty map is the normalised entropy of the mean probabilities over these passes, and
@@ -246,6 +252,56 @@ def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device:
                                              nearest=True).cpu().numpy().astype(np.float32)
         out["probs"] = probs_orig.astype(np.float32)
     return out
+
+
+def predict_segmentation_case(model, item: dict, plan: dict, preprocess, device: torch.device,
+                              inference: dict[str, Any]) -> dict[str, Any]:
+    """Segment one study in bounded memory and map the result back to its original geometry.
+
+    The windows, weights and passes of :func:`predict_segmentation_case_plain`, stitched slab by
+    slab (:func:`capsmed.infer.stream.stream_segment`) and reduced at once to what the outputs
+    need (:mod:`capsmed.infer.bounded`); windows outside the body are not run. Where the plan
+    does not resample, the label map is the reference path's; where it resamples, the mean
+    probabilities are inverted one class at a time and the label map is again their argmax.
+    ``inference["memory_mb"]`` (optional) bounds the need: a study that cannot fit fails first.
+
+    With ``inference["tta"]`` the image is also segmented flipped (:func:`segmentation_flips`);
+    the uncertainty map is the normalised entropy of the mean probabilities over these passes, and
+    each pass's own label map, post-processed as the reported one, gives the spread of the
+    structure volumes.
+
+    Args:
+        model: Trained segmenter in eval mode on ``device``.
+        item: ``{"image": path, ...}``.
+        plan: Preprocessing plan (``patch_size`` used as the window).
+        preprocess: Deterministic preprocessing transform.
+        device: Device of the model.
+        inference: Settings (:mod:`capsmed.infer.settings`): ``overlap``, ``sw_batch_size``,
+            ``tta``, ``largest_component``; optional ``tta_flips``, ``mode``, ``precision``,
+            ``memory_mb`` and ``evidence`` (bool).
+
+    Returns:
+        ``{"pred": (*S_orig) uint8 label map, "uncertainty": (*S_orig) float32 entropy in [0, 1]
+        or None, "pass_counts": (passes, C) voxels of each class in each pass's label map (one row
+        without TTA), "pass_seconds": seconds of each network pass, "affine": (4, 4),
+        "memory": the run-time settings and the estimated need}``; with ``evidence`` also
+        ``"evidence"`` and ``"probs"``, ``(C, *S_orig)`` float16 on the 1/255 grid of their
+        files: the evidence map of the unflipped pass (:func:`evidence_kind`; nearest-neighbour
+        resampled) and the mean probabilities.
+
+    Raises:
+        CapsmedError: The study needs more than ``memory_mb``, naming it, the need and the budget.
+    """
+    from capsmed.infer.bounded import predict_bounded
+
+    return predict_bounded(model, item, plan, preprocess, device, inference,
+                           flips=segmentation_flips(len(plan["patch_size"]), inference),
+                           probabilities=lambda x: model.probabilities(model(x)).float(),
+                           with_evidence=lambda x: torch.cat(_evidence(model, x), dim=1).float(),
+                           autocast=lambda: _autocast(device, inference.get("precision",
+                                                                            "float32")),
+                           finish_labels=keep_largest_components,
+                           affine=original_affine)
 
 
 #: Pose perturbation in the manner of Sabour et al. (2017), figure 4: each dimension of the winning

@@ -11,8 +11,10 @@ Two kinds of setting:
   reads that file from the checkpoint's folder (:func:`read_settings`), so a new study is predicted
   as the validated stages were. A command-line flag may override one; the override is written into
   the outputs' provenance (:func:`apply_overrides`).
-- **Run-time settings** (:data:`RUNTIME_KEYS`): ``sw_batch_size`` changes only memory and time, not
-  the result, and is chosen where inference runs; it is never recorded as part of a model.
+- **Run-time settings** (:data:`RUNTIME_KEYS`): ``sw_batch_size`` and the memory budget
+  ``memory_mb`` (:mod:`capsmed.infer.bounded` derives the band and window batch of a study from
+  it) change only memory and time, not the result, and are chosen where inference runs; they are
+  never recorded as part of a model.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ RESULT_DEFAULTS: dict[str, Any] = {"overlap": 0.25, "mode": "gaussian", "tta": T
                                    "precision": "float32"}
 RESULT_KEYS = tuple(RESULT_DEFAULTS)
 #: Settings that change only memory and time.
-RUNTIME_DEFAULTS: dict[str, Any] = {"sw_batch_size": 2}
+RUNTIME_DEFAULTS: dict[str, Any] = {"sw_batch_size": 2, "memory_mb": None}
 RUNTIME_KEYS = INFERENCE_RUNTIME_KEYS  # the config's evaluation hash leaves these out
 _CHOICES = {"mode": ("gaussian", "constant"), "tta_flips": ("axes", "mirror"),
             "precision": ("float32", "bfloat16")}
@@ -56,7 +58,8 @@ def config_settings(cfg: dict[str, Any], dataset: str) -> dict[str, Any]:
         dataset: Dataset name.
 
     Returns:
-        ``{overlap, mode, tta, tta_flips, largest_component, precision, sw_batch_size}``.
+        ``{overlap, mode, tta, tta_flips, largest_component, precision, sw_batch_size,
+        memory_mb}``.
     """
     icfg = inference_config(cfg, dataset)
     out = result_settings(icfg)
@@ -87,6 +90,11 @@ def check_settings(settings: Mapping[str, Any], where: str) -> dict[str, Any]:
     batch = out["sw_batch_size"]
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise CapsmedError(f"{where}: sw_batch_size must be a positive integer, got {batch!r}")
+    budget = out["memory_mb"]
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or budget <= 0):
+        raise CapsmedError(f"{where}: memory_mb must be a positive number of MB or null, "
+                           f"got {budget!r}")
     return out
 
 

@@ -191,7 +191,8 @@ def test_augment_transforms_are_only_random_ones():
     assert _rotation_axes([40, 56, 40]) == (0, 2)
     assert _rotation_axes([16, 24, 32]) is None
     names = [type(t).__name__ for t in tf.transforms]
-    assert names[0] == "RandCropByPosNegLabeld" and "RandRotate90d" in names
+    assert names[:2] == ["RandClassLocationsd", "RandCropByPosNegLabeld"]
+    assert "RandRotate90d" in names
 
 
 def test_bad_plans_raise():
@@ -310,12 +311,36 @@ def test_the_pinned_reader_reads_nifti_files_and_dicom_folders_only(tmp_path, di
     assert not reader.verify_suffix(str(png)) and reader.verify_suffix(str(dicom_dir / "studyC"))
 
 
+def test_patch_centres_come_from_sampled_locations_not_every_voxel():
+    from capsmed.data.transforms import RandClassLocationsd
+
+    label = torch.zeros(1, 60, 50, 40, dtype=torch.int64)
+    label[0, 10:13, 20:22, 5:7] = 2  # 12 voxels of 120,000: found inside its bounding box
+    label[0, 30:60] = 1  # half the volume: found by the uniform draws
+    t = RandClassLocationsd(samples=500)
+    t.set_random_state(0)
+    d = t({"label": label})
+    fg, bg = d["fg_locations"], d["bg_locations"]
+    assert len(fg) == len(bg) == 500 and fg.dtype == bg.dtype == np.int64
+    flat = label.numpy().reshape(-1)
+    assert (flat[fg] > 0).all() and (flat[bg] == 0).all()
+    small = label.clone()
+    small[0, 30:60] = 0
+    d = t({"label": small})
+    assert 0 < len(d["fg_locations"]) <= 500
+    assert (small.numpy().reshape(-1)[d["fg_locations"]] == 2).all()
+    assert len(np.unique(d["fg_locations"])) == 12  # every voxel of the small structure drawn
+    with pytest.raises(ValueError, match="samples must be at least 1, got 0"):
+        RandClassLocationsd(samples=0)
+
+
 def test_spatial_augment_off_keeps_the_crop_and_drops_flips_and_turns():
     """train.spatial_augment: false: the patch crop and intensity changes stay, flips and turns go;
     a patch is then an unflipped, unturned block of the image (intensities scaled and shifted)."""
     plan = _seg_plan(patch_size=[8, 8, 8], samples_per_case=3)
     names = [type(t).__name__ for t in build_augment_transforms(plan, spatial=False).transforms]
-    assert names == ["RandCropByPosNegLabeld", "RandScaleIntensityd", "RandShiftIntensityd"]
+    assert names == ["RandClassLocationsd", "RandCropByPosNegLabeld", "RandScaleIntensityd",
+                     "RandShiftIntensityd"]
     us = {"task": "classification", "spatial_dims": 2, "patch_size": [28, 28],
           "normalization": "minmax", "modality": "US"}
     us_names = [type(t).__name__ for t in build_augment_transforms(us, spatial=False).transforms]

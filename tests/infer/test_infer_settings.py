@@ -44,11 +44,13 @@ def test_missing_file_means_the_defaults(tmp_path, caplog):
 
 @pytest.mark.parametrize("settings, message", [
     ({"overlapp": 0.5}, "unknown inference settings ['overlapp']; known: ['overlap', 'mode', "
-                        "'tta', 'tta_flips', 'largest_component', 'precision', 'sw_batch_size']"),
+                        "'tta', 'tta_flips', 'largest_component', 'precision', 'sw_batch_size', "
+                        "'memory_mb']"),
     ({"overlap": 1.0}, "overlap must be a number in [0, 1), got 1.0"),
     ({"tta": "yes"}, "tta must be true or false, got 'yes'"),
     ({"mode": "mean"}, "mode must be one of ['gaussian', 'constant'], got 'mean'"),
     ({"sw_batch_size": 0}, "sw_batch_size must be a positive integer, got 0"),
+    ({"memory_mb": 0}, "memory_mb must be a positive number of MB or null, got 0"),
 ])
 def test_bad_settings_one_line_each(settings, message):
     with pytest.raises(CapsmedError) as err:
@@ -79,7 +81,7 @@ def test_flip_sets_axes_and_mirror():
 
 def test_window_batch_reruns_no_evaluation(tmp_path):
     a = tiny_config(tmp_path, inference={"sw_batch_size": 1})
-    b = tiny_config(tmp_path, inference={"sw_batch_size": 8})
+    b = tiny_config(tmp_path, inference={"sw_batch_size": 8, "memory_mb": 3000})
     c = tiny_config(tmp_path, inference={"overlap": 0.5})
     assert evaluation_hash(a, "ds", "seed_cnn") == evaluation_hash(b, "ds", "seed_cnn")
     assert evaluation_hash(a, "ds", "seed_cnn") != evaluation_hash(c, "ds", "seed_cnn")
