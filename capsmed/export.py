@@ -217,11 +217,21 @@ def export_onnx(net: ExportedNetwork, inputs: Sequence[torch.Tensor], path: Path
     axes = _dynamic_axes(net.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the tracer's notes on shapes and the legacy exporter
-        torch.onnx.export(net, (inputs[0],), str(tmp), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes=axes)
+
+    def export(dynamic: dict[str, dict[int, str]]) -> None:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes and the legacy exporter
+            torch.onnx.export(net, (inputs[0],), str(tmp), dynamo=False, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes=dynamic)
+
+    try:
+        export(axes)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        # e.g. the EM capsules' unfold of windows, which torch's ONNX exporter cannot convert
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CapsmedError(f"{path}: {metadata.get('model', 'the model')} cannot be exported to "
+                           f"ONNX by torch's exporter: {first[:300]}") from None
     proto = onnx.load(str(tmp))
     proto.doc_string = f"capsmed {metadata.get('model', '')}: {INTENDED_USE}"
     del proto.metadata_props[:]

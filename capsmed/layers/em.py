@@ -57,6 +57,8 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from capsmed.layers.routing import _exporting
+
 __all__ = ["EM_COST_SCALES", "em_routing", "em_routing_flat", "inverse_temperatures"]
 
 #: Epsilon of IBM's reference: added to the variance, to the weight sums and inside ``log(a)``.
@@ -101,6 +103,19 @@ def _over_pose(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     n, j, i, d = x.shape
     return torch.bmm(_rows(w), x.view(n * j, i, d).transpose(1, 2)).view(n, j, i)
+
+
+class _ForwardOnly:
+    """A stand-in for autograd's context when the forward runs as plain operations (export)."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:  # noqa: D102
+        pass
+
+    def mark_non_differentiable(self, *tensors: torch.Tensor) -> None:  # noqa: D102
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:  # noqa: D102
+        pass
 
 
 class _EMRouting(torch.autograd.Function):
@@ -278,8 +293,11 @@ def em_routing_flat(
     activations = activations.contiguous()
     n, j, i, d = votes.shape
     scale = 100.0 * j / i if cost_scale is None else float(cost_scale)
-    mu, a_out, assign = _EMRouting.apply(votes, activations, beta_u, beta_a, iterations,
-                                         float(final_lambda), scale, float(eps))
+    args = (votes, activations, beta_u, beta_a, iterations, float(final_lambda), scale, float(eps))
+    if _exporting():  # traced or exported: the forward's plain operations, unrolled
+        mu, a_out, assign = _EMRouting.forward(_ForwardOnly(), *args)
+    else:
+        mu, a_out, assign = _EMRouting.apply(*args)
     return (mu, a_out, assign) if return_assignments else (mu, a_out)
 
 

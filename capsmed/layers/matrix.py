@@ -27,6 +27,7 @@ from torch import nn
 
 from capsmed.layers._checks import check_bool, check_int, check_size, check_spatial_dims
 from capsmed.layers.em import EM_COST_SCALES, FINAL_LAMBDA, em_routing_flat
+from capsmed.layers.routing import _exporting
 
 __all__ = ["ClassMatrixCapsule", "ConvMatrixCapsule", "PrimaryMatrixCapsule"]
 
@@ -60,6 +61,13 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
         return _permute_copy(grad, ctx.inverse), None
+
+
+def _permute_rows(x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    """:class:`_PermuteRows`, or while traced or exported the plain ``permute`` it equals."""
+    if _exporting():
+        return x.permute(*perm).contiguous()
+    return _PermuteRows.apply(x, perm)
 
 
 def _check_pair(poses: torch.Tensor, activations: torch.Tensor, capsules: int, spatial_dims: int | None
@@ -262,7 +270,7 @@ class ConvMatrixCapsule(_EMLayer):
         mats = win.permute(*perm).reshape(ki, n * 4, 4)
         w = self.weight.permute(0, 2, 1, 3).reshape(ki, 4, j * 4)  # (KI, 4, J*4)
         votes = torch.bmm(mats, w).view(ki, n, 4, j, 4)  # (KI, N, 4, J, 4) -> (N, J, KI, 4, 4)
-        votes = _PermuteRows.apply(votes, (1, 3, 0, 2, 4)).view(n, j, ki, POSE)
+        votes = _permute_rows(votes, (1, 3, 0, 2, 4)).view(n, j, ki, POSE)
         # activations (B, I, *S) -> (B, I, *S', *K) -> (B, *S', *K, I) -> (N, KI)
         awin = self._windows(activations, 2)
         aperm = [0, *range(2, 2 + nd), *range(2 + nd, 2 + 2 * nd), 1]
@@ -344,7 +352,7 @@ class ClassMatrixCapsule(_EMLayer):
         else:
             votes = torch.bmm(mats, w)
         # (I, B, L, 4, J, 4) -> (B, J, L, I, 4, 4) -> (B, J, L*I, 16)
-        votes = _PermuteRows.apply(votes.view(i, b, length, 4, j, 4), (1, 4, 2, 0, 3, 5))
+        votes = _permute_rows(votes.view(i, b, length, 4, j, 4), (1, 4, 2, 0, 3, 5))
         votes = votes.view(b, j, length * i, POSE)
         acts = activations.reshape(b, i, length).transpose(1, 2).reshape(b, length * i)
         return self._route(votes, acts)

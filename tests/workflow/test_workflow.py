@@ -40,12 +40,14 @@ def test_dry_run_plans_the_default_demo(repo_root, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.stdout + res.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", out.split("Job stats:")[1], re.M))
-    # 2 datasets x 2 models, each evaluated and reported on 3 stages; the shifted stages' jobs
-    # join the plan once the preprocess checkpoint has written each dataset's plan
+    # 2 datasets x 2 models, each evaluated and reported on 3 stages, the classifiers also
+    # trained and tested on half their cases (the learning curve); the shifted stages' jobs join
+    # the plan once the preprocess checkpoint has written each dataset's plan
     assert counts == {"prepare": "2", "preprocess": "2", "split": "2", "train": "4",
-                      "evaluate": "12", "report_stage": "12", "report_studies": "4",
-                      "report_dataset": "2", "generalisation": "2", "report_generalisation": "2",
-                      "summarize": "1", "all": "1", "total": "46"}
+                      "train_fraction": "2", "evaluate": "12", "evaluate_fraction": "2",
+                      "report_stage": "12", "report_studies": "4", "report_dataset": "2",
+                      "generalisation": "2", "report_generalisation": "2", "summarize": "1",
+                      "all": "1", "total": "50"}
     assert "The run involves checkpoint jobs" in out
 
 
