@@ -107,6 +107,86 @@ def table(row: str, results_dirs: list[Path], stage: str = "test", per_seed: boo
     return "\n".join(lines)
 
 
+def _stats(vals: list[float], digits: int = 3) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _loss(entry: dict, shift: str, severities: list[int], metric: str) -> float | None:
+    """Clean metric minus the shift's mean metric over ``severities`` (None where undefined)."""
+    clean = entry["clean"].get(metric)
+    vals = [entry["shifts"][shift][str(s)].get(metric) for s in severities
+            if str(s) in entry["shifts"].get(shift, {})]
+    if clean is None or not vals or any(v is None for v in vals):
+        return None
+    return clean - statistics.mean(vals)
+
+
+def generalisation_tables(results_dirs: list[Path], viewpoint: str = "rotation") -> str:
+    """Markdown tables over the seeds' ``generalisation.json`` files (issue 23's goals).
+
+    The first table: per model, the clean metric (severity-0 pass), mCE and relative mCE against
+    the run's reference CNN (``reference`` in the file; the reference's own are 1 by definition),
+    and the ``viewpoint`` shift's loss at severities 3-5 (clean minus the mean over 3, 4, 5) with
+    its ratio to the reference's loss in the same seed. The second: each shift's loss over all
+    severities per model. Mean ± sd over seeds (sd: the seed spread).
+    """
+    docs = []
+    for res in results_dirs:
+        docs += [json.loads(p.read_text()) for p in sorted(res.glob("*/generalisation.json"))]
+    if not docs:
+        return "(no generalisation.json yet)"
+    out = []
+    for dataset in dict.fromkeys(d["dataset"] for d in docs):
+        runs = [d for d in docs if d["dataset"] == dataset]
+        metric, ref = runs[0]["metric"], runs[0].get("reference")
+        shifts, sev = runs[0]["shifts"], runs[0]["severities"]
+        hi = [s for s in sev if s >= 3]
+        models = list(runs[0]["models"])
+        out.append(f"**{dataset}** ({len(runs)} seed(s); metric {metric}; reference CNN {ref}; "
+                   f"severities {sev}; shifts: {', '.join(shifts)})\n")
+        head = ["model", f"clean {metric}", "mCE", "relative mCE",
+                f"{viewpoint} loss s3-5", f"ratio to {ref}"]
+        out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for m in models:
+            clean = [r["models"][m]["clean"].get(metric) for r in runs]
+            mce = [r["models"][m].get("mce") for r in runs]
+            rmce = [r["models"][m].get("relative_mce") for r in runs]
+            loss, ratio = [], []
+            if viewpoint in shifts:
+                for r in runs:
+                    mine = _loss(r["models"][m], viewpoint, hi, metric)
+                    theirs = _loss(r["models"][ref], viewpoint, hi, metric) if ref else None
+                    loss.append(mine)
+                    if mine is not None and theirs is not None and abs(theirs) >= 0.01:
+                        ratio.append(mine / theirs)
+            out.append("| " + " | ".join([m, _stats(clean), _stats(mce, 2), _stats(rmce, 2),
+                                          _stats(loss), _stats(ratio, 2)]) + " |")
+        out.append("")
+        head = ["shift (loss over all severities)", *models]
+        out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for s in shifts:
+            cells = [s] + [_stats([_loss(r["models"][m], s, sev, metric) for r in runs])
+                           for m in models]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+        curve = [r["learning_curve"] for r in runs if r.get("learning_curve")]
+        if curve:
+            fr = curve[0]["fractions"]
+            head = ["model", *(f"{metric} at {f}" for f in fr)]
+            out += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+            for m in curve[0]["models"]:
+                cells = [m] + [_stats([c["models"][m].get(f, {}).get(metric) for c in curve])
+                               for f in fr]
+                out.append("| " + " | ".join(cells) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("row", choices=sorted(ROWS))
@@ -136,6 +216,8 @@ def main() -> int:
             subprocess.run(cmd, cwd=ROOT, check=True)
             print(f"  seed {seed}: {time.time() - t0:.0f} s", flush=True)
     print(table(args.row, dirs, args.stage, args.per_seed))
+    print()
+    print(generalisation_tables(dirs))
     return 0
 
 
